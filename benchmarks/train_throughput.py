@@ -1,0 +1,73 @@
+"""Training throughput of IET-AGC+ (the whole round loop: AGC masking and bank, TAA, loss
+profiling, redistribution, averaging, per-round checkpoints) against a plain diffusers-style
+training loop on the same UNet and batch, both measured in this process.
+
+    python benchmarks/train_throughput.py [--params params.yaml] [--rounds 2] [--local-epochs 25]
+"""
+import copy
+import tempfile
+import time
+
+import click
+import numpy as np
+import torch
+from diffusers.training_utils import EMAModel
+
+from pipeline import rounds
+from pipeline.config import load_params
+from pipeline.data import prepare_splits
+from pipeline.ensemble import split_shards
+from pipeline.models import build_scheduler, build_unet
+
+
+def plain_loop(params, images, steps):
+    """What a user would write without this project: sample, noise, MSE, Adam, clip, EMA."""
+    model = build_unet(params.model, params.data.resolution, params.data.channels, 0)
+    sched = build_scheduler(params.model)
+    opt = torch.optim.Adam(model.parameters(), lr=params.train.lr)
+    ema = EMAModel(model.parameters(), decay=params.train.ema_decay)
+    g = torch.Generator().manual_seed(0)
+    b = params.train.batch_size
+    start = time.perf_counter()
+    for _ in range(steps):
+        x0 = images[torch.randint(0, len(images), (b,), generator=g)]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (b,), generator=g)
+        loss = torch.nn.functional.mse_loss(model(sched.add_noise(x0, noise, t), t).sample, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), params.train.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(model.parameters())
+    return steps * b / (time.perf_counter() - start)
+
+
+@click.command()
+@click.option("--params", "params_path", default="params.yaml")
+@click.option("--rounds", "n_rounds", default=2, show_default=True)
+@click.option("--local-epochs", default=25.0, show_default=True)
+def main(params_path, n_rounds, local_epochs):
+    base = load_params(params_path)
+    p = base.model_copy(update={"iet": base.iet.model_copy(update={"rounds": n_rounds, "local_epochs": local_epochs})})
+    torch.set_num_threads(p.train.threads)
+    train = prepare_splits(p.data, p.seeds.data).train
+    images = train.to_tensor()
+    plan = rounds.Plan.iet(p)
+    steps = plan.shards * plan.rounds * plan.steps_per_round
+    print(f"{plan}; {steps} optimizer steps of batch {p.train.batch_size}, {torch.get_num_threads()} threads")
+
+    plain_loop(p, images, 5)  # warm-up: first-call allocations
+    plain = [plain_loop(p, images, steps)]
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        rounds.run(p, plan, train, split_shards(train.labels, plan.shards, p.seeds.split), f"{tmp}/out", f"{tmp}/state")
+        iet = steps * p.train.batch_size / (time.perf_counter() - start)
+    plain.append(plain_loop(p, images, steps))
+    ref = float(np.mean(plain))
+    print(f"plain loop      : {ref:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in plain)})")
+    print(f"IET-AGC+ rounds : {iet:8.1f} images/s  (everything included)")
+    print(f"ratio IET-AGC+ / plain = {iet / ref:.3f}  (goal >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()

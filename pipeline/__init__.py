@@ -1,0 +1,1 @@
+"""IET-AGC+: diffusion training that memorizes less, with the measurements to show it."""

@@ -1,0 +1,178 @@
+"""Pydantic models that mirror params.yaml, and the one function that loads and validates it."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad parameter; the message names the key and what is allowed."""
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Seeds(_Group):
+    data: int = 0
+    split: int = 0
+    train: int = 0
+    eval: int = 0
+
+
+class DataConfig(_Group):
+    source: Literal["mnist5k", "digits", "fashion-mnist", "folder", "npz"] = "mnist5k"
+    path: str | None = None
+    train_size: int = Field(64, ge=2)
+    heldout_size: int = Field(256, ge=1)
+    resolution: int = Field(16, ge=4, le=512)
+    channels: Literal[1, 3] = 1
+
+    @model_validator(mode="after")
+    def _path_needed(self):
+        if self.source in ("folder", "npz") and not self.path:
+            raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        return self
+
+
+class ModelConfig(_Group):
+    block_out_channels: tuple[int, ...] = (32, 64, 64)
+    layers_per_block: int = Field(1, ge=1)
+    attention: bool = True
+    num_train_timesteps: int = Field(1000, ge=10)
+
+    @field_validator("block_out_channels")
+    @classmethod
+    def _widths(cls, v):
+        if not v or any(c < 8 or c % 8 for c in v):
+            raise ValueError("must be a non-empty list of multiples of 8 (GroupNorm uses 8 groups)")
+        return v
+
+
+class TrainConfig(_Group):
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(100, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    threads: int = Field(2, ge=1)
+
+
+class IETConfig(_Group):
+    shards: int = Field(4, ge=1)
+    rounds: int = Field(4, ge=1)
+    local_epochs: float = Field(100, gt=0)
+
+
+class AGCConfig(_Group):
+    enabled: bool = True
+    tau: float = 0.5
+    bank_decay: float = Field(0.8, ge=0, lt=1)
+
+    @field_validator("tau")
+    @classmethod
+    def _tau(cls, v):
+        if not 0 < v <= 1:
+            raise ValueError(f"must be in (0, 1] (got {v})")
+        return v
+
+
+class MSRConfig(_Group):
+    enabled: bool = True
+    skip_rate: float = Field(0.5, ge=0, le=1)
+    fraction: float | None = Field(None, gt=0, le=1)
+    max_imbalance: float = Field(0.25, ge=0, le=1)
+    profile_timesteps: int = Field(8, ge=1)
+
+
+class TAAConfig(_Group):
+    enabled: bool = True
+    margin: float = Field(0.1, ge=0)
+    rise: float = Field(0.5, gt=0)
+    decay: float = Field(0.9, ge=0, lt=1)
+    max_shift: int = Field(2, ge=0)
+    flip: bool = False
+    jitter: float = Field(0.1, ge=0, le=1)
+
+
+class EvalConfig(_Group):
+    num_samples: int = Field(256, ge=2)
+    ddim_steps: int = Field(50, ge=1)
+    batch_size: int = Field(256, ge=1)
+    weights: Literal["raw", "ema"] = "raw"
+    classifier_epochs: int = Field(5, ge=1)
+
+
+class TrackingConfig(_Group):
+    uri: str | None = None
+    experiment: str = Field("iet-agc", min_length=1)
+
+
+class Params(_Group):
+    seeds: Seeds = Seeds()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    iet: IETConfig = IETConfig()
+    agc: AGCConfig = AGCConfig()
+    msr: MSRConfig = MSRConfig()
+    taa: TAAConfig = TAAConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        if self.iet.shards > self.data.train_size:
+            raise ValueError(
+                f"iet.shards ({self.iet.shards}) must not exceed data.train_size ({self.data.train_size})")
+        factor = 2 ** (len(self.model.block_out_channels) - 1)
+        if self.data.resolution % factor:
+            raise ValueError(
+                f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
+                f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
+        return self
+
+
+def _format(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "literal_error":
+            msg = f"{msg} (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_params(raw: dict, source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as err:
+        raise ConfigError(_format(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such parameter file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if raw is not None and not isinstance(raw, dict):
+        raise ConfigError(f"{path}: must be a mapping of parameter groups")
+    return parse_params(raw, str(path))
+
+
+def flatten(params: Params) -> dict[str, object]:
+    """params as 'group.key' -> value, the form MLflow shows as columns."""
+    out = {}
+    for group, values in params.model_dump().items():
+        for key, value in values.items():
+            out[f"{group}.{key}"] = value
+    return out

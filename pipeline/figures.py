@@ -1,0 +1,116 @@
+"""Pictures people look at: sample grids, copies beside their nearest training image, histograms.
+
+Figures are drawn on matplotlib's Agg canvas directly rather than through pyplot, so importing this
+module changes no global backend and keeps no figures alive between calls.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from pipeline.io import atomic_path
+
+MEMORIZED_RATIO = 1.0 / 3.0
+MIN_SHOWN_PIXELS = 64  # small images are upscaled (nearest) to at least this size in grids
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8."""
+    images = images.detach().float().cpu().clamp(-1, 1)
+    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _tile(arr: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:
+    """[N, H, W, C] uint8 -> one [rows*(H+pad)+pad, nrow*(W+pad)+pad, C] image on white."""
+    n, h, w, c = arr.shape
+    nrow = max(1, min(nrow, n))
+    rows = max(1, math.ceil(n / nrow))
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
+    for i, img in enumerate(arr):
+        r, col = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y:y + h, x:x + w] = img
+    return grid
+
+
+def _pil(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+
+
+def save_grid(images: torch.Tensor, path, nrow: int = 16) -> None:
+    """A plain grid of images [N, C, H, W] in [-1, 1], upscaled so that 16x16 images are visible."""
+    arr = _to_uint8(images)
+    scale = max(1, math.ceil(MIN_SHOWN_PIXELS / arr.shape[1]))
+    pil = _pil(_tile(arr, nrow))
+    pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)
+    with atomic_path(path) as tmp:
+        pil.save(tmp, format="PNG")
+
+
+def _save_figure(fig: Figure, path) -> None:
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+
+
+def save_copies_figure(samples: torch.Tensor, train: torch.Tensor, scores: dict, path, top: int = 16) -> None:
+    """The `top` generated samples with the lowest NN1/NN2 ratio (most copy-like), each beside its
+    nearest training image, with the ratio under the pair (red when it counts as memorized)."""
+    ratio = np.asarray(scores["ratio"])
+    order = np.argsort(ratio, kind="stable")[:top]
+    nn1 = np.asarray(scores["nn1_index"])[order]
+    gen = _to_uint8(samples[torch.as_tensor(order, dtype=torch.long)])
+    near = _to_uint8(train[torch.as_tensor(nn1, dtype=torch.long)])
+    gap = np.full((gen.shape[1], 1, gen.shape[3]), 255, np.uint8)  # white line between the two
+    gray = gen.shape[-1] == 1
+
+    cols = min(8, max(1, len(order)))
+    rows = max(1, math.ceil(len(order) / cols))
+    fig = Figure(figsize=(1.6 * cols, 1.15 * rows + 0.5))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for j, i in enumerate(order):
+        ax = axes.flat[j]
+        pair = np.concatenate([gen[j], gap, near[j]], axis=1)
+        ax.imshow(pair[..., 0] if gray else pair, cmap="gray" if gray else None, vmin=0, vmax=255,
+                  interpolation="nearest")
+        ax.axis("on")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        copied = ratio[i] < MEMORIZED_RATIO
+        ax.set_xlabel(f"{ratio[i]:.3f}", fontsize=8, color="red" if copied else "black")
+    fig.suptitle("generated (left) beside its nearest training image (right); NN1/NN2 ratio below,\n"
+                 "red: < 1/3, counted as memorized", fontsize=8)
+    _save_figure(fig, path)
+
+
+def save_ratio_histogram(gen_scores: dict, heldout_scores: dict, path) -> None:
+    """NN1/NN2 ratio of generated vs held-out real images; left of the line at 1/3 is memorized."""
+    fig = Figure(figsize=(5.5, 3.2))
+    ax = fig.subplots()
+    bins = np.linspace(0, 1, 51)  # ratio = nn1 / nn2 lies in [0, 1]
+    for scores, label in ((gen_scores, "generated"), (heldout_scores, "held-out real")):
+        r = np.asarray(scores["ratio"])
+        share = float(np.mean(r < MEMORIZED_RATIO)) if len(r) else float("nan")
+        ax.hist(r, bins=bins, alpha=0.55, density=True, label=f"{label} (n={len(r)}, {share:.1%} < 1/3)")
+    ax.axvline(MEMORIZED_RATIO, color="k", linestyle="--", linewidth=1)
+    ax.set_xlabel("NN1 / NN2 distance ratio to the training set")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+
+
+def save_skip_histogram(skip_rate: np.ndarray, path) -> None:
+    """How often AGC skipped each sample in a round."""
+    fig = Figure(figsize=(4, 2.5))
+    ax = fig.subplots()
+    ax.hist(np.asarray(skip_rate), bins=np.linspace(0, 1, 21))
+    ax.set_xlabel("AGC skip rate in the round")
+    ax.set_ylabel("samples")
+    _save_figure(fig, path)

@@ -1,0 +1,213 @@
+"""The IET round loop. The fair baseline is the same loop with one shard, AGC/MSR/TAA off, and
+K times the local steps, so both models get the same optimizer steps x batch size.
+
+Per round: every proxy trains on its shard; the proxies are averaged (weighted by shard size)
+and the average is loaded back into each; with K > 1 every sample is scored under each proxy's
+end-of-round weights (the loss table) and, with MSR on, memorization-prone samples move shard.
+After each round the whole state is saved, so a killed run resumes from its last complete round."""
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline import ensemble
+from pipeline.config import Params
+from pipeline.data import ImageSet
+from pipeline.io import atomic_path, write_json
+from pipeline.models import build_scheduler, build_unet, save_pipeline
+from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one run of the loop does; derived from params so baseline and IET share the budget."""
+    shards: int
+    rounds: int
+    steps_per_round: int   # optimizer steps of each proxy per round
+    agc: bool
+    msr: bool
+    taa: bool
+
+    @classmethod
+    def iet(cls, p: Params) -> "Plan":
+        return cls(p.iet.shards, p.iet.rounds, iet_steps_per_round(p), p.agc.enabled,
+                   p.msr.enabled and p.agc.enabled and p.iet.shards > 1, p.taa.enabled and p.agc.enabled)
+
+    @classmethod
+    def baseline(cls, p: Params) -> "Plan":
+        return cls(1, p.iet.rounds, p.iet.shards * iet_steps_per_round(p), False, False, False)
+
+
+def iet_steps_per_round(p: Params) -> int:
+    """local_epochs over a nominal shard of N/K images, in full batches."""
+    shard = math.ceil(p.data.train_size / p.iet.shards)
+    return max(1, math.ceil(p.iet.local_epochs * shard / p.train.batch_size))
+
+
+class Hooks:
+    """Where the loop reports to (MLflow in the stages); the defaults do nothing."""
+    def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None: ...
+    def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
+
+
+def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps(p.model_dump(exclude={"eval", "tracking"}), sort_keys=True).encode())
+    h.update(repr(plan).encode())
+    h.update(train.images.tobytes())
+    h.update(shard.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _save_state(state_dir: Path, proxies: list[Proxy], info: dict, shard, strength) -> None:
+    """Write to a fresh directory, then swap it in: a kill at any moment leaves one complete state."""
+    tmp = state_dir.with_name(state_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for k, proxy in enumerate(proxies):
+        save_proxy(proxy, tmp / f"proxy_{k}.safetensors")
+    save_file({"shard": torch.from_numpy(shard), "strength": strength}, str(tmp / "samples.safetensors"))
+    write_json(tmp / "state.json", info)
+    old = state_dir.with_name(state_dir.name + ".old")
+    if state_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        state_dir.rename(old)
+    tmp.rename(state_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_state(state_dir: Path, fingerprint: str):
+    for d in (state_dir, state_dir.with_name(state_dir.name + ".old")):
+        f = d / "state.json"
+        if f.is_file():
+            info = json.loads(f.read_text())
+            if info.get("fingerprint") == fingerprint:
+                return d, info
+    return None, None
+
+
+def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: str | Path,
+        state_dir: str | Path, hooks: Hooks | None = None) -> dict:
+    """Train per `plan`; write rounds/, model/ (raw averaged weights), model_ema/, curves.csv and
+    return a summary. `shard` gives the initial shard of every training-set position."""
+    hooks = hooks or Hooks()
+    out_dir, state_dir = Path(out_dir), Path(state_dir)
+    torch.set_num_threads(params.train.threads)
+    images = train.to_tensor()
+    n = len(train)
+    seed = params.seeds.train
+    noise_schedule = build_scheduler(params.model)
+    init = build_unet(params.model, params.data.resolution, params.data.channels, seed)
+    proxies = [new_proxy(init, params, seed * 1000 + k + 1) for k in range(plan.shards)]
+    strength = torch.zeros(n)
+    fingerprint = _fingerprint(params, plan, train, shard)
+
+    start_round, elapsed, history = 0, 0.0, []
+    resume_dir, info = _load_state(state_dir, fingerprint)
+    if resume_dir is not None:
+        for k, proxy in enumerate(proxies):
+            load_proxy(proxy, resume_dir / f"proxy_{k}.safetensors")
+        saved = load_file(str(resume_dir / "samples.safetensors"))
+        shard, strength = saved["shard"].numpy().copy(), saved["strength"]
+        start_round, elapsed, history = info["round"] + 1, info["seconds"], info["history"]
+        print(f"resuming {out_dir} after round {info['round']} of {plan.rounds}")
+    else:
+        shutil.rmtree(out_dir / "rounds", ignore_errors=True)
+
+    curve_path = out_dir / "curves.csv"
+    for rnd in range(start_round, plan.rounds):
+        t0 = time.perf_counter()
+        counts = RoundCounts.zeros(n)
+        for k, proxy in enumerate(proxies):
+            curve: list[dict] = []
+            members = torch.from_numpy(np.flatnonzero(shard == k))
+            train_steps(proxy, images, members, plan.steps_per_round, noise_schedule, params,
+                        use_agc=plan.agc, strength=strength if plan.taa else None, counts=counts,
+                        desc=f"round {rnd + 1}/{plan.rounds} proxy {k + 1}/{plan.shards}",
+                        on_curve=lambda row, k=k: curve.append({"round": rnd, "proxy": k, **row}))
+            history.extend(curve)
+            hooks.proxy_round(rnd, k, curve)
+
+        round_dir = out_dir / "rounds" / f"round_{rnd:02d}"
+        round_dir.mkdir(parents=True, exist_ok=True)
+        sizes = np.bincount(shard, minlength=plan.shards)
+        ends = [{k: v.detach().clone() for k, v in p.model.state_dict().items()} for p in proxies]
+        for k, state in enumerate(ends):
+            with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
+                save_file(state, str(tmp))
+        averaged = ensemble.aggregate(ends, sizes.tolist())
+        ema_avg = ensemble.aggregate([dict(enumerate(p.ema.shadow_params)) for p in proxies], sizes.tolist())
+        with atomic_path(round_dir / "aggregated.safetensors") as tmp:
+            save_file(averaged, str(tmp))
+
+        metrics = {"round_seconds": 0.0, "moved": 0}
+        drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
+        skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
+        if plan.shards > 1:
+            # Score under each proxy's own end-of-round weights, before the average overwrites them.
+            losses = np.stack([
+                ensemble.profile_losses(p.model, images, noise_schedule, params.msr.profile_timesteps,
+                                        seed=seed * 7919 + rnd).numpy() for p in proxies], axis=1)
+            table = [{"sample_id": int(train.ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
+                      "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]),
+                      "loss_own": float(losses[i, shard[i]]),
+                      **{f"loss_proxy_{k}": float(losses[i, k]) for k in range(plan.shards)}}
+                     for i in range(n)]
+            _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
+            moves = []
+            if plan.msr:
+                shard, moves = ensemble.redistribute(shard, skip_rate, losses, params.msr)
+                for m in moves:
+                    m["sample_id"] = int(train.ids[m.pop("position")])
+            _write_csv(round_dir / "moves.csv", moves,
+                       ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
+            metrics["moved"] = len(moves)
+        _write_csv(round_dir / "shards.csv",
+                   [{"sample_id": int(i), "shard": int(s)} for i, s in zip(train.ids, shard)],
+                   ["sample_id", "shard"])
+
+        for p in proxies:
+            p.model.load_state_dict(averaged)
+            for i, shadow in enumerate(p.ema.shadow_params):
+                shadow.data.copy_(ema_avg[i])
+
+        elapsed += time.perf_counter() - t0
+        metrics.update({"round_seconds": time.perf_counter() - t0,
+                        "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
+                        "skip_rate_mean": float(skip_rate.mean()),
+                        "taa_strength_mean": float(strength.mean()),
+                        "bank_mean": float(np.mean([p.bank.mean().item() for p in proxies]))})
+        write_json(round_dir / "round.json", metrics)
+        hooks.round_done(rnd, metrics, round_dir)
+        _save_state(state_dir, proxies, {"fingerprint": fingerprint, "round": rnd, "seconds": elapsed,
+                                         "history": history}, shard, strength)
+
+    _write_csv(curve_path, history, ["round", "proxy", "step", "loss", "kept", "bank_mean"])
+    final = proxies[0]
+    save_pipeline(final.model, noise_schedule, out_dir / "model")
+    final.ema.copy_to(final.model.parameters())
+    save_pipeline(final.model, noise_schedule, out_dir / "model_ema")
+    summary = {"train_seconds": round(elapsed, 2), "optimizer_steps": plan.shards * plan.rounds * plan.steps_per_round,
+               "images_seen": plan.shards * plan.rounds * plan.steps_per_round * params.train.batch_size,
+               "shards": plan.shards, "rounds": plan.rounds, "agc": plan.agc, "msr": plan.msr, "taa": plan.taa}
+    write_json(out_dir / "train_info.json", summary)
+    shutil.rmtree(state_dir, ignore_errors=True)
+    return summary

@@ -1,0 +1,128 @@
+"""MLflow bookkeeping: one parent run per pipeline execution (or DVC experiment), nested runs per
+model and round. Stages run as separate processes, so the parent is found again by a key tag."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import Metric, Param  # noqa: E402
+
+from pipeline.config import Params, TrackingConfig, flatten  # noqa: E402
+
+PARENT_KEY = "iet_agc.pipeline_key"
+
+
+def repo_root() -> Path:
+    """The workspace, also from inside a queued DVC experiment (run in a copy under .dvc/tmp/exps),
+    so every experiment logs into the workspace's store."""
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+class Tracker:
+    def __init__(self, params: Params):
+        self.params = params
+        self.client = MlflowClient(tracking_uri=tracking_uri(params.tracking))
+        exp = self.client.get_experiment_by_name(params.tracking.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(params.tracking.experiment)
+        self.parent_id = self._parent()
+
+    def _parent(self) -> str:
+        exp_name = os.environ.get("DVC_EXP_NAME")
+        commit = _git_commit()
+        digest = hashlib.sha256((json.dumps(self.params.model_dump(), sort_keys=True) + commit).encode())
+        key = exp_name or f"repro-{digest.hexdigest()[:12]}"
+        found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_KEY}` = '{key}'",
+                                        max_results=1, order_by=["attributes.start_time DESC"])
+        if found:
+            return found[0].info.run_id
+        tags = {PARENT_KEY: key, "git_commit": commit}
+        if exp_name:
+            tags["dvc_exp_name"] = exp_name
+        run = self.client.create_run(self.experiment_id, run_name=exp_name or key, tags=tags)
+        self.log_params(run.info.run_id, flatten(self.params))
+        return run.info.run_id
+
+    def child(self, name: str, parent: str | None = None) -> str:
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={"mlflow.parentRunId": parent or self.parent_id})
+        return run.info.run_id
+
+    def log_params(self, run_id: str, values: dict) -> None:
+        items = [Param(k, str(v)) for k, v in values.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i:i + 100])
+
+    def log_metrics(self, run_id: str, values: dict, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_curve(self, run_id: str, rows: list[dict], keys: tuple[str, ...]) -> None:
+        """Curve points, one batched call: per-call metric logging on SQLite is slow."""
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(r[k]), now, int(r["step"])) for r in rows for k in keys]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(run_id, str(path), artifact_path)
+        else:
+            self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status)
+
+
+class TrainingHooks:
+    """Reports the round loop to MLflow: a nested run per (round, proxy) with its curve, and round
+    metrics plus the loss table and moves on the model's run."""
+
+    def __init__(self, tracker: Tracker, run_id: str):
+        self.tracker, self.run_id = tracker, run_id
+
+    def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None:
+        child = self.tracker.child(f"round {rnd} proxy {proxy}", parent=self.run_id)
+        self.tracker.log_curve(child, curve, ("loss", "kept", "bank_mean"))
+        self.tracker.finish(child)
+
+    def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step=rnd)
+        table = round_dir / "loss_table.csv"
+        if table.is_file():
+            from pipeline.figures import save_skip_histogram
+
+            skip = np.genfromtxt(table, delimiter=",", names=True)["skip_rate"]
+            save_skip_histogram(np.atleast_1d(skip), round_dir / "skip_rate_hist.png")
+        for name in ("loss_table.csv", "moves.csv", "round.json", "skip_rate_hist.png"):
+            if (round_dir / name).is_file():
+                self.tracker.log_artifact(self.run_id, round_dir / name, f"rounds/{round_dir.name}")

@@ -1,0 +1,66 @@
+"""evaluate: sample a trained model with DDIM and measure how many samples copy a training image
+(held-out real images give the reference) and how good they are (classifier-feature FD)."""
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from pipeline import figures, metrics
+from pipeline.data import ImageSet
+from pipeline.features import extract_features, load_feature_net
+from pipeline.io import write_json
+from pipeline.models import load_pipeline, sample
+from pipeline.tracking import Tracker
+from stages import params_option, read_params, stage
+
+
+@click.command()
+@params_option
+@click.argument("model_name")
+@click.option("--data", "data_dir", default="data/prepared", show_default=True)
+@click.option("--features", "features_dir", default="runs/features/net", show_default=True)
+@click.option("--out", default=None, help="default: runs/eval/MODEL_NAME")
+@stage
+def main(params_path, model_name, data_dir, features_dir, out):
+    p = read_params(params_path)
+    out = out or f"runs/eval/{model_name}"
+    torch.set_num_threads(p.train.threads)
+    weights = "model" if p.eval.weights == "raw" else "model_ema"
+    unet, scheduler = load_pipeline(f"runs/{model_name}/{weights}")
+    train = ImageSet.load(f"{data_dir}/train.npz").to_tensor()
+    heldout = ImageSet.load(f"{data_dir}/heldout.npz").to_tensor()
+    pool = ImageSet.load(f"{data_dir}/pool.npz").to_tensor()
+
+    samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
+    gen_scores = metrics.memorization_scores(samples, train)
+    ref_scores = metrics.memorization_scores(heldout, train)
+    net = load_feature_net(features_dir)
+    f_pool, f_gen, f_held = (extract_features(net, x) for x in (pool, samples, heldout))
+    result = {
+        **metrics.summarize(gen_scores),
+        **metrics.summarize(ref_scores, prefix="heldout_"),
+        "fd": metrics.frechet_distance(f_gen, f_pool),
+        "heldout_fd": metrics.frechet_distance(f_held, f_pool),
+        "kid": metrics.kernel_inception_distance(f_gen, f_pool),
+        "num_samples": p.eval.num_samples,
+    }
+    Path(out).mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(f"{out}/samples.npz", images=((samples + 1) * 127.5).round().to(torch.uint8).numpy())
+    figures.save_grid(samples[:256], f"{out}/samples.png")
+    figures.save_copies_figure(samples, train, gen_scores, f"{out}/copies.png")
+    figures.save_ratio_histogram(gen_scores, ref_scores, f"{out}/ratio_hist.png")
+    write_json(f"{out}/metrics.json", result)
+
+    tracker = Tracker(p)
+    run_id = tracker.child(f"evaluate {model_name}")
+    tracker.log_metrics(run_id, result)
+    for name in ("samples.png", "copies.png", "ratio_hist.png", "metrics.json"):
+        tracker.log_artifact(run_id, f"{out}/{name}")
+    tracker.finish(run_id)
+    click.echo(f"{model_name}: memorization ratio {result['mem_ratio']:.3f} "
+               f"(held-out reference {result['heldout_mem_ratio']:.3f}), FD {result['fd']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

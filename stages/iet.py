@@ -1,0 +1,24 @@
+"""iet: the round loop of IET-AGC+ (proxies train on their shards, are averaged, samples are
+profiled and redistributed), from the shard assignment of the split stage."""
+import click
+
+from pipeline.data import ImageSet
+from pipeline.rounds import Plan
+from stages import params_option, read_params, stage
+from stages.train import read_shards, train_model
+
+
+@click.command()
+@params_option
+@click.option("--train", "train_path", default="data/prepared/train.npz", show_default=True)
+@click.option("--shards", "shards_path", default="runs/split/shards.csv", show_default=True)
+@click.option("--out", default="runs/iet", show_default=True)
+@stage
+def main(params_path, train_path, shards_path, out):
+    p = read_params(params_path)
+    train = ImageSet.load(train_path)
+    train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out)
+
+
+if __name__ == "__main__":
+    main()

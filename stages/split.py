@@ -1,0 +1,29 @@
+"""split: seeded assignment of training samples to the K shards of IET."""
+import csv
+
+import click
+
+from pipeline.data import ImageSet
+from pipeline.ensemble import split_shards
+from pipeline.io import atomic_path
+from stages import params_option, read_params, stage
+
+
+@click.command()
+@params_option
+@click.option("--train", "train_path", default="data/prepared/train.npz", show_default=True)
+@click.option("--out", default="runs/split/shards.csv", show_default=True)
+@stage
+def main(params_path, train_path, out):
+    p = read_params(params_path)
+    train = ImageSet.load(train_path)
+    shard = split_shards(train.labels, p.iet.shards, p.seeds.split)
+    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample_id", "shard"])
+        w.writerows(zip(train.ids.tolist(), shard.tolist()))
+    click.echo(f"split {len(train)} samples into {p.iet.shards} shards")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Shared body of the two training stages (baseline, iet): load inputs, run the round loop,
+report to MLflow."""
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import click
+import numpy as np
+
+from pipeline import rounds
+from pipeline.config import Params
+from pipeline.data import ImageSet
+from pipeline.tracking import Tracker, TrainingHooks
+
+
+def read_shards(path: str, train: ImageSet) -> np.ndarray:
+    with open(path, newline="") as f:
+        table = {int(r["sample_id"]): int(r["shard"]) for r in csv.DictReader(f)}
+    missing = set(train.ids.tolist()) - table.keys()
+    if missing:
+        raise click.ClickException(f"{path}: no shard for {len(missing)} training samples; re-run the split stage")
+    return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
+
+
+def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str) -> None:
+    tracker = Tracker(p)
+    run_id = tracker.child(name)
+    tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds,
+                                "steps_per_round": plan.steps_per_round, "agc": plan.agc,
+                                "msr": plan.msr, "taa": plan.taa})
+    try:
+        summary = rounds.run(p, plan, train, shard, out, Path("runs/.resume") / name,
+                             hooks=TrainingHooks(tracker, run_id))
+    except BaseException:
+        tracker.finish(run_id, "FAILED")
+        raise
+    tracker.log_metrics(run_id, summary)
+    tracker.finish(run_id)
+    click.echo(f"{name}: {summary}")

@@ -1,0 +1,258 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import data
+from pipeline.config import DataConfig
+from pipeline.data import DataError, ImageSet, load_source, prepare_splits
+
+
+def splits_of(seed=0, **cfg):
+    return prepare_splits(DataConfig(**cfg), seed)
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    return splits_of(seed=3, train_size=50, heldout_size=100)
+
+
+# ---------------------------------------------------------------- built-in sources
+
+def test_mnist5k_is_5000_labelled_28px_digits():
+    images, labels = load_source(DataConfig(source="mnist5k"))
+    assert images.shape == (5000, 1, 28, 28) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and np.bincount(labels).tolist() == [500] * 10
+    assert images.max() == 255 and images[:, :, :4, :4].max() == 0  # dark corners: real digits, not noise
+
+
+def test_digits_are_scaled_to_the_full_byte_range():
+    images, labels = load_source(DataConfig(source="digits"))
+    assert images.shape == (1797, 1, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 255 and set(labels.tolist()) == set(range(10))
+    s = splits_of(source="digits", train_size=20, heldout_size=30, resolution=8)
+    assert s.train.images.shape == (20, 1, 8, 8)
+
+
+# ---------------------------------------------------------------- splitting
+
+def test_split_sizes_disjointness_and_pool(mnist):
+    assert (len(mnist.train), len(mnist.heldout), len(mnist.pool)) == (50, 100, 4900)
+    train, heldout, pool = (set(s.ids.tolist()) for s in (mnist.train, mnist.heldout, mnist.pool))
+    assert not train & heldout and not pool & heldout and train <= pool
+    for s in (mnist.train, mnist.heldout, mnist.pool):
+        assert np.all(np.diff(s.ids) > 0)  # sorted, unique
+        assert s.images.dtype == np.uint8 and s.images.shape[1:] == (1, 16, 16)
+        assert s.labels.dtype == np.int64 and s.ids.dtype == np.int64
+
+
+def test_train_is_class_balanced(mnist):
+    assert np.bincount(mnist.train.labels, minlength=10).tolist() == [5] * 10
+    counts = np.bincount(splits_of(train_size=53, heldout_size=10).train.labels, minlength=10)
+    assert counts.sum() == 53 and counts.max() - counts.min() == 1
+
+
+def test_labels_and_images_follow_their_ids(mnist):
+    images, labels = load_source(DataConfig())
+    np.testing.assert_array_equal(mnist.train.labels, labels[mnist.train.ids])
+    native = splits_of(train_size=50, heldout_size=100, resolution=28, seed=3)
+    np.testing.assert_array_equal(native.train.images, images[native.train.ids])
+
+
+def test_same_seed_same_split_other_seed_other_split(mnist):
+    again = splits_of(seed=3, train_size=50, heldout_size=100)
+    for name in ("train", "heldout", "pool"):
+        a, b = getattr(mnist, name), getattr(again, name)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.images, b.images)
+    other = splits_of(seed=4, train_size=50, heldout_size=100)
+    assert not np.array_equal(mnist.train.ids, other.train.ids)
+    assert not np.array_equal(mnist.heldout.ids, other.heldout.ids)
+
+
+def test_resolution_and_channel_conversion():
+    s = splits_of(train_size=10, heldout_size=10, resolution=16, channels=3)
+    x = s.train.images
+    assert x.shape == (10, 3, 16, 16) and x.dtype == np.uint8 and x.max() > 200
+    np.testing.assert_array_equal(x[:, 0], x[:, 2])  # grey repeated, not tinted
+
+
+def test_rgb_to_grey_uses_luminance(tmp_path):
+    images = np.zeros((4, 8, 8, 3), np.uint8)
+    images[..., 1] = 200  # pure green
+    np.savez(tmp_path / "g.npz", images=images)
+    s = splits_of(source="npz", path=str(tmp_path / "g.npz"), train_size=2, heldout_size=2, resolution=8)
+    assert s.train.images.shape == (2, 1, 8, 8) and np.all(s.train.images == round(0.587 * 200))
+
+
+def test_downsampling_averages_instead_of_skipping_thin_lines(tmp_path):
+    images = np.zeros((4, 16, 16), np.uint8)
+    images[:, :, ::4] = 255  # one-pixel lines that a plain bilinear or nearest resize would miss
+    np.savez(tmp_path / "lines.npz", images=images)
+    s = splits_of(source="npz", path=str(tmp_path / "lines.npz"), train_size=2, heldout_size=2, resolution=4)
+    assert 30 < s.train.images.min() and s.train.images.max() < 100  # about 255 / 4 everywhere
+
+
+def test_too_few_images_names_the_sizes():
+    with pytest.raises(DataError, match=r"data\.train_size \(1000\).*data\.heldout_size \(1000\).*1797"):
+        splits_of(source="digits", train_size=1000, heldout_size=1000)
+
+
+def test_small_class_is_topped_up_from_the_others(tmp_path):
+    labels = np.array([0] * 3 + [1] * 40 + [2] * 40)
+    np.savez(tmp_path / "d.npz", images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
+    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=1, resolution=4)
+    counts = np.bincount(s.train.labels, minlength=3)
+    assert counts.sum() == 30 and counts[0] <= 3 and abs(counts[1] - counts[2]) <= 1
+
+
+def test_pool_is_capped_but_keeps_train(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "POOL_CAP", 40)
+    np.savez(tmp_path / "d.npz", images=np.zeros((200, 4, 4), np.uint8))
+    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=20, resolution=4)
+    assert len(s.pool) == 40 and set(s.train.ids) <= set(s.pool.ids)
+    assert not set(s.pool.ids) & set(s.heldout.ids)
+    assert np.all(s.train.labels == -1)
+
+
+# ---------------------------------------------------------------- fashion-mnist (IDX)
+
+def write_idx(path, array, gz):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    (gzip.open if gz else open)(path, "wb").write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion(root, gz):
+    rng = np.random.default_rng(0)
+    for part, n in (("train", 6), ("t10k", 4)):
+        suffix = ".gz" if gz else ""
+        write_idx(root / f"{part}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz)
+        write_idx(root / f"{part}-labels-idx1-ubyte{suffix}", np.arange(n) % 3, gz)
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_fashion_mnist_reads_idx_files(tmp_path, gz):
+    fake_fashion(tmp_path, gz)
+    images, labels = load_source(DataConfig(source="fashion-mnist", path=str(tmp_path)))
+    assert images.shape == (10, 1, 28, 28) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]  # train first, then t10k
+    s = prepare_splits(DataConfig(source="fashion-mnist", path=str(tmp_path), train_size=3, heldout_size=2), 0)
+    assert len(s.train) == 3 and np.bincount(s.train.labels).tolist() == [1, 1, 1]
+
+
+def test_fashion_mnist_missing_file_says_how_to_install(tmp_path):
+    fake_fashion(tmp_path, gz=True)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="t10k-labels-idx1-ubyte") as err:
+        load_source(DataConfig(source="fashion-mnist", path=str(tmp_path)))
+    assert "apt-get install dataset-fashion-mnist" in str(err.value) and "data.path" in str(err.value)
+    with pytest.raises(DataError, match="dataset-fashion-mnist"):
+        load_source(DataConfig(source="fashion-mnist", path=str(tmp_path / "nowhere")))
+
+
+def test_truncated_idx_file_is_an_error(tmp_path):
+    fake_fashion(tmp_path, gz=False)
+    f = tmp_path / "train-images-idx3-ubyte"
+    f.write_bytes(f.read_bytes()[:-10])
+    with pytest.raises(DataError, match="train-images-idx3-ubyte"):
+        load_source(DataConfig(source="fashion-mnist", path=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- folder
+
+def save_image(path, size=(20, 12), color=(255, 0, 0), mode="RGB"):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, color if mode == "RGB" else color[0]).save(path)
+
+
+def test_folder_with_class_subfolders_and_nested_dirs(tmp_path):
+    save_image(tmp_path / "cats" / "a.png")
+    save_image(tmp_path / "cats" / "deep" / "er" / "b.JPG")
+    save_image(tmp_path / "ants" / "c.jpeg", mode="L")
+    (tmp_path / "ants" / "notes.txt").write_text("not an image")
+    images, labels = load_source(DataConfig(source="folder", path=str(tmp_path), resolution=8, channels=3))
+    assert images.shape == (3, 3, 8, 8) and images.dtype == np.uint8
+    assert labels.tolist() == [0, 1, 1]  # sorted paths; ants=0, cats=1
+    assert images[1, 0].min() > 200 and images[1, 1].max() < 50  # red stayed red
+
+
+def test_folder_without_subfolders_is_unlabelled(tmp_path):
+    for i in range(4):
+        save_image(tmp_path / f"{i}.png", size=(30, 10))
+    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=1,
+                                  resolution=4), 0)
+    assert s.train.images.shape == (2, 1, 4, 4) and np.all(s.train.labels == -1)
+
+
+def test_empty_or_missing_folder_is_an_error(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_source(DataConfig(source="folder", path=str(tmp_path)))
+    with pytest.raises(DataError, match="nowhere"):
+        load_source(DataConfig(source="folder", path=str(tmp_path / "nowhere")))
+
+
+def test_corrupt_image_names_the_file(tmp_path):
+    save_image(tmp_path / "good.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match="bad.png"):
+        load_source(DataConfig(source="folder", path=str(tmp_path)))
+
+
+# ---------------------------------------------------------------- npz
+
+@pytest.mark.parametrize("layout", ["NHW", "NHWC", "NCHW", "float"])
+def test_npz_layouts(tmp_path, layout):
+    rng = np.random.default_rng(0)
+    base = rng.integers(0, 256, (5, 3, 6, 7), dtype=np.uint8)  # NCHW, non-square
+    stored = {"NHW": base[:, 0], "NHWC": base.transpose(0, 2, 3, 1), "NCHW": base,
+              "float": base.transpose(0, 2, 3, 1) / 255.0}[layout]
+    np.savez(tmp_path / "d.npz", images=stored, labels=np.arange(5))
+    images, labels = load_source(DataConfig(source="npz", path=str(tmp_path / "d.npz")))
+    expected = base[:, :1] if layout == "NHW" else base
+    np.testing.assert_array_equal(images, expected)
+    assert labels.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("arrays, match", [
+    ({"images": np.zeros((5, 8, 8), np.uint8), "labels": np.arange(4)}, r"\(4,\).*\(5, 1, 8, 8\)"),
+    ({"images": np.zeros((5, 8), np.uint8)}, r"\(5, 8\)"),
+    ({"images": np.zeros((5, 8, 8, 4), np.uint8)}, r"\(5, 8, 8, 4\)"),
+    ({"images": np.zeros((5, 8, 8), np.int32)}, "int32"),
+    ({"images": np.full((5, 8, 8), 2.0)}, r"\[0, 1\]"),
+    ({"pixels": np.zeros((5, 8, 8), np.uint8)}, "'images'"),
+])
+def test_bad_npz_names_file_and_shapes(tmp_path, arrays, match):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=match) as err:
+        load_source(DataConfig(source="npz", path=str(tmp_path / "d.npz")))
+    assert "d.npz" in str(err.value)
+
+
+# ---------------------------------------------------------------- ImageSet
+
+def test_imageset_roundtrip_subset_and_tensor_range(tmp_path, mnist):
+    path = tmp_path / "sub" / "train.npz"
+    mnist.train.save(path)
+    assert sorted(p.name for p in path.parent.iterdir()) == ["train.npz"]  # no temp files, no .npz.npz
+    back = ImageSet.load(path)
+    for field in ("images", "labels", "ids"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(mnist.train, field))
+        assert getattr(back, field).dtype == getattr(mnist.train, field).dtype
+    sub = back.subset(np.array([0, 2]))
+    assert len(sub) == 2 and sub.ids.tolist() == back.ids[[0, 2]].tolist()
+    t = back.to_tensor()
+    assert t.dtype.is_floating_point and t.shape == (50, 1, 16, 16)
+    assert t.min().item() == -1.0 and t.max().item() == 1.0
+
+
+def test_loading_a_missing_or_corrupt_imageset_is_a_data_error(tmp_path):
+    with pytest.raises(DataError, match="missing.npz"):
+        ImageSet.load(tmp_path / "missing.npz")
+    (tmp_path / "corrupt.npz").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(DataError, match="corrupt.npz"):
+        ImageSet.load(tmp_path / "corrupt.npz")
+    np.savez(tmp_path / "keys.npz", images=np.zeros((2, 1, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"keys.npz.*labels"):
+        ImageSet.load(tmp_path / "keys.npz")

@@ -1,0 +1,86 @@
+import numpy as np
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pipeline import ensemble
+from pipeline.config import MSRConfig
+
+
+def test_aggregate_is_the_shard_size_weighted_mean():
+    g = torch.Generator().manual_seed(0)
+    states = [{"w": torch.randn(3, 4, generator=g), "b": torch.randn(4, generator=g),
+               "count": torch.tensor(7)} for _ in range(3)]
+    sizes = [10, 30, 60]
+    avg = ensemble.aggregate(states, sizes)
+    for key in ("w", "b"):
+        expected = sum(s[key].double() * n for s, n in zip(states, sizes)) / sum(sizes)
+        torch.testing.assert_close(avg[key], expected.float())
+    assert avg["count"].item() == 7
+    # equal weights reduce to the plain mean; a single proxy to itself
+    torch.testing.assert_close(ensemble.aggregate(states, [1, 1, 1])["w"], torch.stack([s["w"] for s in states]).mean(0))
+    torch.testing.assert_close(ensemble.aggregate(states[:1], [5])["w"], states[0]["w"])
+
+
+def test_split_is_class_balanced_seeded_and_complete():
+    labels = np.repeat(np.arange(10), 13)
+    shard = ensemble.split_shards(labels, 4, seed=0)
+    sizes = np.bincount(shard, minlength=4)
+    assert sizes.sum() == len(labels) and sizes.max() - sizes.min() <= 1
+    for c in range(10):
+        per = np.bincount(shard[labels == c], minlength=4)
+        assert per.max() - per.min() <= 1
+    assert np.array_equal(shard, ensemble.split_shards(labels, 4, seed=0))
+    assert not np.array_equal(shard, ensemble.split_shards(labels, 4, seed=1))
+
+
+def test_moves_go_to_the_proxy_with_the_highest_loss():
+    shard = np.array([0, 0, 0, 1, 1, 1])
+    skip = np.array([0.9, 0.1, 0.0, 0.0, 0.8, 0.0])
+    losses = np.array([[0.1, 0.5], [0.1, 0.9], [0.1, 0.2], [0.1, 0.2], [0.7, 0.3], [0.1, 0.1]])
+    new, moves = ensemble.redistribute(shard, skip, losses, MSRConfig(skip_rate=0.5, max_imbalance=0.5))
+    assert [(m["position"], m["from"], m["to"]) for m in moves] == [(0, 0, 1), (4, 1, 0)]
+    assert new.tolist() == [1, 0, 0, 1, 0, 1]
+
+
+def test_a_sample_whose_own_proxy_fits_it_worst_stays():
+    shard = np.array([0, 0, 1, 1])
+    losses = np.array([[0.9, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]])
+    new, moves = ensemble.redistribute(shard, np.array([1.0, 0, 0, 0]), losses, MSRConfig(skip_rate=0.5, max_imbalance=1.0))
+    assert moves == [] and np.array_equal(new, shard)
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(4, 80), k=st.integers(2, 6), rounds=st.integers(1, 5), seed=st.integers(0, 10_000),
+       imbalance=st.floats(0, 1), fraction=st.one_of(st.none(), st.floats(0.01, 1)))
+def test_redistribution_loses_and_duplicates_nothing_and_respects_bounds(n, k, rounds, seed, imbalance, fraction):
+    k = min(k, n)
+    cfg = MSRConfig(skip_rate=0.3, fraction=fraction, max_imbalance=imbalance)
+    rng = np.random.default_rng(seed)
+    shard = ensemble.split_shards(rng.integers(0, 3, n), k, seed)
+    lo, hi = ensemble.size_bounds(n, k, imbalance)
+    for _ in range(rounds):
+        skip, losses = rng.random(n), rng.random((n, k))
+        before = np.bincount(shard, minlength=k)
+        new, moves = ensemble.redistribute(shard, skip, losses, cfg)
+        again, moves_again = ensemble.redistribute(shard, skip, losses, cfg)
+        assert np.array_equal(new, again) and moves == moves_again  # same input -> same moves
+        # every sample in exactly one shard; a shard only shrinks to lo / grows to hi by moving
+        assert new.shape == (n,) and new.min() >= 0 and new.max() < k
+        sizes = np.bincount(new, minlength=k)
+        assert sizes.sum() == n
+        assert np.all((sizes <= np.maximum(hi, before)) & (sizes >= np.minimum(lo, before)))
+        assert len(moves) == int((new != shard).sum())
+        shard = new
+
+
+def test_profile_losses_are_reproducible_and_shared_across_models():
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_scheduler, build_unet
+    cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=100)
+    sched = build_scheduler(cfg)
+    images = torch.rand(10, 1, 8, 8) * 2 - 1
+    model = build_unet(cfg, 8, 1, seed=0)
+    a = ensemble.profile_losses(model, images, sched, pairs=3, seed=5, batch_size=4)
+    b = ensemble.profile_losses(model, images, sched, pairs=3, seed=5, batch_size=10)
+    torch.testing.assert_close(a, b)
+    assert a.shape == (10,) and torch.all(a > 0)
