@@ -32,8 +32,8 @@ def nearest_neighbors(queries: Tensor, reference: Tensor, k: int, chunk: int = 4
     device = queries.device
     # float32 at least: distances of uint8 / half images would overflow or lose every near-copy.
     dtype = torch.promote_types(queries.dtype, torch.float32)
-    q_all = queries.reshape(len(queries), -1).to(dtype)
-    r_all = reference.reshape(len(reference), -1).to(device=device, dtype=dtype)
+    q_all = queries.flatten(1).to(dtype)
+    r_all = reference.flatten(1).to(device=device, dtype=dtype)
     m_total, n_total = len(q_all), len(r_all)
     if q_all.shape[1] != r_all.shape[1]:
         raise ValueError(f"queries have {q_all.shape[1]} values each, reference {r_all.shape[1]}")
