@@ -15,6 +15,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline.config import Params, TrackingConfig, flatten  # noqa: E402
 
@@ -49,7 +50,18 @@ class Tracker:
         self.params = params
         self.client = MlflowClient(tracking_uri=tracking_uri(params.tracking))
         exp = self.client.get_experiment_by_name(params.tracking.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(params.tracking.experiment)
+        if exp is None:
+            # Artifacts beside the store, not under the working directory: a queued DVC experiment
+            # runs in a temporary copy that is deleted afterwards.
+            location = (repo_root() / "mlartifacts").as_uri() if not (
+                params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")) else None
+            try:
+                self.experiment_id = self.client.create_experiment(params.tracking.experiment,
+                                                                   artifact_location=location)
+            except MlflowException:  # created meanwhile by a concurrent experiment
+                self.experiment_id = self.client.get_experiment_by_name(params.tracking.experiment).experiment_id
+        else:
+            self.experiment_id = exp.experiment_id
         self.parent_id = self._parent()
 
     def _parent(self) -> str:
