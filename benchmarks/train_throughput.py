@@ -2,7 +2,10 @@
 profiling, redistribution, averaging, per-round checkpoints) against a plain diffusers-style
 training loop on the same UNet and batch, both measured in this process.
 
-    python benchmarks/train_throughput.py [--params params.yaml] [--rounds 2] [--local-epochs 25]
+    python benchmarks/train_throughput.py [--params params.yaml] [--rounds 1] [--local-epochs E]
+
+Defaults: one round at the params' local epochs, so per-round costs (profiling, redistribution,
+checkpoints) weigh as much as in a real run.
 """
 import copy
 import tempfile
@@ -44,11 +47,11 @@ def plain_loop(params, images, steps):
 
 @click.command()
 @click.option("--params", "params_path", default="params.yaml")
-@click.option("--rounds", "n_rounds", default=2, show_default=True)
-@click.option("--local-epochs", default=25.0, show_default=True)
+@click.option("--rounds", "n_rounds", default=1, show_default=True)
+@click.option("--local-epochs", default=None, type=float, help="default: iet.local_epochs")
 def main(params_path, n_rounds, local_epochs):
     base = load_params(params_path)
-    p = base.model_copy(update={"iet": base.iet.model_copy(update={"rounds": n_rounds, "local_epochs": local_epochs})})
+    p = base.model_copy(update={"iet": base.iet.model_copy(update={"rounds": n_rounds, "local_epochs": local_epochs or base.iet.local_epochs})})
     torch.set_num_threads(p.train.threads)
     train = prepare_splits(p.data, p.seeds.data).train
     images = train.to_tensor()

@@ -87,7 +87,7 @@ def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: 
     batches = _batches(shard, cfg.batch_size, gen)
     acc = {"loss": 0.0, "kept": 0.0, "n": 0}
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
-    for _ in bar:
+    for i in bar:
         pos = next(batches)
         x0 = images[pos]
         if strength is not None:
@@ -125,7 +125,7 @@ def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: 
         acc["loss"] += loss.item()
         acc["kept"] += keep.float().mean().item()
         acc["n"] += 1
-        if acc["n"] == LOG_EVERY or _ == steps - 1:
+        if acc["n"] == LOG_EVERY or i == steps - 1:
             row = {"step": proxy.step, "loss": acc["loss"] / acc["n"], "kept": acc["kept"] / acc["n"],
                    "bank_mean": proxy.bank.mean().item()}
             bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")

@@ -5,7 +5,7 @@ import functools
 
 import click
 
-from pipeline.config import ConfigError, Params, load_params
+from pipeline.config import ConfigError
 
 
 def stage(fn):
@@ -29,7 +29,3 @@ def stage(fn):
 def params_option(fn):
     return click.option("--params", "params_path", default="params.yaml", show_default=True,
                         type=click.Path(dir_okay=False), help="parameter file")(fn)
-
-
-def read_params(path: str) -> Params:
-    return load_params(path)

@@ -3,9 +3,10 @@ the same optimizer steps x batch size as all IET proxies together."""
 import click
 import numpy as np
 
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.rounds import Plan
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 from stages.train import train_model
 
 
@@ -15,7 +16,7 @@ from stages.train import train_model
 @click.option("--out", default="runs/baseline", show_default=True)
 @stage
 def main(params_path, train_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     train = ImageSet.load(train_path)
     train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out)
 

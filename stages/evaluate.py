@@ -7,12 +7,13 @@ import numpy as np
 import torch
 
 from pipeline import figures, metrics
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.features import extract_features, load_feature_net
 from pipeline.io import write_json
 from pipeline.models import load_pipeline, sample
 from pipeline.tracking import Tracker
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 
 
 @click.command()
@@ -23,7 +24,7 @@ from stages import params_option, read_params, stage
 @click.option("--out", default=None, help="default: runs/eval/MODEL_NAME")
 @stage
 def main(params_path, model_name, data_dir, features_dir, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     out = out or f"runs/eval/{model_name}"
     torch.set_num_threads(p.train.threads)
     weights = "model" if p.eval.weights == "raw" else "model_ema"

@@ -3,10 +3,11 @@ Frechet distance on a CPU (Inception FID is ~0.5 s an image here)."""
 import click
 import torch
 
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.features import save_feature_net, train_feature_net
 from pipeline.io import write_json
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 
 
 @click.command()
@@ -15,7 +16,7 @@ from stages import params_option, read_params, stage
 @click.option("--out", default="runs/features", show_default=True)
 @stage
 def main(params_path, pool_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     torch.set_num_threads(p.train.threads)
     pool = ImageSet.load(pool_path)
     net, info = train_feature_net(pool.to_tensor(), torch.from_numpy(pool.labels), p.data.channels,

@@ -2,9 +2,10 @@
 profiled and redistributed), from the shard assignment of the split stage."""
 import click
 
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.rounds import Plan
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 from stages.train import read_shards, train_model
 
 
@@ -15,7 +16,7 @@ from stages.train import read_shards, train_model
 @click.option("--out", default="runs/iet", show_default=True)
 @stage
 def main(params_path, train_path, shards_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     train = ImageSet.load(train_path)
     train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out)
 

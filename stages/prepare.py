@@ -1,9 +1,10 @@
 """prepare: materialize the dataset as versioned files (train subset, held-out reference, pool)."""
 import click
 
+from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.io import write_json
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 
 
 @click.command()
@@ -11,7 +12,7 @@ from stages import params_option, read_params, stage
 @click.option("--out", default="data/prepared", show_default=True)
 @stage
 def main(params_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     splits = prepare_splits(p.data, p.seeds.data)  # everything is read and checked before anything is written
     for name in ("train", "heldout", "pool"):
         getattr(splits, name).save(f"{out}/{name}.npz")

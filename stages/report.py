@@ -3,9 +3,10 @@ from pathlib import Path
 
 import click
 
+from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.tracking import Tracker
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 
 MODELS = ("baseline", "iet")
 COLUMNS = [("memorization ratio", "mem_ratio", "{:.3f}"), ("held-out reference", "heldout_mem_ratio", "{:.3f}"),
@@ -27,7 +28,7 @@ def _table(rows: dict[str, dict]) -> str:
 @click.option("--out", default="reports", show_default=True)
 @stage
 def main(params_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     rows = {m: {**read_json(f"runs/eval/{m}/metrics.json"), **read_json(f"runs/{m}/train_info.json")}
             for m in MODELS}
     base, iet = rows["baseline"]["mem_ratio"], rows["iet"]["mem_ratio"]

@@ -3,10 +3,11 @@ import csv
 
 import click
 
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from pipeline.io import atomic_path
-from stages import params_option, read_params, stage
+from stages import params_option, stage
 
 
 @click.command()
@@ -15,7 +16,7 @@ from stages import params_option, read_params, stage
 @click.option("--out", default="runs/split/shards.csv", show_default=True)
 @stage
 def main(params_path, train_path, out):
-    p = read_params(params_path)
+    p = load_params(params_path)
     train = ImageSet.load(train_path)
     shard = split_shards(train.labels, p.iet.shards, p.seeds.split)
     with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
