@@ -92,17 +92,17 @@ class Tracker:
 
     def log_metrics(self, run_id: str, values: dict, step: int = 0) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in values.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+        self._send(run_id, [Metric(k, float(v), now, step) for k, v in values.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)])
 
     def log_curve(self, run_id: str, rows: list[dict], keys: tuple[str, ...]) -> None:
         """Curve points, one batched call: per-call metric logging on SQLite is slow."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(r[k]), now, int(r["step"])) for r in rows for k in keys]
-        for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+        self._send(run_id, [Metric(k, float(r[k]), now, int(r["step"])) for r in rows for k in keys])
+
+    def _send(self, run_id: str, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), 1000):  # MLflow's per-call limit
+            self.client.log_batch(run_id, metrics=metrics[i:i + 1000])
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)
