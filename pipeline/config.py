@@ -1,6 +1,7 @@
 """Pydantic models that mirror params.yaml, and the one function that loads and validates it."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -43,6 +44,7 @@ class ModelConfig(_Group):
     layers_per_block: int = Field(1, ge=1)
     attention: bool = True
     num_train_timesteps: int = Field(1000, ge=10)
+    init_from: str | None = Field(None, min_length=1)  # pretrained model to fine-tune (see models.initial_unet)
 
     @field_validator("block_out_channels")
     @classmethod
@@ -85,7 +87,8 @@ class MSRConfig(_Group):
     skip_rate: float = Field(0.5, ge=0, le=1)
     fraction: float | None = Field(None, gt=0, le=1)
     max_imbalance: float = Field(0.25, ge=0, le=1)
-    profile_timesteps: int = Field(8, ge=1)
+    profile_timesteps: int = Field(2, ge=1)
+    profile: Literal["candidates", "all"] = "candidates"
 
 
 class TAAConfig(_Group):
@@ -104,11 +107,40 @@ class EvalConfig(_Group):
     batch_size: int = Field(256, ge=1)
     weights: Literal["raw", "ema"] = "raw"
     classifier_epochs: int = Field(5, ge=1)
+    inception: bool | Literal["auto"] = "auto"  # Inception FID/KID; auto: only with CUDA
+    sscd: bool = False  # SSCD copy detection (optional extra)
+    sscd_quantile: float = Field(0.99, gt=0, lt=1)  # held-out quantile that sets the SSCD threshold
+
+    @field_validator("inception", mode="before")
+    @classmethod
+    def _inception(cls, v):
+        # one message instead of pydantic's two (one per member of the union)
+        if v != "auto" and not isinstance(v, bool):
+            raise ValueError(f"must be auto, true or false (got {v!r})")
+        return v
 
 
 class TrackingConfig(_Group):
     uri: str | None = None
     experiment: str = Field("iet-agc", min_length=1)
+    registry_name: str = "iet-agc"
+    alias: str = "candidate"
+
+    @field_validator("registry_name")
+    @classmethod
+    def _registry_name(cls, v):
+        # '/', ':' and '@' would break models:/NAME/VERSION and models:/NAME@ALIAS URIs
+        if not v or any(c in v for c in "/:@") or v != v.strip():
+            raise ValueError(f"must be a non-empty name without '/', ':', '@' or surrounding spaces (got {v!r})")
+        return v
+
+    @field_validator("alias")
+    @classmethod
+    def _alias(cls, v):
+        # MLflow's rules: word characters and '-'; 'latest' and v<number> are reserved
+        if not re.fullmatch(r"[\w-]+", v) or v.lower() == "latest" or re.fullmatch(r"[vV]\d+", v):
+            raise ValueError(f"must be letters, digits, '_' or '-', and not 'latest' or v<number> (got {v!r})")
+        return v
 
 
 class Params(_Group):
@@ -129,7 +161,8 @@ class Params(_Group):
             raise ValueError(
                 f"iet.shards ({self.iet.shards}) must not exceed data.train_size ({self.data.train_size})")
         factor = 2 ** (len(self.model.block_out_channels) - 1)
-        if self.data.resolution % factor:
+        # a pretrained model brings its own architecture; models.initial_unet checks its resolution
+        if self.model.init_from is None and self.data.resolution % factor:
             raise ValueError(
                 f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
                 f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")

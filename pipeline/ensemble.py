@@ -36,25 +36,50 @@ def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> di
     return out
 
 
+PROFILE_CHUNK = 256  # positions whose draws come from one generator: fixed, so a draw never depends on N
+
+
+def _draws(seed: int, chunk: int, pairs: int, shape: tuple[int, ...], timesteps: int):
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0]))
+    t = torch.randint(0, timesteps, (pairs, PROFILE_CHUNK), generator=gen)
+    return t, torch.randn((pairs, PROFILE_CHUNK, *shape), generator=gen)
+
+
 @torch.no_grad()
-def profile_losses(model: UNet2DModel, images: torch.Tensor, noise_schedule: DDPMScheduler,
-                   pairs: int, seed: int, batch_size: int = 512) -> torch.Tensor:
-    """Mean denoising loss of every image at `pairs` fixed (t, noise) draws. The same seed gives
-    every proxy the same draws, so their losses on a sample are comparable."""
+def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarray,
+                   noise_schedule: DDPMScheduler, pairs: int, seed: int, batch_size: int = 512) -> torch.Tensor:
+    """Mean denoising loss of images[positions] at `pairs` (t, noise) draws. A sample's draws depend
+    only on (seed, its position), so every proxy scores it at the same draws whichever subset of the
+    training set that proxy is asked to score: the losses are comparable across proxies."""
     model.eval()
     device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed)
-    n = images.shape[0]
-    total = torch.zeros(n)
-    for _ in range(pairs):
-        t_all = torch.randint(0, noise_schedule.config.num_train_timesteps, (n,), generator=gen)
-        noise_all = torch.randn(images.shape, generator=gen)
-        for s in range(0, n, batch_size):
-            x0, noise, t = images[s:s + batch_size], noise_all[s:s + batch_size], t_all[s:s + batch_size]
-            pred = model(noise_schedule.add_noise(x0, noise, t).to(device), t.to(device)).sample.cpu()
-            total[s:s + batch_size] += (pred - noise).pow(2).mean(dim=(1, 2, 3))
+    positions = np.asarray(positions, dtype=np.int64)
+    out = torch.zeros(len(positions))
+    for chunk in np.unique(positions // PROFILE_CHUNK):
+        where = np.flatnonzero(positions // PROFILE_CHUNK == chunk)
+        rows = torch.from_numpy(positions[where] % PROFILE_CHUNK)
+        t_all, noise_all = _draws(seed, int(chunk), pairs, tuple(images.shape[1:]),
+                                  noise_schedule.config.num_train_timesteps)
+        # every (pair, sample) in one flat batch: big no-grad batches are the cheap way on a CPU
+        x0 = images[torch.from_numpy(positions[where])].repeat(pairs, 1, 1, 1)
+        t, noise = t_all[:, rows].reshape(-1), noise_all[:, rows].reshape(-1, *images.shape[1:])
+        losses = torch.empty(len(t))
+        for s in range(0, len(t), batch_size):
+            sl = slice(s, s + batch_size)
+            pred = model(noise_schedule.add_noise(x0[sl], noise[sl], t[sl]).to(device), t[sl].to(device)).sample
+            losses[sl] = (pred.cpu() - noise[sl]).pow(2).mean(dim=(1, 2, 3))
+        out[torch.from_numpy(where)] = losses.view(pairs, -1).mean(0)
     model.train()
-    return total / pairs
+    return out
+
+
+def msr_candidates(skip_rate: np.ndarray, cfg: MSRConfig) -> np.ndarray:
+    """Positions MSR may move, most-skipped first (ties by position): skip rate >= cfg.skip_rate,
+    or the top cfg.fraction when set."""
+    order = np.lexsort((np.arange(len(skip_rate)), -skip_rate))
+    if cfg.fraction is not None:
+        return order[:int(round(cfg.fraction * len(skip_rate)))]
+    return order[skip_rate[order] >= cfg.skip_rate]
 
 
 def size_bounds(n: int, k: int, max_imbalance: float) -> tuple[int, int]:
@@ -65,21 +90,16 @@ def size_bounds(n: int, k: int, max_imbalance: float) -> tuple[int, int]:
 def redistribute(shard: np.ndarray, skip_rate: np.ndarray, losses: np.ndarray, cfg: MSRConfig
                  ) -> tuple[np.ndarray, list[dict]]:
     """Move memorization-prone samples (high AGC skip rate) to the shard whose proxy has the highest
-    loss on them, i.e. fitted them least. losses[i, k] is sample i's loss under proxy k. Shard sizes
-    stay within size_bounds; a sample whose own proxy already has the highest loss stays.
+    loss on them, i.e. fitted them least. losses[i, k] is sample i's loss under proxy k; only the
+    candidates' rows are read. Shard sizes stay within size_bounds; a sample whose own proxy
+    already has the highest loss stays.
     Returns the new assignment (a copy: every sample in exactly one shard) and the moves."""
     n, k = losses.shape
     lo, hi = size_bounds(n, k, cfg.max_imbalance)
     shard = shard.copy()
     sizes = np.bincount(shard, minlength=k)
-    if cfg.fraction is not None:
-        count = int(round(cfg.fraction * n))
-        candidates = np.lexsort((np.arange(n), -skip_rate))[:count]
-    else:
-        candidates = np.flatnonzero(skip_rate >= cfg.skip_rate)
-        candidates = candidates[np.lexsort((candidates, -skip_rate[candidates]))]
     moves = []
-    for i in candidates:
+    for i in msr_candidates(skip_rate, cfg):
         src = shard[i]
         if sizes[src] <= lo:
             continue

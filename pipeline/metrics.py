@@ -95,8 +95,11 @@ def _merge_top_k(block: Tensor, offset: int, best_d: Tensor | None, best_i: Tens
         _, groups = group_min.topk(c, dim=1, largest=False, sorted=False)
         cols = (groups.unsqueeze(2) + stride * torch.arange(GROUP, device=block.device)).view(m, -1)
         cand_d, cand_i = block.gather(1, cols), cols.add_(offset)
-    if best_d is None:
+    if best_d is None and cand_d.shape[1] <= k:
         return cand_d, cand_i
+    if best_d is None:  # the first block's c groups hold c * GROUP candidates: keep the k best
+        best_d, pos = cand_d.topk(k, dim=1, largest=False, sorted=False)
+        return best_d, cand_i.gather(1, pos)
     d = torch.cat([best_d, cand_d], 1)
     i = torch.cat([best_i, cand_i], 1)
     best_d, pos = d.topk(min(k, d.shape[1]), dim=1, largest=False, sorted=False)

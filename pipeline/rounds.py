@@ -2,7 +2,7 @@
 K times the local steps, so both models get the same optimizer steps x batch size.
 
 Per round: every proxy trains on its shard; the proxies are averaged (weighted by shard size)
-and the average is loaded back into each; with K > 1 every sample is scored under each proxy's
+and the average is loaded back into each; with K > 1 the samples are scored under the proxies'
 end-of-round weights (the loss table) and, with MSR on, memorization-prone samples move shard.
 After each round the whole state is saved, so a killed run resumes from its last complete round."""
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pipeline import ensemble
 from pipeline.config import Params
 from pipeline.data import ImageSet
 from pipeline.io import atomic_path, write_json
-from pipeline.models import build_scheduler, build_unet, save_pipeline
+from pipeline.models import build_scheduler, initial_unet, save_pipeline
 from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
 
 
@@ -104,6 +104,33 @@ def _load_state(state_dir: Path, fingerprint: str):
     return None, None
 
 
+def _profile(proxies: list[Proxy], images: torch.Tensor, shard: np.ndarray, skip_rate: np.ndarray,
+             noise_schedule, params: Params, plan: Plan, seed: int) -> np.ndarray:
+    """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
+    (NaN where not scored). Every sample is scored under its own proxy; under the other proxies
+    only the samples MSR may move (msr.profile: candidates), or every sample (msr.profile: all,
+    K times the cost). Scoring everything under every proxy costs N*K*P forwards, which at K=10
+    outweighs several local epochs; the candidates are all that redistribution reads."""
+    n, k_total = len(shard), len(proxies)
+    losses = np.full((n, k_total), np.nan)
+    if params.msr.profile == "all":
+        wanted = np.ones(n, dtype=bool)
+    elif plan.msr:
+        wanted = np.zeros(n, dtype=bool)
+        wanted[ensemble.msr_candidates(skip_rate, params.msr)] = True
+    else:
+        wanted = np.zeros(n, dtype=bool)
+    for k, proxy in enumerate(proxies):
+        positions = np.flatnonzero((shard == k) | wanted)
+        losses[positions, k] = ensemble.profile_losses(proxy.model, images, positions, noise_schedule,
+                                                       params.msr.profile_timesteps, seed).numpy()
+    return losses
+
+
+def _cell(x: float) -> float | str:
+    return "" if np.isnan(x) else float(x)
+
+
 def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: str | Path,
         state_dir: str | Path, hooks: Hooks | None = None) -> dict:
     """Train per `plan`; write rounds/, model/ (raw averaged weights), model_ema/, curves.csv and
@@ -115,7 +142,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
     n = len(train)
     seed = params.seeds.train
     noise_schedule = build_scheduler(params.model)
-    init = build_unet(params.model, params.data.resolution, params.data.channels, seed)
+    init = initial_unet(params, seed)
     proxies = [new_proxy(init, params, seed * 1000 + k + 1) for k in range(plan.shards)]
     strength = torch.zeros(n)
     fingerprint = _fingerprint(params, plan, train, shard)
@@ -146,6 +173,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
             history.extend(curve)
             hooks.proxy_round(rnd, k, curve)
 
+        train_seconds = time.perf_counter() - t0
         round_dir = out_dir / "rounds" / f"round_{rnd:02d}"
         round_dir.mkdir(parents=True, exist_ok=True)
         sizes = np.bincount(shard, minlength=plan.shards)
@@ -162,14 +190,13 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
         drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
         skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
         if plan.shards > 1:
-            # Score under each proxy's own end-of-round weights, before the average overwrites them.
-            losses = np.stack([
-                ensemble.profile_losses(p.model, images, noise_schedule, params.msr.profile_timesteps,
-                                        seed=seed * 7919 + rnd).numpy() for p in proxies], axis=1)
+            t_profile = time.perf_counter()
+            losses = _profile(proxies, images, shard, skip_rate, noise_schedule, params, plan, seed * 7919 + rnd)
+            metrics["profile_seconds"] = time.perf_counter() - t_profile
             table = [{"sample_id": int(train.ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
                       "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]),
-                      "loss_own": float(losses[i, shard[i]]),
-                      **{f"loss_proxy_{k}": float(losses[i, k]) for k in range(plan.shards)}}
+                      "loss_own": _cell(losses[i, shard[i]]),
+                      **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(plan.shards)}}
                      for i in range(n)]
             _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
             moves = []
@@ -190,7 +217,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
                 shadow.data.copy_(ema_avg[i])
 
         elapsed += time.perf_counter() - t0
-        metrics.update({"round_seconds": time.perf_counter() - t0,
+        metrics.update({"round_seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
                         "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
                         "skip_rate_mean": float(skip_rate.mean()),
                         "taa_strength_mean": float(strength.mean()),

@@ -1,16 +1,17 @@
 """evaluate: sample a trained model with DDIM and measure how many samples copy a training image
-(held-out real images give the reference) and how good they are (classifier-feature FD)."""
+(held-out real images give the reference; SSCD similarity when eval.sscd) and how good they are
+(classifier-feature FD/KID; Inception FID/KID against the fid_reference stage's cached statistics)."""
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from pipeline import figures, metrics
+from pipeline import figures, inception, metrics
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.features import extract_features, load_feature_net
-from pipeline.io import write_json
+from pipeline.io import read_json, write_json
 from pipeline.models import load_pipeline, sample
 from pipeline.tracking import Tracker
 from stages import params_option, stage
@@ -21,9 +22,11 @@ from stages import params_option, stage
 @click.argument("model_name")
 @click.option("--data", "data_dir", default="data/prepared", show_default=True)
 @click.option("--features", "features_dir", default="runs/features/net", show_default=True)
+@click.option("--reference", "reference_dir", default="runs/fid_reference", show_default=True,
+              help="Inception statistics of the training set (fid_reference stage)")
 @click.option("--out", default=None, help="default: runs/eval/MODEL_NAME")
 @stage
-def main(params_path, model_name, data_dir, features_dir, out):
+def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     p = load_params(params_path)
     out = out or f"runs/eval/{model_name}"
     torch.set_num_threads(p.train.threads)
@@ -45,6 +48,8 @@ def main(params_path, model_name, data_dir, features_dir, out):
         "heldout_fd": metrics.frechet_distance(f_held, f_pool),
         "kid": metrics.kernel_inception_distance(f_gen, f_pool),
         "num_samples": p.eval.num_samples,
+        **_inception_scores(samples, Path(reference_dir), p.seeds.eval),
+        **(_sscd_scores(samples, train, heldout, p) if p.eval.sscd else {}),
     }
     Path(out).mkdir(parents=True, exist_ok=True)
     np.savez_compressed(f"{out}/samples.npz", images=((samples + 1) * 127.5).round().to(torch.uint8).numpy())
@@ -60,7 +65,35 @@ def main(params_path, model_name, data_dir, features_dir, out):
         tracker.log_artifact(run_id, f"{out}/{name}")
     tracker.finish(run_id)
     click.echo(f"{model_name}: memorization ratio {result['mem_ratio']:.3f} "
-               f"(held-out reference {result['heldout_mem_ratio']:.3f}), FD {result['fd']:.2f}")
+               f"(held-out reference {result['heldout_mem_ratio']:.3f}), FD {result['fd']:.2f}"
+               + (f", FID {result['fid']:.2f}" if "fid" in result else ""))
+
+
+def _inception_scores(samples, reference_dir: Path, seed: int) -> dict:
+    """FID/KID against the cached training-set statistics; nothing when the reference stage ran
+    with Inception off (its info.json decides, so both models are always scored alike)."""
+    if not (reference_dir / "info.json").is_file():
+        raise FileNotFoundError(f"{reference_dir}/info.json: no Inception reference (run the fid_reference stage)")
+    info = read_json(reference_dir / "info.json")
+    if not info["inception"]:
+        return {}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
+    quality.load_real(reference_dir / "reference.safetensors")
+    quality.update(samples, real=False)
+    scores = quality.compute(seed=seed)
+    return {"fid": scores["fid"], "inception_kid": scores["kid"], "heldout_fid": info["heldout_fid"],
+            "heldout_inception_kid": info["heldout_kid"]}
+
+
+def _sscd_scores(samples, train, heldout, p) -> dict:
+    from pipeline import sscd
+
+    model = sscd.SSCD(threads=p.train.threads)
+    train_desc = model.descriptors(train)
+    gen_sim, _ = sscd.max_similarity(model.descriptors(samples), train_desc)
+    held_sim, _ = sscd.max_similarity(model.descriptors(heldout), train_desc)
+    return sscd.calibrated_scores(gen_sim, held_sim, p.eval.sscd_quantile, p.seeds.eval)
 
 
 if __name__ == "__main__":

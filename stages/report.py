@@ -3,9 +3,10 @@ from pathlib import Path
 
 import click
 
+from pipeline import tradeoff
 from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
-from pipeline.tracking import Tracker
+from pipeline.tracking import Tracker, tracking_uri
 from stages import params_option, stage
 
 MODELS = ("baseline", "iet")
@@ -50,7 +51,17 @@ def main(params_path, out):
 
     tracker = Tracker(p)
     tracker.log_metrics(tracker.parent_id, {f"{m}.{k}": v for m, r in rows.items() for k, v in r.items()})
+    # After logging this run's metrics, so that it is among the points.
+    points = tradeoff.main(tracking_uri(p.tracking), p.tracking.experiment, Path(out) / "tradeoff.png",
+                           current_run=tracker.parent_id)
+    with atomic_path(Path(out) / "report.md") as tmp:
+        tmp.write_text(text + "\n".join([
+            "", "## Every variant in MLflow", "",
+            f"Experiment `{p.tracking.experiment}`, oldest first; a baseline cached across experiments is listed "
+            "once. Figure: `tradeoff.png` (memorization ratio vs quality, Pareto front).", "",
+            tradeoff.markdown_table(points), ""]))
     tracker.log_artifact(tracker.parent_id, Path(out) / "report.md")
+    tracker.log_artifact(tracker.parent_id, Path(out) / "tradeoff.png")
     for m in MODELS:
         tracker.log_artifact(tracker.parent_id, f"runs/eval/{m}/samples.png", f"{m}")
         tracker.log_artifact(tracker.parent_id, f"runs/eval/{m}/copies.png", f"{m}")

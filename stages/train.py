@@ -3,6 +3,7 @@ report to MLflow."""
 from __future__ import annotations
 
 import csv
+import fcntl
 from pathlib import Path
 
 import click
@@ -29,12 +30,22 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds,
                                 "steps_per_round": plan.steps_per_round, "agc": plan.agc,
                                 "msr": plan.msr, "taa": plan.taa})
-    try:
-        summary = rounds.run(p, plan, train, shard, out, Path("runs/.resume") / name,
-                             hooks=TrainingHooks(tracker, run_id))
-    except BaseException:
-        tracker.finish(run_id, "FAILED")
-        raise
+    state = Path("runs/.resume") / name
+    state.parent.mkdir(parents=True, exist_ok=True)
+    # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
+    # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
+    with open(state.with_name(name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tracker.finish(run_id, "FAILED")
+            raise click.ClickException(f"another process is already training {name} ({state}.lock is held): "
+                                       "let it finish or stop it, then run again") from None
+        try:
+            summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id))
+        except BaseException:
+            tracker.finish(run_id, "FAILED")
+            raise
     tracker.log_metrics(run_id, summary)
     tracker.finish(run_id)
     click.echo(f"{name}: {summary}")

@@ -1,10 +1,16 @@
-"""A full `dvc repro` and a `dvc exp run -S agc.tau=0.8` on tiny params, in a temporary git copy."""
+"""A full `dvc repro`, a `dvc exp run -S agc.tau=0.8` and two queued experiments run at once
+(`dvc queue start -j 2`) on tiny params, in a temporary git copy."""
+import csv
+import io
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import pytest
 import yaml
@@ -31,6 +37,29 @@ def _ran(log):
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
+# DVC experiment name -> agc.tau. Both above the default 0.5: on tiny params a lower tau may skip
+# nothing more than 0.5 does, and DVC's run cache then rightly restores the evaluation unrun.
+QUEUED = {"tau-07": "0.7", "tau-09": "0.9"}
+QUEUE_TIMEOUT_S = 900
+
+
+def _wait_for_queue(repo, env):
+    """`dvc queue start` returns at once: poll until no queued or running task is left."""
+    deadline = time.monotonic() + QUEUE_TIMEOUT_S
+    while True:
+        status = _run(["dvc", "queue", "status"], repo, env)
+        rows = [line.split() for line in status.splitlines()]
+        states = {r[1]: r[-1] for r in rows if len(r) >= 4 and r[1] in QUEUED}  # Task Name Created Status
+        if len(states) == len(QUEUED) and all(v in ("Success", "Failed") for v in states.values()):
+            break
+        assert time.monotonic() < deadline, f"queue not done after {QUEUE_TIMEOUT_S} s:\n{status}"
+        time.sleep(5)
+    for name, state in states.items():
+        if state != "Success":
+            logs = subprocess.run(["dvc", "queue", "logs", name], cwd=repo, env=env, capture_output=True, text=True)
+            pytest.fail(f"queued experiment {name} {state}:\n{logs.stdout[-4000:]}\n{logs.stderr[-2000:]}")
+
+
 @pytest.fixture
 def project(tmp_path):
     """A fresh clone-like copy: tracked and untracked-but-not-ignored files, tiny params."""
@@ -54,10 +83,11 @@ def project(tmp_path):
     return dest, env
 
 
-def test_repro_then_tau_experiment_reruns_only_what_depends_on_tau(project):
+def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
-    all_stages = {"prepare", "split", "features", "baseline", "iet", "evaluate@baseline", "evaluate@iet", "report"}
+    all_stages = {"prepare", "split", "features", "fid_reference", "baseline", "iet", "evaluate@baseline",
+                  "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
     report = (repo / "reports/report.md").read_text()
     assert "baseline" in report and "iet" in report and "memorization ratio" in report
@@ -65,10 +95,16 @@ def test_repro_then_tau_experiment_reruns_only_what_depends_on_tau(project):
         assert (repo / f"runs/eval/{m}/samples.png").stat().st_size > 0
         assert (repo / f"runs/{m}/model/unet/diffusion_pytorch_model.safetensors").is_file()
 
+    # the registered model samples with one command
+    cli = str(Path(sys.executable).parent / "iet-agc")
+    _run([cli, "sample", "--model", "models:/iet-agc@candidate", "--num", "4", "--grid", "grid.png"], repo, env)
+    assert (repo / "grid.png").stat().st_size > 0
+    (repo / "grid.png").unlink()
+
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "ran"], repo, env)
     log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
-    assert _ran(log) == {"iet", "evaluate@iet", "report"}
+    assert _ran(log) == {"iet", "evaluate@iet", "report", "register"}
 
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "mem_ratio" in shown and "0.8" in shown
@@ -86,3 +122,66 @@ def test_repro_then_tau_experiment_reruns_only_what_depends_on_tau(project):
     assert {p.data.params["agc.tau"] for p in parents} == {"0.5", "0.8"}
     names = {r.info.run_name for r in runs}
     assert {"baseline", "iet", "evaluate baseline", "evaluate iet", "round 1 proxy 1"} <= names
+
+    # Two queued experiments at once, each in its own copy under .dvc/tmp/exps, both logging into
+    # the workspace's MLflow store.
+    for name, tau in QUEUED.items():
+        _run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"agc.tau={tau}"], repo, env)
+    try:
+        _run(["dvc", "queue", "start", "-j", "2"], repo, env)
+        _wait_for_queue(repo, env)
+    finally:
+        subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True)
+
+    shown = list(csv.DictReader(io.StringIO(_run(["dvc", "exp", "show", "--csv"], repo, env))))
+    mem_cols = [c for c in shown[0] if c.endswith("mem_ratio")]
+    assert mem_cols, f"no mem_ratio column in dvc exp show: {list(shown[0])}"
+    for name, tau in QUEUED.items():
+        row = next((r for r in shown if r["Experiment"] == name), None)
+        assert row is not None, f"{name} not in dvc exp show: {[r['Experiment'] for r in shown]}"
+        assert float(row["agc.tau"]) == float(tau)
+        for col in mem_cols:
+            assert 0.0 <= float(row[col]) <= 1.0, (name, col, row[col])
+
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 4, [p.info.run_name for p in parents]  # repro, tau=0.8 and the two queued
+    children = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+    artifacts = repo / "mlartifacts"
+    for name, tau in QUEUED.items():
+        parent = next((p for p in parents if p.data.tags.get("dvc_exp_name") == name), None)
+        assert parent is not None, f"no MLflow parent run tagged dvc_exp_name={name}"
+        assert parent.info.run_name == name and parent.info.status == "FINISHED"
+        assert parent.data.params["agc.tau"] == tau
+        assert {"baseline.mem_ratio", "iet.mem_ratio", "baseline.fd", "iet.fd"} <= parent.data.metrics.keys()
+        # only iet, its evaluation and the report ran; every nested run arrived
+        nested_names = [r.info.run_name for r in children.get(parent.info.run_id, [])]
+        assert nested_names.count("iet") == 1 and nested_names.count("evaluate iet") == 1, nested_names
+        assert "baseline" not in nested_names  # cached, not re-run
+        nested = {r.info.run_name: r for r in children[parent.info.run_id]}
+        proxies = [r.info.run_name for r in children.get(nested["iet"].info.run_id, [])]
+        assert len(set(proxies)) == len(proxies) == TINY["iet"]["shards"] * TINY["iet"]["rounds"], proxies
+        assert all(re.fullmatch(r"round \d+ proxy \d+", n) for n in proxies), proxies
+        assert all(r.info.status == "FINISHED" for r in [*nested.values(), *children[nested["iet"].info.run_id]])
+        # figures beside the workspace's store, not in the deleted temporary copy
+        assert parent.info.artifact_uri.startswith(artifacts.as_uri()), parent.info.artifact_uri
+        logged = {a.path for m in ("baseline", "iet") for a in client.list_artifacts(parent.info.run_id, m)}
+        assert {"baseline/samples.png", "iet/samples.png", "iet/copies.png"} <= logged
+        local = Path(url2pathname(urlparse(parent.info.artifact_uri).path))
+        assert (local / "iet/samples.png").stat().st_size > 0
+    assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))
+
+    # the tau sweep as one memorization-vs-quality figure from MLflow
+    table = _run([cli, "tradeoff", "--out", "sweep.png"], repo, env)
+    assert all(f"| {tau} |" in table for tau in ("0.5", "0.7", "0.8", "0.9")), table
+    assert (repo / "sweep.png").stat().st_size > 0
+
+    # `dvc plots show` renders every plot declared under plots: in dvc.yaml
+    _run(["dvc", "plots", "show", "--out", "plots_html"], repo, env)
+    html = (repo / "plots_html/index.html").read_text()
+    plots = yaml.safe_load((repo / "dvc.yaml").read_text())["plots"]
+    declared = [p if isinstance(p, str) else next(iter(p)) for p in plots]
+    missing = [p for p in declared if p not in html]
+    assert not missing, f"plots declared in dvc.yaml but not rendered: {missing}"

@@ -73,14 +73,24 @@ def test_redistribution_loses_and_duplicates_nothing_and_respects_bounds(n, k, r
         shard = new
 
 
-def test_profile_losses_are_reproducible_and_shared_across_models():
+def test_profile_draws_depend_only_on_the_sample_so_any_subset_scores_the_same():
     from pipeline.config import ModelConfig
     from pipeline.models import build_scheduler, build_unet
     cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=100)
     sched = build_scheduler(cfg)
-    images = torch.rand(10, 1, 8, 8) * 2 - 1
+    n = ensemble.PROFILE_CHUNK + 20  # two generator chunks
+    images = torch.rand(n, 1, 8, 8) * 2 - 1
     model = build_unet(cfg, 8, 1, seed=0)
-    a = ensemble.profile_losses(model, images, sched, pairs=3, seed=5, batch_size=4)
-    b = ensemble.profile_losses(model, images, sched, pairs=3, seed=5, batch_size=10)
-    torch.testing.assert_close(a, b)
-    assert a.shape == (10,) and torch.all(a > 0)
+    everything = ensemble.profile_losses(model, images, np.arange(n), sched, pairs=3, seed=5)
+    subset = np.array([n - 1, 3, ensemble.PROFILE_CHUNK, 7])
+    part = ensemble.profile_losses(model, images, subset, sched, pairs=3, seed=5, batch_size=5)
+    torch.testing.assert_close(part, everything[subset])
+    assert everything.shape == (n,) and torch.all(everything > 0)
+    other_seed = ensemble.profile_losses(model, images, subset, sched, pairs=3, seed=6)
+    assert not torch.allclose(part, other_seed)
+
+
+def test_candidates_are_the_most_skipped_first():
+    skip = np.array([0.2, 0.9, 0.5, 0.9, 0.0])
+    assert ensemble.msr_candidates(skip, MSRConfig(skip_rate=0.5)).tolist() == [1, 3, 2]
+    assert ensemble.msr_candidates(skip, MSRConfig(fraction=0.4)).tolist() == [1, 3]

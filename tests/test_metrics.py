@@ -99,6 +99,15 @@ def test_nearest_neighbors_pruning_stays_exact_when_neighbours_cluster_in_one_ch
     assert_same_neighbours(d, i, torch.cdist(queries, reference, compute_mode="donot_use_mm_for_euclid_dist").square())
 
 
+@pytest.mark.parametrize("k", [1, 2, 50])
+def test_nearest_neighbors_pruned_path_on_a_single_reference_chunk(k):
+    # 1024 = 64 groups of 16 > k in one chunk: the first block's candidates must be cut to k.
+    g = torch.Generator().manual_seed(k)
+    queries, reference = torch.randn(20, 64, generator=g), torch.randn(1024, 64, generator=g)
+    d, i = metrics.nearest_neighbors(queries, reference, k)
+    assert_same_neighbours(d, i, torch.cdist(queries, reference, compute_mode="donot_use_mm_for_euclid_dist").square())
+
+
 def test_nearest_neighbors_distances_of_near_copies_are_exact():
     # |q|^2 + |r|^2 - 2 q.r in float32 would be off by ~1e-4 here; a copy at d^2 = 1e-8 must stay one.
     g = torch.Generator().manual_seed(2)

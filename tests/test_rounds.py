@@ -79,3 +79,23 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny, tmp_path):
     wa = load_file(str(tmp_path / "full/model/unet/diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "cut/model/unet/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("mode", ["candidates", "all"])
+def test_loss_table_scores_own_proxy_always_and_others_for_msr_candidates(tiny, tmp_path, mode):
+    p, train, shard = tiny
+    p = p.model_copy(update={"iet": p.iet.model_copy(update={"rounds": 1}),
+                             "msr": p.msr.model_copy(update={"profile": mode, "fraction": 0.25})})
+    rounds.run(p, rounds.Plan.iet(p), train, shard, tmp_path / "out", tmp_path / "state")
+    table = np.genfromtxt(tmp_path / "out/rounds/round_00/loss_table.csv", delimiter=",", names=True)
+    per_proxy = np.stack([table[f"loss_proxy_{k}"] for k in range(3)], axis=1)
+    own = per_proxy[np.arange(12), table["shard"].astype(int)]
+    np.testing.assert_array_equal(own, table["loss_own"])
+    assert np.all(np.isfinite(own) & (own > 0))
+    scored_elsewhere = np.isfinite(per_proxy).sum(axis=1) > 1
+    candidate = np.zeros(12, dtype=bool)
+    candidate[np.lexsort((np.arange(12), -table["skip_rate"]))[:3]] = True  # the top 25% by skip rate
+    expected = np.ones(12, dtype=bool) if mode == "all" else candidate
+    np.testing.assert_array_equal(scored_elsewhere, expected)
+    # a candidate's losses are under all K proxies (nothing half-scored)
+    assert np.all(np.isfinite(per_proxy[expected]))

@@ -1,0 +1,139 @@
+"""`iet-agc`: the project's command line for working with trained models.
+
+Heavy libraries (torch, diffusers, mlflow) are imported inside the commands, so `iet-agc --help`
+answers at once.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Work with the models the IET-AGC+ pipeline trained and registered."""
+
+
+def _tracking_uri(given: str | None) -> str:
+    """--tracking-uri, else what the pipeline stages use: tracking.uri of ./params.yaml when
+    there is one, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
+    if given:
+        return given
+    from pipeline.config import TrackingConfig, load_params
+    from pipeline.tracking import tracking_uri
+
+    cfg = load_params("params.yaml").tracking if Path("params.yaml").is_file() else TrackingConfig()
+    return tracking_uri(cfg)
+
+
+def _write_pngs(images, folder: Path) -> None:
+    """One PNG per image at the model's resolution: 0000.png, 0001.png, ..."""
+    import torch
+    from PIL import Image
+
+    from pipeline.io import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    width = max(4, len(str(len(arr) - 1)))
+    for i, img in enumerate(arr):
+        with atomic_path(folder / f"{i:0{width}d}.png") as tmp:
+            Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp, format="PNG")
+
+
+@main.command()
+@click.option("--model", "model_uri", required=True,
+              help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model directory")
+@click.option("--num", "-n", default=16, show_default=True, type=click.IntRange(min=1), help="images to sample")
+@click.option("--seed", default=0, show_default=True, type=int, help="same seed, same images")
+@click.option("--steps", default=None, type=click.IntRange(min=1),
+              help="DDIM steps  [default: 50, or the model's training timesteps if fewer]")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="folder for one PNG per image")
+@click.option("--grid", type=click.Path(dir_okay=False, path_type=Path), help="one PNG with all images in a grid")
+@click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default=None, help="torch device  [default: cuda when available, else cpu]")
+@click.option("--tracking-uri", default=None,
+              help="MLflow store for models:/ and runs:/ URIs  [default: tracking.uri of ./params.yaml, "
+                   "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root]")
+def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_uri):
+    """Sample images from a registered or local model (DDIM, eta 0), seeded, to PNG files and/or a grid.
+
+    \b
+    iet-agc sample --model models:/iet-agc@candidate --num 16 --grid grid.png
+    iet-agc sample --model runs/iet/model --num 64 --seed 1 --out samples/
+    """
+    if out is None and grid is None:
+        raise click.UsageError("nothing to write: give --out FOLDER and/or --grid FILE.png")
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import ConfigError
+    from pipeline.registry import RegistryError, fetched
+
+    try:
+        remote = "://" in model_uri or model_uri.startswith(("models:", "runs:"))
+        with fetched(model_uri, _tracking_uri(tracking_uri) if remote else None) as (path, label):
+            # imported only now: diffusers takes seconds, and a wrong model or store is said at once
+            import torch
+
+            from pipeline.models import load_pipeline, sample as ddim_sample
+
+            unet, scheduler = load_pipeline(path)
+        trained = scheduler.config.num_train_timesteps
+        if steps is None:
+            steps = min(50, trained)
+        elif steps > trained:
+            raise click.BadParameter(f"{steps} is more than the model's {trained} training timesteps",
+                                     param_hint="--steps")
+        unet.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
+        images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
+    except (RegistryError, ConfigError, FileNotFoundError) as err:
+        raise click.ClickException(str(err)) from None
+    except MlflowException as err:
+        raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
+
+    written = []
+    if out is not None:
+        _write_pngs(images, out)
+        written.append(f"{num} PNG files in {out}")
+    if grid is not None:
+        from pipeline.figures import save_grid
+
+        save_grid(images, grid, nrow=math.ceil(math.sqrt(num)))
+        written.append(f"grid {grid}")
+    click.echo("wrote " + " and ".join(written))
+
+
+@main.command()
+@click.option("--out", default="tradeoff.png", show_default=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--experiment", default=None, help="MLflow experiment  [default: tracking.experiment of ./params.yaml]")
+@click.option("--tracking-uri", default=None, help="MLflow store  [default: as for `sample`]")
+def tradeoff(out, experiment, tracking_uri):
+    """Memorization vs quality of every run in MLflow (e.g. a tau sweep), with its Pareto front.
+
+    \b
+    dvc exp run --queue -S 'agc.tau=range(0.3,0.9,0.1)' && dvc queue start -j 2
+    iet-agc tradeoff --out tau_sweep.png
+    """
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.config import TrackingConfig, load_params
+    from pipeline.tradeoff import main as plot_tradeoff, markdown_table
+
+    if experiment is None:
+        experiment = (load_params("params.yaml").tracking if Path("params.yaml").is_file()
+                      else TrackingConfig()).experiment
+    try:
+        points = plot_tradeoff(_tracking_uri(tracking_uri), experiment, out)
+    except MlflowException as err:
+        raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
+    if not points:
+        raise click.ClickException(f"no finished pipeline runs in MLflow experiment '{experiment}'")
+    click.echo(markdown_table(points))
+    click.echo(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

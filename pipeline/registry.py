@@ -1,0 +1,316 @@
+"""The final models in the MLflow model registry, and back out of it with one call.
+
+A model is logged as an MLflow pyfunc model whose artifact `pipeline/` is the diffusers
+`save_pretrained` directory (model_index.json, unet/, scheduler/). Other code relies on that: an
+MLflow model of this project holds a DDPMPipeline directory with model_index.json somewhere inside
+its downloaded artifacts. `load_diffusers` turns a registry URI, a run URI or a local directory
+into a `DDPMPipeline`; the pyfunc wrapper serves the same model as seeds -> images.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from contextlib import contextmanager
+from importlib.metadata import PackageNotFoundError, version as installed_version
+from pathlib import Path
+from typing import Iterator
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import LoggedModelOutput  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.models import Model, ModelSignature  # noqa: E402
+from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec  # noqa: E402
+
+PIPELINE_ARTIFACT = "pipeline"      # artifact key and directory name of the save_pretrained folder
+PROJECT_TAG = "iet_agc.project"     # on registered models this project created
+PROJECT = "iet-agc"
+DEFAULT_STEPS = 50
+# Pinned from what is installed (cheap); letting MLflow infer them loads the model and takes seconds.
+_REQUIREMENTS = ("torch", "diffusers", "accelerate", "safetensors", "numpy", "pandas", "pydantic",
+                 "pyyaml", "tqdm", "mlflow")
+
+
+class RegistryError(Exception):
+    """A registry problem the user can fix; the message names the store, model or version."""
+
+
+def fail_fast_http() -> None:
+    """MLflow retries a failing HTTP request 7 times with exponential backoff (minutes in all);
+    a command line tool should say the server is gone within seconds. Explicit settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None:
+    """Stop early, naming the URI, when the tracking store cannot be used: an HTTP server that does
+    not answer, or (when reading) a SQLite file that does not exist, which MLflow would otherwise
+    create empty and then report the model as missing."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered; whatever it said, it is there
+        except (urllib.error.URLError, OSError, socket.timeout) as err:
+            reason = getattr(err, "reason", err)
+            raise RegistryError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it or "
+                                "set tracking.uri / MLFLOW_TRACKING_URI / --tracking-uri") from None
+    elif parsed.scheme == "sqlite" and must_exist:
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise RegistryError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
+                                "or give the right tracking URI")
+
+
+def find_pipeline_dir(root: str | Path) -> Path:
+    """The diffusers pipeline directory at or below `root` (the shallowest model_index.json)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such model directory")
+    if (root / "model_index.json").is_file():
+        return root
+    found = sorted(root.rglob("model_index.json"), key=lambda p: (len(p.parts), str(p)))
+    if not found:
+        raise FileNotFoundError(f"{root}: not a diffusers pipeline (no model_index.json inside)")
+    return found[0].parent
+
+
+def requirements() -> list[str]:
+    reqs = []
+    for pkg in _REQUIREMENTS:
+        try:
+            reqs.append(f"{pkg}=={installed_version(pkg).split('+')[0]}")  # 2.13.0+cpu -> 2.13.0
+        except PackageNotFoundError:
+            reqs.append(pkg)
+    return reqs
+
+
+class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
+    """pyfunc face of a saved DDPMPipeline: a DataFrame with a `seed` column -> uint8 images
+    [N, H, W, C], one per seed (each image depends only on its seed); param `steps`: DDIM steps,
+    at most the model's training timesteps."""
+
+    def load_context(self, context):
+        from diffusers import DDPMPipeline
+
+        self.pipeline = DDPMPipeline.from_pretrained(context.artifacts[PIPELINE_ARTIFACT])
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        import torch
+
+        from pipeline.models import sample
+
+        unet, scheduler = self.pipeline.unet, self.pipeline.scheduler
+        steps = min(int((params or {}).get("steps", DEFAULT_STEPS)), scheduler.config.num_train_timesteps)
+        seeds = model_input["seed"] if isinstance(model_input, pd.DataFrame) else model_input
+        images = torch.cat([sample(unet, scheduler, 1, steps, int(s), progress=False) for s in seeds])
+        return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+SIGNATURE = ModelSignature(inputs=Schema([ColSpec("long", "seed")]),
+                           outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, -1))]),
+                           params=ParamSchema([ParamSpec("steps", "long", DEFAULT_STEPS)]))
+
+
+@contextmanager
+def _quiet(logger: str):
+    log = logging.getLogger(logger)
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+def log_pipeline(client: MlflowClient, run_id: str, model_dir: str | Path, name: str,
+                 tags: dict | None = None) -> str:
+    """Log the saved pipeline in `model_dir` as an MLflow model of run `run_id` (a finished run is
+    fine); returns the logged model's id. Uses only `client`, never the global tracking URI."""
+    model_dir = find_pipeline_dir(model_dir)
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=name, source_run_id=run_id,
+                                        tags={PROJECT_TAG: PROJECT, **{k: str(v) for k, v in (tags or {}).items()}},
+                                        params=dict(run.data.params))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            staged = Path(tmp) / PIPELINE_ARTIFACT  # MLflow names the artifact folder after its source
+            shutil.copytree(model_dir, staged)
+            # The library travels with the model, so the pyfunc loads where the project is not installed.
+            code = Path(tmp) / "code" / "pipeline"
+            shutil.copytree(Path(__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+            with _quiet("mlflow.pyfunc"):  # its warning about pickling python_model: that is our own class
+                mlflow.pyfunc.save_model(
+                    Path(tmp) / "model", python_model=DiffusersPipelineModel(),
+                    artifacts={PIPELINE_ARTIFACT: str(staged)}, code_paths=[str(code)],
+                    signature=SIGNATURE, input_example=pd.DataFrame({"seed": [0, 1]}),
+                    pip_requirements=requirements(),
+                    mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id,
+                                       run_id=run_id, model_id=logged.model_id))
+            client.log_model_artifacts(logged.model_id, str(Path(tmp) / "model"))
+    except BaseException:
+        client.finalize_logged_model(logged.model_id, "FAILED")
+        raise
+    client.finalize_logged_model(logged.model_id, "READY")
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+    return logged.model_id
+
+
+def _not_found(err: MlflowException) -> bool:
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
+
+
+def claim_names(client: MlflowClient, names: list[str]) -> None:
+    """Create the registered models this project will add versions to, refusing (before anything is
+    created) a name that exists without this project's tag: it belongs to someone else."""
+    missing = []
+    for name in names:
+        try:
+            model = client.get_registered_model(name)
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+            missing.append(name)
+            continue
+        if model.tags.get(PROJECT_TAG) != PROJECT:
+            raise RegistryError(f"registered model '{name}' already exists in {client.tracking_uri} and was not "
+                                f"created by this project (no tag {PROJECT_TAG}={PROJECT}); not adding versions "
+                                "to it: set tracking.registry_name to another name")
+    for name in missing:
+        try:
+            client.create_registered_model(name, tags={PROJECT_TAG: PROJECT},
+                                           description="IET-AGC+ diffusion models (diffusers DDPMPipeline); "
+                                           "load with pipeline.registry.load_diffusers")
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            claim_names(client, [name])  # created meanwhile, by a concurrent experiment or someone else
+
+
+def register(client: MlflowClient, run_id: str, model_dir: str | Path, name: str, alias: str,
+             label: str, tags: dict | None = None, description: str = "") -> dict:
+    """Log `model_dir` under run `run_id`, add it as a new version of registered model `name` and
+    point `alias` at it. Call claim_names first. Returns what registered.json records."""
+    model_id = log_pipeline(client, run_id, model_dir, label, tags)
+    source = client.get_logged_model(model_id).artifact_location
+    # The store's location, not models:/<id>: the SQLite registry resolves models:/ URIs through the
+    # global tracking URI, which need not be this client's.
+    mv = client.create_model_version(name, source, run_id=run_id, model_id=model_id,
+                                     tags={k: str(v) for k, v in (tags or {}).items()}, description=description)
+    client.set_registered_model_alias(name, alias, mv.version)
+    return {"name": name, "version": int(mv.version), "alias": alias, "run_id": run_id, "model_id": model_id,
+            "model_uri": f"models:/{name}/{mv.version}", "alias_uri": f"models:/{name}@{alias}"}
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))?$")
+
+
+def _describe(client: MlflowClient, name: str) -> str:
+    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    aliases = client.get_registered_model(name).aliases
+    return (f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: "
+            + (", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"))
+
+
+def _download_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
+    """models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or models:/<logged model id>
+    -> (artifact location, what it resolved to)."""
+    m = _MODELS_URI.match(uri)
+    if not m:
+        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    name, alias, ver = m["name"], m["alias"], m["version"]
+    if alias is None and ver is None and not name.startswith("m-"):
+        raise RegistryError(f"{uri}: give a version or an alias (models:/{name}/VERSION or models:/{name}@ALIAS)")
+    if alias is None and ver is None:  # models:/m-... : a logged model, registered or not
+        try:
+            return client.get_logged_model(name).artifact_location, f"logged model {name}"
+        except MlflowException as err:
+            if not _not_found(err):
+                raise
+            raise RegistryError(f"{uri}: no logged model '{name}' in {client.tracking_uri}") from None
+    try:
+        model = client.get_registered_model(name)
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
+        known = [r.name for r in client.search_registered_models(max_results=20)]
+        raise RegistryError(f"{uri}: no registered model '{name}' in {client.tracking_uri} "
+                            f"(registered: {', '.join(known) or 'none'})") from None
+    if alias is not None and alias not in model.aliases:  # the store answers this with a generic error
+        raise RegistryError(f"{uri}: registered model '{name}' has no alias '{alias}' ({_describe(client, name)})")
+    try:
+        if alias is not None:
+            mv = client.get_model_version_by_alias(name, alias)
+        elif ver == "latest":
+            versions = client.search_model_versions(f"name='{name}'")
+            if not versions:
+                raise RegistryError(f"{uri}: registered model '{name}' has no versions")
+            mv = max(versions, key=lambda v: int(v.version))
+        elif ver.isdigit():
+            mv = client.get_model_version(name, ver)
+        else:
+            raise RegistryError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
+    except MlflowException as err:
+        if not _not_found(err):
+            raise
+        raise RegistryError(f"{uri}: registered model '{name}' has no version {ver} "
+                            f"({_describe(client, name)})") from None
+    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
+
+
+def _default_tracking_uri() -> str:
+    from pipeline.config import TrackingConfig
+    from pipeline.tracking import tracking_uri
+
+    return tracking_uri(TrackingConfig())
+
+
+@contextmanager
+def fetched(uri: str | Path, tracking_uri: str | None = None) -> Iterator[tuple[Path, str]]:
+    """The pipeline directory of `uri` on local disk and a label saying what it is. A local
+    directory is used in place; a models:/ or runs:/ URI is downloaded into a temporary directory
+    that is removed afterwards."""
+    text = str(uri)
+    scheme = urllib.parse.urlparse(text).scheme
+    if scheme in ("", "file") or len(scheme) == 1:  # a path (or a Windows drive letter)
+        path = Path(urllib.parse.urlparse(text).path if scheme == "file" else text)
+        yield find_pipeline_dir(path), str(path)
+        return
+    tracking_uri = tracking_uri or _default_tracking_uri()
+    fail_fast_http()
+    check_store(tracking_uri, must_exist=True)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    source, label = _download_uri(client, text) if scheme == "models" else (text, text)
+    with tempfile.TemporaryDirectory(prefix="iet-agc-model-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
+        except MlflowException as err:
+            raise RegistryError(f"{text}: cannot download the model from {tracking_uri} ({err.message})") from None
+        try:
+            path = find_pipeline_dir(local)
+        except FileNotFoundError:
+            raise RegistryError(f"{text}: holds no diffusers pipeline (no model_index.json)") from None
+        yield path, label
+
+
+def load_diffusers(uri: str | Path, tracking_uri: str | None = None):
+    """One call from a registered model (models:/iet-agc@candidate, models:/iet-agc/3), a run
+    artifact (runs:/RUN/path) or a local directory to a diffusers DDPMPipeline.
+    `tracking_uri`: default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
+    from diffusers import DDPMPipeline
+
+    with fetched(uri, tracking_uri) as (path, _):
+        return DDPMPipeline.from_pretrained(str(path))

@@ -1,0 +1,158 @@
+"""Memorization against quality for every run the MLflow experiment holds: one point per model.
+
+Each pipeline execution (a `dvc repro` or a `dvc exp run`) has a parent run tagged with
+tracking.PARENT_KEY, on which the report stage logs `baseline.<metric>` and `iet.<metric>` and whose
+params are the whole params.yaml.  So experiments over agc.tau, or with MSR/TAA/AGC switched off,
+appear here as points labelled by variant and tau, and the non-dominated ones (no other point both
+memorizes less and has a lower distance) form the Pareto front.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from matplotlib.figure import Figure  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+
+from pipeline.figures import _save_figure  # noqa: E402
+from pipeline.tracking import PARENT_KEY  # noqa: E402
+
+VARIANTS = ("baseline", "IET", "IET-AGC", "IET-AGC+MSR", "IET-AGC+TAA", "IET-AGC+")
+QUALITY_LABELS = {"fid": "Inception FID", "fd": "classifier-feature FD"}
+
+
+@dataclass(frozen=True)
+class Point:
+    run_id: str
+    run_name: str
+    model: str          # baseline | iet
+    variant: str        # one of VARIANTS
+    tau: float | None   # agc.tau when AGC is on
+    mem_ratio: float
+    heldout_mem_ratio: float | None
+    fd: float | None
+    fid: float | None
+    start_time: int
+
+
+def variant(params: dict[str, str], model: str) -> tuple[str, float | None]:
+    """The method a parent run's `model` was trained with, from its logged params (strings)."""
+    if model == "baseline":
+        return "baseline", None
+
+    def on(key):
+        return params.get(key, "True") == "True"
+
+    if not on("agc.enabled"):  # MSR and TAA read AGC's bank: off with it
+        return "IET", None
+    tau = float(params["agc.tau"]) if "agc.tau" in params else None
+    name = {(False, False): "IET-AGC", (True, False): "IET-AGC+MSR", (False, True): "IET-AGC+TAA",
+            (True, True): "IET-AGC+"}[(on("msr.enabled"), on("taa.enabled"))]
+    return name, tau
+
+
+def collect(client: MlflowClient, experiment: str) -> list[Point]:
+    """Both models of every parent run that got as far as the report (has `<model>.mem_ratio`).
+
+    A baseline that DVC kept cached across experiments is the same model each time: it is listed
+    once (its first run), not once per experiment.
+    """
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], f"tags.`{PARENT_KEY}` != ''", max_results=5000,
+                              order_by=["attributes.start_time ASC"])
+    points, seen_baselines = [], set()
+    for run in runs:
+        m, params = run.data.metrics, run.data.params
+        for model in ("baseline", "iet"):
+            if f"{model}.mem_ratio" not in m:
+                continue
+            name, tau = variant(params, model)
+            point = Point(run.info.run_id, run.info.run_name or run.info.run_id[:8], model, name, tau,
+                          m[f"{model}.mem_ratio"], m.get(f"{model}.heldout_mem_ratio"), m.get(f"{model}.fd"),
+                          m.get(f"{model}.fid"), run.info.start_time)
+            if model == "baseline":
+                key = (point.mem_ratio, point.fd, point.fid)
+                if key in seen_baselines:
+                    continue
+                seen_baselines.add(key)
+            points.append(point)
+    return points
+
+
+def quality_key(points: list[Point]) -> str:
+    """Inception FID when every point has it (one scale for all), else the classifier FD."""
+    return "fid" if points and all(p.fid is not None for p in points) else "fd"
+
+
+def pareto(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    """Mask of the points no other point beats on both (lower x and lower y, one strictly)."""
+    keep = np.ones(len(xs), bool)
+    for i in range(len(xs)):
+        no_worse = (xs <= xs[i]) & (ys <= ys[i])
+        better = (xs < xs[i]) | (ys < ys[i])
+        keep[i] = not np.any(no_worse & better)
+    return keep
+
+
+def save_tradeoff(points: list[Point], path, current_run: str | None = None) -> None:
+    """Scatter: quality (x, lower is better) against memorization ratio (y, lower is better)."""
+    key = quality_key(points)
+    usable = [p for p in points if getattr(p, key) is not None and math.isfinite(getattr(p, key))]
+    fig = Figure(figsize=(6.5, 4.2))
+    ax = fig.subplots()
+    if not usable:
+        ax.text(0.5, 0.5, "no finished runs in MLflow yet", ha="center", va="center", transform=ax.transAxes)
+    else:
+        xs = np.array([getattr(p, key) for p in usable])
+        ys = np.array([p.mem_ratio for p in usable])
+        front = pareto(xs, ys)
+        order = np.argsort(xs[front])
+        ax.step(xs[front][order], ys[front][order], where="post", color="0.6", linewidth=1,
+                label="Pareto front", zorder=1)
+        markers = dict(zip(VARIANTS, "osD^vP"))
+        for v in VARIANTS:
+            idx = [i for i, p in enumerate(usable) if p.variant == v]
+            if idx:
+                ax.scatter(xs[idx], ys[idx], marker=markers[v], s=45, label=v, zorder=2)
+        for p, x, y in zip(usable, xs, ys):
+            text = f"tau={p.tau:g}" if p.tau is not None else ""
+            if p.run_id == current_run:
+                text = (text + " (this run)").strip()
+            if text:
+                ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        held = [p.heldout_mem_ratio for p in usable if p.heldout_mem_ratio is not None]
+        if held:
+            ax.axhline(float(np.mean(held)), color="k", linestyle=":", linewidth=1,
+                       label="held-out real images")
+        ax.legend(fontsize=7, loc="best")
+    ax.set_xlabel(f"{QUALITY_LABELS[key]} (lower is better)")
+    ax.set_ylabel("memorization ratio (lower is better)")
+    ax.set_title("Memorization vs quality, every run in MLflow", fontsize=9)
+    _save_figure(fig, path)
+
+
+def markdown_table(points: list[Point]) -> str:
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = ["| run | model | variant | tau | memorization ratio | held-out reference | feature FD | Inception FID |",
+            "|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        rows.append(f"| {p.run_name} | {p.model} | {p.variant} | {fmt(p.tau, 'g')} | {p.mem_ratio:.3f} | "
+                    f"{fmt(p.heldout_mem_ratio, '.3f')} | {fmt(p.fd, '.2f')} | {fmt(p.fid, '.2f')} |")
+    return "\n".join(rows)
+
+
+def main(tracking_uri: str, experiment: str, out_png: str | Path, current_run: str | None = None) -> list[Point]:
+    """Collect every run of `experiment` at `tracking_uri`, save the figure, return the points."""
+    points = collect(MlflowClient(tracking_uri=tracking_uri), experiment)
+    save_tradeoff(points, out_png, current_run)
+    return points

@@ -1,0 +1,57 @@
+"""fid_reference: Inception features of the training set, computed once for every evaluation.
+
+Writes `reference.safetensors` (torchmetrics' real-side FID sums and KID features) and `info.json`,
+including the held-out images' FID/KID against the training set: the value a model that generalises
+perfectly would get at this sample size.  With Inception off (eval.inception false, or auto on a
+machine without CUDA) only `info.json` is written, saying so, and the evaluations skip FID.
+"""
+from pathlib import Path
+
+import click
+import torch
+
+from pipeline import inception
+from pipeline.config import load_params
+from pipeline.data import ImageSet
+from pipeline.io import write_json
+from stages import params_option, stage
+
+STATS = "reference.safetensors"
+INFO = "info.json"
+
+
+@click.command()
+@params_option
+@click.option("--data", "data_dir", default="data/prepared", show_default=True)
+@click.option("--out", default="runs/fid_reference", show_default=True)
+@stage
+def main(params_path, data_dir, out):
+    p = load_params(params_path)
+    out = Path(out)
+    if not inception.resolve(p.eval.inception):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / STATS).unlink(missing_ok=True)
+        write_json(out / INFO, {"inception": False, "setting": p.eval.inception,
+                                "reason": "eval.inception is false" if p.eval.inception is False
+                                else "eval.inception is auto and no CUDA device is present"})
+        click.echo("Inception FID off: wrote the marker only")
+        return
+
+    torch.set_num_threads(p.train.threads)
+    train = ImageSet.load(f"{data_dir}/train.npz").to_tensor()
+    heldout = ImageSet.load(f"{data_dir}/heldout.npz").to_tensor()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
+    quality.update(train, real=True)
+    quality.update(heldout, real=False)
+    held = quality.compute(seed=p.seeds.eval)
+    out.mkdir(parents=True, exist_ok=True)
+    quality.save_real(out / STATS)
+    write_json(out / INFO, {"inception": True, "setting": p.eval.inception, "train_images": len(train),
+                            "weights": str(inception.WEIGHTS_FILE), "device": device,
+                            **{f"heldout_{k}": v for k, v in held.items()}})
+    click.echo(f"Inception reference: {len(train)} training images; held-out FID {held['fid']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""register: log both final models under the pipeline's MLflow parent run and register them, the IET
+model as tracking.registry_name and the baseline as <registry_name>-baseline, each with the alias
+tracking.alias pointing at the new version. Writes runs/register/registered.json."""
+import os
+
+import click
+
+from pipeline import registry
+from pipeline.config import load_params
+from pipeline.io import read_json, write_json
+from pipeline.tracking import Tracker, tracking_uri
+from stages import params_option, stage
+
+MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name
+HEADLINE = ("mem_ratio", "heldout_mem_ratio", "fd", "kid")
+
+
+@click.command()
+@params_option
+@click.option("--out", default="runs/register/registered.json", show_default=True)
+@stage
+def main(params_path, out):
+    p = load_params(params_path)
+    registry.fail_fast_http()
+    uri = tracking_uri(p.tracking)
+    try:
+        registry.check_store(uri, must_exist=False)
+        dirs = {m: registry.find_pipeline_dir(f"runs/{m}/model") for m in MODELS}
+        metrics = {m: read_json(f"runs/eval/{m}/metrics.json") for m in MODELS}
+        tracker = Tracker(p)
+        names = {m: p.tracking.registry_name + suffix for m, suffix in MODELS.items()}
+        registry.claim_names(tracker.client, list(names.values()))
+        commit = tracker.client.get_run(tracker.parent_id).data.tags.get("git_commit", "unknown")
+        exp_name = os.environ.get("DVC_EXP_NAME", "")
+        result = {}
+        for m, name in names.items():
+            tags = {"model": m, "git_commit": commit, **({"dvc_exp_name": exp_name} if exp_name else {}),
+                    **{k: metrics[m][k] for k in HEADLINE if k in metrics[m]}}
+            origin = f"git commit {commit[:12]}" + (f", DVC experiment {exp_name}" if exp_name else "")
+            result[m] = registry.register(tracker.client, tracker.parent_id, dirs[m], name, p.tracking.alias,
+                                          label=m, tags=tags, description=f"{m} model, {origin}")
+    except registry.RegistryError as err:
+        raise click.ClickException(str(err)) from None
+    write_json(out, {**result, "tracking_uri": uri})
+    tracker.log_artifact(tracker.parent_id, out)
+    for m, r in result.items():
+        mem = metrics[m].get("mem_ratio")
+        click.echo(f"{m}: {r['alias_uri']} -> version {r['version']}"
+                   + (f" (memorization ratio {mem:.3f})" if isinstance(mem, (int, float)) else ""))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""A tiny IET run in a process of its own, for tests/test_resume.py to kill with SIGKILL.
+
+    python tests/resume_worker.py OUT STATE [--pause-at ROUND]   one run; with --pause-at it writes
+        OUT.paused and waits (to be killed) after the first proxy of ROUND has trained
+    python tests/resume_worker.py OUT STATE --chaos N SEED       imports once, then forks the run
+        and SIGKILLs the child at an arbitrary moment, N times (or until it finishes), then lets
+        a last child finish
+"""
+import json
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline import rounds
+from pipeline.config import parse_params
+from pipeline.data import ImageSet
+from pipeline.ensemble import split_shards
+
+TINY = {"data": {"train_size": 12, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+        "iet": {"shards": 3, "rounds": 6, "local_epochs": 6},
+        "agc": {"tau": 0.9},  # so that AGC skips, TAA strengths rise and MSR moves samples: all resumed state
+        "msr": {"fraction": 0.25, "max_imbalance": 0.5}}
+
+
+def run(out, state, hooks=None):
+    p = parse_params(TINY)
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
+                     ids=np.arange(100, 112))
+    return rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), out, state, hooks=hooks)
+
+
+class PauseAt(rounds.Hooks):
+    def __init__(self, rnd: int, marker: Path):
+        self.rnd, self.marker = rnd, marker
+
+    def proxy_round(self, rnd, proxy, curve):
+        if rnd == self.rnd and proxy == 0:  # mid round: proxy 0 trained, the others not yet
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(600)
+
+
+def _saved_round(state: Path) -> int:
+    try:
+        return json.loads((state / "state.json").read_text())["round"]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return -1
+
+
+def chaos(out: str, state: str, kills: int, seed: int) -> None:
+    """SIGKILL the run `kills` times at arbitrary moments, then let it finish. Odd attempts die at a
+    random moment of their first half second (loading the state, building the proxies, training);
+    even ones once they have saved one more round, at a random point of the next round (training,
+    profiling, writing the round's files, swapping in the resume state), so the run moves on
+    whatever the machine's speed. Forking spares the seconds of importing torch each time."""
+    rng = random.Random(seed)
+    for attempt in range(kills + 1):
+        before, t0 = _saved_round(Path(state)), time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                run(out, state)
+                code = 0
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        done, status = 0, 0
+        if attempt < kills:
+            if attempt % 2:
+                time.sleep(rng.uniform(0.0, 0.5))
+            else:
+                while _saved_round(Path(state)) == before:
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        break
+                    time.sleep(0.01)
+                time.sleep(0 if done else rng.uniform(0.0, 0.5) * (time.monotonic() - t0))
+            if not done:
+                os.kill(pid, signal.SIGKILL)  # a no-op on a child that has just finished: reaped below
+        if not done:
+            _, status = os.waitpid(pid, 0)
+        print(f"attempt {attempt}: {'killed' if os.WIFSIGNALED(status) else os.waitstatus_to_exitcode(status)}",
+              flush=True)
+        if os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0:
+            return
+    raise SystemExit("the last attempt did not finish")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    out_dir, state_dir, *rest = sys.argv[1:]
+    if rest[:1] == ["--chaos"]:
+        chaos(out_dir, state_dir, int(rest[1]), int(rest[2]))
+    else:
+        pause = PauseAt(int(rest[1]), Path(out_dir + ".paused")) if rest[:1] == ["--pause-at"] else None
+        run(out_dir, state_dir, pause)

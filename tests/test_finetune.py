@@ -1,0 +1,136 @@
+"""Fine-tuning: model.init_from makes the baseline and IET start from a pretrained model on disk or
+in MLflow, and a model that does not fit the data stops with a message naming it."""
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipeline import rounds
+from pipeline.config import ConfigError, ModelConfig, parse_params
+from pipeline.data import ImageSet
+from pipeline.ensemble import split_shards
+from pipeline.models import build_scheduler, build_unet, initial_unet, save_pipeline
+
+ARCH = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
+TINY = {"data": {"train_size": 8, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "train": {"batch_size": 4, "lr": 1e-4, "warmup_steps": 0, "threads": 1},
+        "iet": {"shards": 2, "rounds": 2, "local_epochs": 2},
+        "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny 'pretrained' model, perturbed so that no fresh initialisation is near it, saved as a bare
+    UNet2DModel directory and as a DDPMPipeline directory."""
+    root = tmp_path_factory.mktemp("pretrained")
+    unet = build_unet(ARCH, 8, 1, seed=123)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+    unet.save_pretrained(str(root / "unet_only"), safe_serialization=True)
+    save_pipeline(unet, build_scheduler(ARCH), root / "pipeline")
+    return root, {k: v.clone() for k, v in unet.state_dict().items()}
+
+
+def _params(init_from, **groups):
+    raw = {g: dict(v) for g, v in TINY.items()}
+    raw["model"]["init_from"] = str(init_from)
+    for group, values in groups.items():
+        raw.setdefault(group, {}).update(values)
+    return parse_params(raw)
+
+
+def _train(p, plan, out):
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8), labels=np.arange(8) % 2,
+                     ids=np.arange(8))
+    shard = split_shards(train.labels, p.iet.shards, 0) if plan.shards > 1 else np.zeros(8, dtype=np.int64)
+    rounds.run(p, plan, train, shard, out, out.parent / (out.name + ".state"))
+    return {m: load_file(str(out / m / "unet/diffusion_pytorch_model.safetensors")) for m in ("model", "model_ema")}
+
+
+def _distance(a, b):
+    return torch.sqrt(sum(((a[k] - b[k]) ** 2).sum() for k in b)).item()
+
+
+@pytest.mark.parametrize("layout", ["unet_only", "pipeline"])
+@pytest.mark.parametrize("make_plan", [rounds.Plan.baseline, rounds.Plan.iet], ids=["baseline", "iet"])
+def test_fine_tuning_starts_from_the_pretrained_weights(pretrained, tmp_path, layout, make_plan):
+    root, weights = pretrained
+    p = _params(root / layout)
+    final = _train(p, make_plan(p), tmp_path / "out")["model"]
+    fresh = build_unet(p.model, 8, 1, p.seeds.train).state_dict()  # what training from scratch starts from
+    moved = _distance(final, weights)
+    assert moved > 0  # it did train
+    assert moved < 0.02 * _distance(fresh, weights)
+
+
+@pytest.mark.parametrize("make_plan", [rounds.Plan.baseline, rounds.Plan.iet], ids=["baseline", "iet"])
+def test_a_negligible_learning_rate_leaves_the_pretrained_weights_bit_for_bit(pretrained, tmp_path, make_plan):
+    root, weights = pretrained
+    p = _params(root / "pipeline", train={"lr": 1e-30})  # Adam steps of ~1e-30 vanish in float32
+    for name, final in _train(p, make_plan(p), tmp_path / "out").items():
+        assert final.keys() == weights.keys()
+        assert all(torch.equal(final[k], weights[k]) for k in weights), name
+
+
+def test_architecture_keys_are_ignored_when_fine_tuning(pretrained):
+    root, weights = pretrained
+    # five levels would need a resolution divisible by 16; the pretrained model decides instead
+    p = _params(root / "unet_only", model={"block_out_channels": [32, 64, 64, 64, 64], "attention": True})
+    unet = initial_unet(p, seed=0)
+    assert tuple(unet.config.block_out_channels) == (8, 16) and unet.training
+    assert all(torch.equal(unet.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_a_model_of_another_resolution_or_channel_count_is_refused(pretrained):
+    root, _ = pretrained
+    for groups, words in (({"data": {"resolution": 16}}, ["sample_size is 8", "data.resolution is 16"]),
+                          ({"data": {"channels": 3}}, ["in_channels is 1", "data.channels is 3"])):
+        with pytest.raises(ConfigError) as err:
+            initial_unet(_params(root / "pipeline", **groups), seed=0)
+        assert "model.init_from" in str(err.value) and str(root / "pipeline") in str(err.value)
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_a_pipeline_with_another_number_of_timesteps_is_refused(pretrained):
+    root, _ = pretrained
+    with pytest.raises(ConfigError, match="num_train_timesteps 10.*model.num_train_timesteps is 50"):
+        initial_unet(_params(root / "pipeline", model={"num_train_timesteps": 50}), seed=0)
+    # a bare UNet has no scheduler to disagree with: the project's own schedule is used
+    assert initial_unet(_params(root / "unet_only", model={"num_train_timesteps": 50}), seed=0) is not None
+
+
+def test_missing_or_foreign_directories_name_the_path(tmp_path):
+    missing = tmp_path / "no_such_model"
+    with pytest.raises(FileNotFoundError, match=f"model.init_from: {missing}: no such file"):
+        initial_unet(_params(missing), seed=0)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'empty'}: not a diffusers model"):
+        initial_unet(_params(tmp_path / "empty"), seed=0)
+    (tmp_path / "conditional").mkdir()
+    (tmp_path / "conditional/config.json").write_text('{"_class_name": "UNet2DConditionModel"}')
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'conditional'}: holds a UNet2DConditionModel"):
+        initial_unet(_params(tmp_path / "conditional"), seed=0)
+
+
+def test_an_mlflow_model_of_this_project_is_fetched_and_loaded(pretrained, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipeline import registry
+
+    root, weights = pretrained
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=store)
+    exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    registry.claim_names(client, ["tiny"])
+    uris = registry.register(client, run_id, root / "pipeline", "tiny", "champion", "tiny")  # as the register stage
+    client.log_artifacts(run_id, str(root / "pipeline"), "files/pipeline")  # a plain run artifact too
+    for uri in (uris["alias_uri"], uris["model_uri"], f"runs:/{run_id}/files"):
+        unet = initial_unet(_params(uri, tracking={"uri": store}), seed=0)
+        assert all(torch.equal(unet.state_dict()[k], weights[k]) for k in weights), uri
+    with pytest.raises(ConfigError, match="model.init_from: models:/absent/1: no registered model 'absent'"):
+        initial_unet(_params("models:/absent/1", tracking={"uri": store}), seed=0)
