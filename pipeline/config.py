@@ -106,6 +106,7 @@ class EvalConfig(_Group):
     ddim_steps: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     weights: Literal["raw", "ema"] = "raw"
+    curve_samples: int = Field(64, ge=0)  # samples per round for the memorization-over-rounds curve; 0: none
     classifier_epochs: int = Field(5, ge=1)
     inception: bool | Literal["auto"] = "auto"  # Inception FID/KID; auto: only with CUDA
     sscd: bool = False  # SSCD copy detection (optional extra)

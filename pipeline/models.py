@@ -126,7 +126,7 @@ def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
 
 @torch.no_grad()
 def sample(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed: int,
-           batch_size: int = 256, progress: bool = True) -> torch.Tensor:
+           batch_size: int = 256, progress: bool = True, desc: str = "sampling") -> torch.Tensor:
     """DDIM, eta 0, as the official evaluation. Returns images in [-1, 1] on the CPU."""
     from tqdm.auto import tqdm
 
@@ -137,7 +137,7 @@ def sample(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed
     generator = torch.Generator().manual_seed(seed)
     c, r = unet.config.in_channels, unet.config.sample_size
     out = []
-    with tqdm(total=n * steps, desc="sampling", unit="img-step", disable=not progress, mininterval=1) as bar:
+    with tqdm(total=n * steps, desc=desc, unit="img-step", disable=not progress, mininterval=1) as bar:
         for start in range(0, n, batch_size):
             x = torch.randn(min(batch_size, n - start), c, r, r, generator=generator).to(device)
             for t in ddim.timesteps:

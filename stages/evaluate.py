@@ -1,17 +1,19 @@
 """evaluate: sample a trained model with DDIM and measure how many samples copy a training image
 (held-out real images give the reference; SSCD similarity when eval.sscd) and how good they are
 (classifier-feature FD/KID; Inception FID/KID against the fid_reference stage's cached statistics)."""
+import csv
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from pipeline import figures, inception, metrics
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.features import extract_features, load_feature_net
-from pipeline.io import read_json, write_json
+from pipeline.io import atomic_path, read_json, write_json
 from pipeline.models import load_pipeline, sample
 from pipeline.tracking import Tracker
 from stages import params_option, stage
@@ -56,17 +58,43 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     figures.save_grid(samples[:256], f"{out}/samples.png")
     figures.save_copies_figure(samples, train, gen_scores, f"{out}/copies.png")
     figures.save_ratio_histogram(gen_scores, ref_scores, f"{out}/ratio_hist.png")
+    by_round = _memorization_by_round(unet, scheduler, Path(f"runs/{model_name}/rounds"), train, p)
+    with atomic_path(f"{out}/rounds.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["round", "mem_ratio", "mean_nn1", "official_below_0.15"])
+        w.writeheader()
+        w.writerows(by_round)
     write_json(f"{out}/metrics.json", result)
 
     tracker = Tracker(p)
     run_id = tracker.child(f"evaluate {model_name}")
     tracker.log_metrics(run_id, result)
-    for name in ("samples.png", "copies.png", "ratio_hist.png", "metrics.json"):
+    for row in by_round:
+        tracker.log_metrics(run_id, {f"round_{k}": v for k, v in row.items() if k != "round"}, step=row["round"])
+    for name in ("samples.png", "copies.png", "ratio_hist.png", "metrics.json", "rounds.csv"):
         tracker.log_artifact(run_id, f"{out}/{name}")
     tracker.finish(run_id)
     click.echo(f"{model_name}: memorization ratio {result['mem_ratio']:.3f} "
                f"(held-out reference {result['heldout_mem_ratio']:.3f}), FD {result['fd']:.2f}"
                + (f", FID {result['fid']:.2f}" if "fid" in result else ""))
+
+
+def _memorization_by_round(unet, scheduler, rounds_dir: Path, train, p) -> list[dict]:
+    """Memorization of each round's averaged weights (raw, whatever eval.weights says: EMA is not
+    kept per round) on eval.curve_samples samples: how copying grows or fades over training. The
+    same seed every round, so rounds differ only by their weights."""
+    if p.eval.curve_samples == 0:
+        return []
+    files = sorted(rounds_dir.glob("round_*/aggregated.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{rounds_dir}: no round_*/aggregated.safetensors (re-run the training stage)")
+    rows = []
+    for rnd, path in enumerate(files, start=1):
+        unet.load_state_dict(load_file(str(path)))
+        x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
+                   desc=f"round {rnd}/{len(files)}")
+        s = metrics.summarize(metrics.memorization_scores(x, train))
+        rows.append({"round": rnd, **{k: s[k] for k in ("mem_ratio", "mean_nn1", "official_below_0.15")}})
+    return rows
 
 
 def _inception_scores(samples, reference_dir: Path, seed: int) -> dict:

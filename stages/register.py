@@ -25,7 +25,9 @@ def main(params_path, out):
     uri = tracking_uri(p.tracking)
     try:
         registry.check_store(uri, must_exist=False)
-        dirs = {m: registry.find_pipeline_dir(f"runs/{m}/model") for m in MODELS}
+        # the weights that were evaluated, so the registered model is the one whose metrics it carries
+        weights = "model" if p.eval.weights == "raw" else "model_ema"
+        dirs = {m: registry.find_pipeline_dir(f"runs/{m}/{weights}") for m in MODELS}
         metrics = {m: read_json(f"runs/eval/{m}/metrics.json") for m in MODELS}
         tracker = Tracker(p)
         names = {m: p.tracking.registry_name + suffix for m, suffix in MODELS.items()}
@@ -34,7 +36,7 @@ def main(params_path, out):
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         result = {}
         for m, name in names.items():
-            tags = {"model": m, "git_commit": commit, **({"dvc_exp_name": exp_name} if exp_name else {}),
+            tags = {"model": m, "weights": p.eval.weights, "git_commit": commit, **({"dvc_exp_name": exp_name} if exp_name else {}),
                     **{k: metrics[m][k] for k in HEADLINE if k in metrics[m]}}
             origin = f"git commit {commit[:12]}" + (f", DVC experiment {exp_name}" if exp_name else "")
             result[m] = registry.register(tracker.client, tracker.parent_id, dirs[m], name, p.tracking.alias,

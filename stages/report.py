@@ -65,7 +65,6 @@ def main(params_path, out):
     for m in MODELS:
         tracker.log_artifact(tracker.parent_id, f"runs/eval/{m}/samples.png", f"{m}")
         tracker.log_artifact(tracker.parent_id, f"runs/eval/{m}/copies.png", f"{m}")
-        tracker.log_artifact(tracker.parent_id, f"runs/{m}/model", f"{m}/model")
     tracker.finish(tracker.parent_id)
 
 

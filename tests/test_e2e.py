@@ -23,7 +23,8 @@ TINY = {
               "num_train_timesteps": 10},  # few timesteps: the per-timestep AGC banks fill within a tiny run
     "train": {"batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.9, "threads": 1},
     "iet": {"shards": 2, "rounds": 2, "local_epochs": 8},  # enough steps for tau to change the masks
-    "eval": {"num_samples": 16, "ddim_steps": 4, "batch_size": 16, "weights": "raw", "classifier_epochs": 1},
+    "eval": {"num_samples": 16, "ddim_steps": 4, "batch_size": 16, "weights": "raw", "classifier_epochs": 1,
+             "curve_samples": 8},
 }
 
 
@@ -94,6 +95,10 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     for m in ("baseline", "iet"):
         assert (repo / f"runs/eval/{m}/samples.png").stat().st_size > 0
         assert (repo / f"runs/{m}/model/unet/diffusion_pytorch_model.safetensors").is_file()
+        # the memorization-over-rounds curve: one point per round, each a fraction
+        curve = list(csv.DictReader(open(repo / f"runs/eval/{m}/rounds.csv")))
+        assert [int(r["round"]) for r in curve] == list(range(1, TINY["iet"]["rounds"] + 1)), curve
+        assert all(0.0 <= float(r["mem_ratio"]) <= 1.0 for r in curve), curve
 
     # the registered model samples with one command
     cli = str(Path(sys.executable).parent / "iet-agc")
