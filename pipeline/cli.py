@@ -135,5 +135,34 @@ def tradeoff(out, experiment, tracking_uri):
     click.echo(f"wrote {out}")
 
 
+@main.command()
+@click.option("--experiment", default=None, help="MLflow experiment  [default: tracking.experiment of ./params.yaml]")
+@click.option("--tracking-uri", default=None, help="MLflow store  [default: as for `sample`]")
+def ablation(experiment, tracking_uri):
+    """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow.
+
+    \b
+    dvc exp run --queue -n s1-iet -S seeds.train=1 -S agc.enabled=false   # ... one per variant and seed
+    dvc queue start -j 2
+    iet-agc ablation
+    """
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline import ablation as ab
+    from pipeline.config import TrackingConfig, load_params
+
+    if experiment is None:
+        experiment = (load_params("params.yaml").tracking if Path("params.yaml").is_file()
+                      else TrackingConfig()).experiment
+    try:
+        records = ab.collect(MlflowClient(tracking_uri=_tracking_uri(tracking_uri)), experiment)
+    except MlflowException as err:
+        raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
+    if not records:
+        raise click.ClickException(f"no finished evaluations in MLflow experiment '{experiment}'")
+    click.echo(ab.markdown(ab.table(records)))
+
+
 if __name__ == "__main__":
     main()

@@ -61,6 +61,15 @@ class TrainConfig(_Group):
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     threads: int = Field(2, ge=1)
+    mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast of the UNet forward (fp16: with loss scaling)
+    grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step; the step still sees batch_size images
+    launcher: str = "python"  # runs the baseline and iet stages: `python`, or `accelerate launch [options]`
+
+    @model_validator(mode="after")
+    def _accum_fits(self):
+        if self.grad_accum > self.batch_size:
+            raise ValueError(f"grad_accum ({self.grad_accum}) cannot exceed batch_size ({self.batch_size})")
+        return self
 
 
 class IETConfig(_Group):

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from pipeline import ensemble
 from pipeline.config import Params
 from pipeline.data import ImageSet
+from pipeline.distributed import Ranks
 from pipeline.io import atomic_path, write_json
 from pipeline.models import build_scheduler, initial_unet, save_pipeline
 from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
@@ -61,12 +62,19 @@ class Hooks:
     def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
 
 
-def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray) -> str:
+def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray, init) -> str:
+    """What a saved state must match to be resumed: params, data, shards and the initial weights
+    (model.init_from names them, but the files behind the name can change)."""
     h = hashlib.sha256()
-    h.update(json.dumps(p.model_dump(exclude={"eval", "tracking"}), sort_keys=True).encode())
+    # not train.launcher: the weights do not depend on the process count, so a run may resume under another
+    h.update(json.dumps(p.model_dump(exclude={"eval": True, "tracking": True, "train": {"launcher"}}),
+                        sort_keys=True).encode())
     h.update(repr(plan).encode())
     h.update(train.images.tobytes())
     h.update(shard.tobytes())
+    for key, tensor in init.state_dict().items():
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -77,21 +85,27 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
-def _save_state(state_dir: Path, proxies: list[Proxy], info: dict, shard, strength) -> None:
-    """Write to a fresh directory, then swap it in: a kill at any moment leaves one complete state."""
+def _save_state(state_dir: Path, proxies: dict[int, Proxy], info: dict, shard, strength, ranks: Ranks) -> None:
+    """Write to a fresh directory, then swap it in: a kill at any moment leaves one complete state.
+    Each rank writes its own proxies (several machines need the run directory on shared storage)."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for k, proxy in enumerate(proxies):
+    if ranks.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    ranks.barrier()
+    for k, proxy in proxies.items():
         save_proxy(proxy, tmp / f"proxy_{k}.safetensors")
-    save_file({"shard": torch.from_numpy(shard), "strength": strength}, str(tmp / "samples.safetensors"))
-    write_json(tmp / "state.json", info)
-    old = state_dir.with_name(state_dir.name + ".old")
-    if state_dir.exists():
+    ranks.barrier()
+    if ranks.is_main:
+        save_file({"shard": torch.from_numpy(shard), "strength": strength}, str(tmp / "samples.safetensors"))
+        write_json(tmp / "state.json", info)
+        old = state_dir.with_name(state_dir.name + ".old")
+        if state_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            state_dir.rename(old)
+        tmp.rename(state_dir)
         shutil.rmtree(old, ignore_errors=True)
-        state_dir.rename(old)
-    tmp.rename(state_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    ranks.barrier()
 
 
 def _load_state(state_dir: Path, fingerprint: str):
@@ -104,14 +118,15 @@ def _load_state(state_dir: Path, fingerprint: str):
     return None, None
 
 
-def _profile(proxies: list[Proxy], images: torch.Tensor, shard: np.ndarray, skip_rate: np.ndarray,
-             noise_schedule, params: Params, plan: Plan, seed: int) -> np.ndarray:
+def _profile(proxies: dict[int, Proxy], images: torch.Tensor, shard: np.ndarray, skip_rate: np.ndarray,
+             noise_schedule, params: Params, plan: Plan, seed: int, ranks: Ranks) -> np.ndarray:
     """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
     (NaN where not scored). Every sample is scored under its own proxy; under the other proxies
     only the samples MSR may move (msr.profile: candidates), or every sample (msr.profile: all,
     K times the cost). Scoring everything under every proxy costs N*K*P forwards, which at K=10
-    outweighs several local epochs; the candidates are all that redistribution reads."""
-    n, k_total = len(shard), len(proxies)
+    outweighs several local epochs; the candidates are all that redistribution reads.
+    Each rank scores under its own proxies; the columns are then shared."""
+    n, k_total = len(shard), plan.shards
     losses = np.full((n, k_total), np.nan)
     if params.msr.profile == "all":
         wanted = np.ones(n, dtype=bool)
@@ -120,10 +135,12 @@ def _profile(proxies: list[Proxy], images: torch.Tensor, shard: np.ndarray, skip
         wanted[ensemble.msr_candidates(skip_rate, params.msr)] = True
     else:
         wanted = np.zeros(n, dtype=bool)
-    for k, proxy in enumerate(proxies):
+    for k, proxy in proxies.items():
         positions = np.flatnonzero((shard == k) | wanted)
         losses[positions, k] = ensemble.profile_losses(proxy.model, images, positions, noise_schedule,
                                                        params.msr.profile_timesteps, seed).numpy()
+    for k in range(k_total):
+        losses[:, k] = ranks.share_column(losses[:, k], ranks.owner(k))
     return losses
 
 
@@ -132,10 +149,13 @@ def _cell(x: float) -> float | str:
 
 
 def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: str | Path,
-        state_dir: str | Path, hooks: Hooks | None = None) -> dict:
+        state_dir: str | Path, hooks: Hooks | None = None, ranks: Ranks | None = None) -> dict:
     """Train per `plan`; write rounds/, model/ (raw averaged weights), model_ema/, curves.csv and
-    return a summary. `shard` gives the initial shard of every training-set position."""
+    return a summary. `shard` gives the initial shard of every training-set position. Under
+    several processes (`ranks`) proxy k trains on rank k % world and only rank 0 writes outputs
+    and calls the hooks; the weights do not depend on the process count."""
     hooks = hooks or Hooks()
+    ranks = ranks or Ranks()
     out_dir, state_dir = Path(out_dir), Path(state_dir)
     torch.set_num_threads(params.train.threads)
     images = train.to_tensor()
@@ -143,98 +163,129 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
     seed = params.seeds.train
     noise_schedule = build_scheduler(params.model)
     init = initial_unet(params, seed)
-    proxies = [new_proxy(init, params, seed * 1000 + k + 1) for k in range(plan.shards)]
+    proxies = {k: new_proxy(init, params, seed * 1000 + k + 1, ranks.device) for k in ranks.owned(plan.shards)}
+    like_model = init.state_dict()
+    like_ema = dict(enumerate(p.detach() for p in init.parameters()))
     strength = torch.zeros(n)
-    fingerprint = _fingerprint(params, plan, train, shard)
+    fingerprint = _fingerprint(params, plan, train, shard, init)
 
     start_round, elapsed, history = 0, 0.0, []
     resume_dir, info = _load_state(state_dir, fingerprint)
     if resume_dir is not None:
-        for k, proxy in enumerate(proxies):
+        for k, proxy in proxies.items():
             load_proxy(proxy, resume_dir / f"proxy_{k}.safetensors")
         saved = load_file(str(resume_dir / "samples.safetensors"))
         shard, strength = saved["shard"].numpy().copy(), saved["strength"]
         start_round, elapsed, history = info["round"] + 1, info["seconds"], info["history"]
-        print(f"resuming {out_dir} after round {info['round']} of {plan.rounds}")
-    else:
+        if ranks.is_main:
+            print(f"resuming {out_dir} after round {info['round']} of {plan.rounds}")
+    elif ranks.is_main:
         shutil.rmtree(out_dir / "rounds", ignore_errors=True)
+    ranks.barrier()
 
     curve_path = out_dir / "curves.csv"
     for rnd in range(start_round, plan.rounds):
         t0 = time.perf_counter()
         counts = RoundCounts.zeros(n)
-        for k, proxy in enumerate(proxies):
-            curve: list[dict] = []
+        curves: dict[int, list[dict]] = {}
+        for k, proxy in proxies.items():
+            curve = curves.setdefault(k, [])
             members = torch.from_numpy(np.flatnonzero(shard == k))
             train_steps(proxy, images, members, plan.steps_per_round, noise_schedule, params,
                         use_agc=plan.agc, strength=strength if plan.taa else None, counts=counts,
                         desc=f"round {rnd + 1}/{plan.rounds} proxy {k + 1}/{plan.shards}",
-                        on_curve=lambda row, k=k: curve.append({"round": rnd, "proxy": k, **row}))
-            history.extend(curve)
-            hooks.proxy_round(rnd, k, curve)
+                        on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}))
+            if ranks.is_main:
+                hooks.proxy_round(rnd, k, curve)
+        # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
+        ranks.sum_(counts.drawn)
+        ranks.sum_(counts.skipped)
+        if plan.taa and ranks.world > 1:
+            ranks.sum_(strength.mul_(torch.from_numpy(np.isin(shard, list(proxies)))))
+        curves = {k: c for part in ranks.gather(curves) for k, c in part.items()}
+        for k in range(plan.shards):
+            history.extend(curves[k])
+            if ranks.is_main and k not in proxies:
+                hooks.proxy_round(rnd, k, curves[k])
 
         train_seconds = time.perf_counter() - t0
         round_dir = out_dir / "rounds" / f"round_{rnd:02d}"
-        round_dir.mkdir(parents=True, exist_ok=True)
         sizes = np.bincount(shard, minlength=plan.shards)
-        ends = [{k: v.detach().clone() for k, v in p.model.state_dict().items()} for p in proxies]
-        for k, state in enumerate(ends):
-            with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
-                save_file(state, str(tmp))
+        ends = [ranks.share_tensors(proxies[k].model.state_dict() if k in proxies else None, like_model,
+                                    ranks.owner(k)) for k in range(plan.shards)]
+        emas = [ranks.share_tensors(dict(enumerate(proxies[k].ema.shadow_params)) if k in proxies else None,
+                                    like_ema, ranks.owner(k)) for k in range(plan.shards)]
         averaged = ensemble.aggregate(ends, sizes.tolist())
-        ema_avg = ensemble.aggregate([dict(enumerate(p.ema.shadow_params)) for p in proxies], sizes.tolist())
-        with atomic_path(round_dir / "aggregated.safetensors") as tmp:
-            save_file(averaged, str(tmp))
+        ema_avg = ensemble.aggregate(emas, sizes.tolist())
+        if ranks.is_main:
+            round_dir.mkdir(parents=True, exist_ok=True)
+            for k, state in enumerate(ends):
+                with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
+                    save_file(state, str(tmp))
+            with atomic_path(round_dir / "aggregated.safetensors") as tmp:
+                save_file(averaged, str(tmp))
 
         metrics = {"round_seconds": 0.0, "moved": 0}
         drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
         skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
         if plan.shards > 1:
             t_profile = time.perf_counter()
-            losses = _profile(proxies, images, shard, skip_rate, noise_schedule, params, plan, seed * 7919 + rnd)
+            losses = _profile(proxies, images, shard, skip_rate, noise_schedule, params, plan, seed * 7919 + rnd,
+                              ranks)
             metrics["profile_seconds"] = time.perf_counter() - t_profile
             table = [{"sample_id": int(train.ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
                       "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]),
                       "loss_own": _cell(losses[i, shard[i]]),
                       **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(plan.shards)}}
                      for i in range(n)]
-            _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
+            if ranks.is_main:
+                _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
             moves = []
             if plan.msr:
                 shard, moves = ensemble.redistribute(shard, skip_rate, losses, params.msr)
                 for m in moves:
                     m["sample_id"] = int(train.ids[m.pop("position")])
-            _write_csv(round_dir / "moves.csv", moves,
-                       ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
+            if ranks.is_main:
+                _write_csv(round_dir / "moves.csv", moves,
+                           ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
             metrics["moved"] = len(moves)
-        _write_csv(round_dir / "shards.csv",
-                   [{"sample_id": int(i), "shard": int(s)} for i, s in zip(train.ids, shard)],
-                   ["sample_id", "shard"])
+        if ranks.is_main:
+            _write_csv(round_dir / "shards.csv",
+                       [{"sample_id": int(i), "shard": int(s)} for i, s in zip(train.ids, shard)],
+                       ["sample_id", "shard"])
 
-        for p in proxies:
+        for p in proxies.values():
             p.model.load_state_dict(averaged)
             for i, shadow in enumerate(p.ema.shadow_params):
                 shadow.data.copy_(ema_avg[i])
 
+        bank_means = {k: v for part in ranks.gather({k: p.bank.mean().item() for k, p in proxies.items()})
+                      for k, v in part.items()}
         elapsed += time.perf_counter() - t0
         metrics.update({"round_seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
                         "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
                         "skip_rate_mean": float(skip_rate.mean()),
                         "taa_strength_mean": float(strength.mean()),
-                        "bank_mean": float(np.mean([p.bank.mean().item() for p in proxies]))})
-        write_json(round_dir / "round.json", metrics)
-        hooks.round_done(rnd, metrics, round_dir)
+                        "bank_mean": float(np.mean([bank_means[k] for k in range(plan.shards)]))})
+        if ranks.is_main:
+            write_json(round_dir / "round.json", metrics)
+            hooks.round_done(rnd, metrics, round_dir)
         _save_state(state_dir, proxies, {"fingerprint": fingerprint, "round": rnd, "seconds": elapsed,
-                                         "history": history}, shard, strength)
+                                         "history": history}, shard, strength, ranks)
 
+    summary = {"train_seconds": round(elapsed, 2), "optimizer_steps": plan.shards * plan.rounds * plan.steps_per_round,
+               "images_seen": plan.shards * plan.rounds * plan.steps_per_round * params.train.batch_size,
+               "shards": plan.shards, "rounds": plan.rounds, "agc": plan.agc, "msr": plan.msr, "taa": plan.taa,
+               "processes": ranks.world}
+    if not ranks.is_main:
+        ranks.barrier()
+        return summary
     _write_csv(curve_path, history, ["round", "proxy", "step", "loss", "kept", "bank_mean"])
-    final = proxies[0]
+    final = proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
     save_pipeline(final.model, noise_schedule, out_dir / "model")
     final.ema.copy_to(final.model.parameters())
     save_pipeline(final.model, noise_schedule, out_dir / "model_ema")
-    summary = {"train_seconds": round(elapsed, 2), "optimizer_steps": plan.shards * plan.rounds * plan.steps_per_round,
-               "images_seen": plan.shards * plan.rounds * plan.steps_per_round * params.train.batch_size,
-               "shards": plan.shards, "rounds": plan.rounds, "agc": plan.agc, "msr": plan.msr, "taa": plan.taa}
     write_json(out_dir / "train_info.json", summary)
     shutil.rmtree(state_dir, ignore_errors=True)
+    ranks.barrier()
     return summary

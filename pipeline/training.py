@@ -31,6 +31,7 @@ class Proxy:
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
     bank: torch.Tensor          # AGC running loss per timestep
     generator: torch.Generator  # batches, noise, timesteps, augmentation
+    scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a no-op) otherwise
     step: int = 0
 
 
@@ -50,9 +51,10 @@ class Curve:
     rows: list[dict] = field(default_factory=list)
 
 
-def new_proxy(init: UNet2DModel, params: Params, seed: int) -> Proxy:
-    model = copy.deepcopy(init)
+def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu") -> Proxy:
+    model = copy.deepcopy(init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
+    device_type = torch.device(device).type
     return Proxy(
         model=model,
         ema=EMAModel(model.parameters(), decay=params.train.ema_decay),
@@ -60,6 +62,7 @@ def new_proxy(init: UNet2DModel, params: Params, seed: int) -> Proxy:
         lr_schedule=get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=params.train.warmup_steps),
         bank=torch.zeros(params.model.num_train_timesteps),
         generator=torch.Generator().manual_seed(seed),
+        scaler=torch.amp.GradScaler(device_type, enabled=params.train.mixed_precision == "fp16"),
     )
 
 
@@ -95,28 +98,28 @@ def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: 
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen)
         xt = noise_schedule.add_noise(x0, noise, t)
-        pred = model(xt.to(device), t.to(device)).sample
-        losses = (pred - noise.to(device)).pow(2).mean(dim=(1, 2, 3)).cpu()
+        try:
+            losses, keep, loss = _backward(proxy, xt, t, noise, params, use_agc, device)
+        except torch.OutOfMemoryError:
+            raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {cfg.batch_size}); lower "
+                              "train.batch_size or raise train.grad_accum; the last complete round is kept "
+                              "and a re-run resumes from it") from None
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step + 1}; the last complete "
+                                     "round is kept (a re-run resumes from it): lower train.lr, or use fp32")
 
         if use_agc:
-            bank_t = proxy.bank[t]
-            keep = agc.keep_mask(losses.detach(), t, proxy.bank, params.agc.tau)
-            loss = agc.masked_loss(losses, keep)
             if strength is not None:
-                strength[pos] = taa.update_strength(strength[pos], losses, bank_t, params.agc.tau, params.taa)
+                strength[pos] = taa.update_strength(strength[pos], losses, proxy.bank[t], params.agc.tau, params.taa)
             proxy.bank = agc.update_bank(proxy.bank, t, losses, params.agc.bank_decay)
-        else:
-            keep = torch.ones_like(losses, dtype=torch.bool)
-            loss = losses.mean()
         if counts is not None:
             counts.drawn.index_add_(0, pos, torch.ones_like(pos))
             counts.skipped.index_add_(0, pos, (~keep).long())
 
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step}")
-        loss.backward()
+        proxy.scaler.unscale_(proxy.optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        proxy.optimizer.step()
+        proxy.scaler.step(proxy.optimizer)
+        proxy.scaler.update()
         proxy.lr_schedule.step()
         proxy.optimizer.zero_grad(set_to_none=True)
         proxy.ema.step(model.parameters())
@@ -135,6 +138,53 @@ def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: 
     bar.close()
 
 
+AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _backward(proxy: Proxy, xt, t, noise, params: Params, use_agc: bool, device):
+    """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
+    (same gradient, less activation memory). Returns per-sample losses, the AGC keep mask and the
+    step's loss: the mean over kept samples, as one full batch would give."""
+    cfg, model = params.train, proxy.model
+    amp = torch.autocast(device.type, dtype=AUTOCAST.get(cfg.mixed_precision, torch.float32),
+                         enabled=cfg.mixed_precision != "fp32")
+
+    def forward(sl):
+        with amp:
+            pred = model(xt[sl].to(device), t[sl].to(device)).sample
+        return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3)).cpu()
+
+    def mask(losses, sl):
+        return agc.keep_mask(losses.detach(), t[sl], proxy.bank, params.agc.tau) if use_agc \
+            else torch.ones_like(losses, dtype=torch.bool)
+
+    everything = slice(None)
+    if cfg.grad_accum == 1:
+        losses = forward(everything)
+        keep = mask(losses, everything)
+        loss = agc.masked_loss(losses, keep) if use_agc else losses.mean()
+        if torch.isfinite(loss):
+            proxy.scaler.scale(loss).backward()
+        return losses, keep, loss
+    # The kept count of the whole batch is known only after the last micro-batch: back-propagate
+    # the sums, then divide the gradients once.
+    parts, keeps = [], []
+    for idx in torch.arange(len(t)).tensor_split(cfg.grad_accum):
+        sl = slice(int(idx[0]), int(idx[-1]) + 1)
+        losses = forward(sl)
+        keep = mask(losses, sl)
+        if torch.isfinite(losses).all():
+            proxy.scaler.scale((losses * keep).sum()).backward()
+        parts.append(losses.detach())
+        keeps.append(keep)
+    losses, keep = torch.cat(parts), torch.cat(keeps)
+    kept = keep.sum().clamp(min=1)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.div_(kept.to(p.grad.device))
+    return losses, keep, (losses * keep).sum() / kept
+
+
 # ---- checkpoints: safetensors for tensors, JSON for the rest ----
 
 def proxy_tensors(proxy: Proxy) -> dict[str, torch.Tensor]:
@@ -149,7 +199,7 @@ def proxy_tensors(proxy: Proxy) -> dict[str, torch.Tensor]:
 
 
 def save_proxy(proxy: Proxy, path: str | Path) -> None:
-    meta = {"step": proxy.step, "ema_step": proxy.ema.optimization_step,
+    meta = {"step": proxy.step, "ema_step": proxy.ema.optimization_step, "scaler": proxy.scaler.state_dict(),
             "lr_schedule": proxy.lr_schedule.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in proxy.optimizer.state_dict()["param_groups"]]}
@@ -180,4 +230,6 @@ def load_proxy(proxy: Proxy, path: str | Path) -> None:
     proxy.bank = tensors["bank"]
     proxy.generator.set_state(tensors["generator"])
     proxy.step = meta["step"]
+    if meta.get("scaler"):
+        proxy.scaler.load_state_dict(meta["scaler"])
     proxy.ema.optimization_step = meta["ema_step"]

@@ -10,7 +10,8 @@ from pipeline.config import ConfigError
 
 def stage(fn):
     """Turn the errors a user can fix (bad params, bad data, missing inputs, unreachable tracking
-    server) into one clear message and exit code 1, without a traceback."""
+    server, a diverged or out-of-memory training step) into one clear message and exit code 1,
+    without a traceback."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
@@ -18,7 +19,7 @@ def stage(fn):
         from pipeline.data import DataError
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, FileNotFoundError) as err:
+        except (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError) as err:
             raise click.ClickException(str(err)) from None
         except MlflowException as err:
             raise click.ClickException(f"MLflow tracking failed ({err.message}); "

@@ -12,6 +12,7 @@ import numpy as np
 from pipeline import rounds
 from pipeline.config import Params
 from pipeline.data import ImageSet
+from pipeline.distributed import Ranks
 from pipeline.tracking import Tracker, TrainingHooks
 
 
@@ -25,12 +26,17 @@ def read_shards(path: str, train: ImageSet) -> np.ndarray:
 
 
 def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str) -> None:
+    """Under `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock."""
+    ranks = Ranks.from_environment()
+    state = Path("runs/.resume") / name
+    if not ranks.is_main:
+        rounds.run(p, plan, train, shard, out, state, ranks=ranks)
+        return
     tracker = Tracker(p)
     run_id = tracker.child(name)
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds,
                                 "steps_per_round": plan.steps_per_round, "agc": plan.agc,
-                                "msr": plan.msr, "taa": plan.taa})
-    state = Path("runs/.resume") / name
+                                "msr": plan.msr, "taa": plan.taa, "processes": ranks.world})
     state.parent.mkdir(parents=True, exist_ok=True)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
@@ -42,7 +48,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
             raise click.ClickException(f"another process is already training {name} ({state}.lock is held): "
                                        "let it finish or stop it, then run again") from None
         try:
-            summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id))
+            summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id), ranks=ranks)
         except BaseException:
             tracker.finish(run_id, "FAILED")
             raise

@@ -12,14 +12,7 @@ from sklearn.datasets import load_digits
 from pipeline import features, figures, metrics
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # These tensors are small: a second thread buys nothing and, on a CPU shared with other jobs,
-    # every op waits for it to be scheduled (a 10 ms training step becomes 600 ms).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

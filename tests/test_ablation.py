@@ -1,0 +1,85 @@
+"""`iet-agc ablation`: runs laid out in a real MLflow store as the pipeline lays them out (a parent
+per experiment with the flattened params, nested evaluate/training runs), grouped per variant
+over seeds, a baseline counted where it was trained only."""
+import os
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+
+from pipeline import ablation  # noqa: E402
+from pipeline.cli import main  # noqa: E402
+
+BASE = {"seeds.train": "0", "agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True",
+        "agc.tau": "0.5", "data.train_size": "32", "iet.rounds": "4"}
+
+
+def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], trained: dict[str, float]):
+    parent = client.create_run(exp_id, run_name=name).info.run_id
+    for k, v in params.items():
+        client.log_param(parent, k, v)
+    for model, metrics in evaluated.items():
+        child = client.create_run(exp_id, run_name=f"evaluate {model}", tags={"mlflow.parentRunId": parent}).info.run_id
+        for k, v in metrics.items():
+            client.log_metric(child, k, v)
+        client.set_terminated(child)
+    for model, seconds in trained.items():
+        child = client.create_run(exp_id, run_name=model, tags={"mlflow.parentRunId": parent}).info.run_id
+        for rnd in range(4):  # as the round loop logs them, each round's by its step, before the total
+            client.log_metric(child, "train_seconds", seconds / 4, step=rnd, timestamp=1000 + rnd)
+        client.log_metric(child, "train_seconds", seconds, step=0, timestamp=2000)
+        client.set_terminated(child)
+    client.set_terminated(parent)
+
+
+@pytest.fixture
+def store(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("iet-agc", artifact_location=(tmp_path / "a").as_uri())
+    # seed 0: full run; then the IET variant of seed 0, whose baseline DVC restored (no nested runs)
+    _experiment(client, exp, "s0", BASE, {"baseline": {"mem_ratio": 0.6, "fd": 1.0}, "iet": {"mem_ratio": 0.0, "fd": 9.0}},
+                {"baseline": 300.0, "iet": 310.0})
+    _experiment(client, exp, "s0-iet", {**BASE, "agc.enabled": "False"}, {"iet": {"mem_ratio": 0.1, "fd": 7.0}},
+                {"iet": 320.0})
+    _experiment(client, exp, "s1", {**BASE, "seeds.train": "1"},
+                {"baseline": {"mem_ratio": 0.8, "fd": 2.0}, "iet": {"mem_ratio": 0.2, "fd": 11.0}},
+                {"baseline": 320.0, "iet": 330.0})
+    # another setting: a row of its own, with the setting shown
+    _experiment(client, exp, "n64", {**BASE, "data.train_size": "64"}, {"baseline": {"mem_ratio": 0.05, "fd": 1.5}},
+                {"baseline": 290.0})
+    return uri
+
+
+def test_groups_variants_over_seeds_with_mean_and_sd(store):
+    rows = ablation.table(ablation.collect(MlflowClient(tracking_uri=store), "iet-agc"))
+    by = {(r["variant"], r["setting"]["data.train_size"]): r for r in rows}
+    assert set(by) == {("baseline", "32"), ("IET-AGC+", "32"), ("IET", "32"), ("baseline", "64")}
+    base = by[("baseline", "32")]
+    assert base["seeds"] == ["0", "1"] and sorted(base["runs"]) == ["s0", "s1"]  # not s0-iet: restored there
+    mean, sd, n = base["stats"]["mem_ratio"]
+    assert (mean, n) == (pytest.approx(0.7), 2) and sd == pytest.approx(np.std([0.6, 0.8], ddof=1))
+    assert base["stats"]["train_seconds"][:2] == (pytest.approx(310.0), pytest.approx(np.std([300, 320], ddof=1)))
+    plus = by[("IET-AGC+", "32")]
+    assert plus["stats"]["fd"][0] == pytest.approx(10.0) and plus["tau"] == 0.5
+    single = by[("IET", "32")]
+    assert single["seeds"] == ["0"] and np.isnan(single["stats"]["mem_ratio"][1])
+
+
+def test_cli_prints_the_table_with_the_varying_setting(store):
+    result = CliRunner().invoke(main, ["ablation", "--tracking-uri", store, "--experiment", "iet-agc"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.strip().splitlines()
+    assert "data.train_size" in lines[0] and "iet.rounds" not in lines[0]
+    assert any(line.startswith("| baseline | - | 32 | 0,1 | 0.700 ± 0.141 |") for line in lines), result.output
+    assert any(line.startswith("| IET | - | 32 | 0 | 0.100 |") for line in lines), result.output
+
+
+def test_cli_says_when_there_is_nothing_to_tabulate(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    result = CliRunner().invoke(main, ["ablation", "--tracking-uri", uri, "--experiment", "nope"])
+    assert result.exit_code == 1 and "no finished evaluations" in result.output

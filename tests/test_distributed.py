@@ -1,0 +1,103 @@
+"""The iet stage under `accelerate launch` with 2 CPU processes (gloo) gives the same weights, loss
+tables, moves and curves, bit for bit, as one plain process: every rank averages the same K states
+in proxy order, so nothing is summed in a different order. K=3 puts two proxies on rank 0 and one
+on rank 1; tau 0.9 makes AGC skip, TAA raise strengths and MSR move samples, all of which cross
+ranks."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from pipeline.data import ImageSet
+from pipeline.ensemble import split_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"data": {"train_size": 12, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+        "iet": {"shards": 3, "rounds": 2, "local_epochs": 6},
+        "agc": {"tau": 0.9},
+        "msr": {"fraction": 0.25, "max_imbalance": 0.5}}
+
+
+def _workdir(path: Path) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in TINY.items():
+        params[group].update(values)
+    params["tracking"]["uri"] = f"sqlite:///{path / 'mlflow.db'}"
+    path.mkdir(parents=True)
+    (path / "params.yaml").write_text(yaml.safe_dump(params))
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
+                     ids=np.arange(100, 112))
+    train.save(path / "train.npz")
+    shard = split_shards(train.labels, 3, 0)
+    (path / "shards.csv").write_text("sample_id,shard\n" + "".join(f"{i},{s}\n" for i, s in zip(train.ids, shard)))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stage(cwd: Path, launcher: list[str]):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
+           "MLFLOW_DISABLE_TELEMETRY": "true"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    out = subprocess.run([*launcher, "-m", "stages.iet", "--train", "train.npz", "--shards", "shards.csv",
+                          "--out", "out"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, f"{launcher} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
+    return out
+
+
+def test_two_processes_give_the_same_run_as_one(tmp_path):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    if accelerate is None:
+        pytest.skip("accelerate's launcher is not installed")
+    one, two = _workdir(tmp_path / "one"), _workdir(tmp_path / "two")
+    _stage(one, [sys.executable])
+    # accelerate's multi-CPU mode wants MPI; its multi-GPU launcher with Accelerator(cpu=True) semantics
+    # (PartialState(cpu=True) in pipeline/distributed.py) runs torch.distributed over gloo instead.
+    _stage(two, [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                 "--main_process_port", str(_free_port())])
+
+    info = [json.loads((d / "out/train_info.json").read_text()) for d in (one, two)]
+    assert [i.pop("processes") for i in info] == [1, 2]
+    assert [i.pop("train_seconds") > 0 for i in info] == [True, True]
+    assert info[0] == info[1]
+    for model in ("model", "model_ema"):
+        a = load_file(str(one / f"out/{model}/unet/diffusion_pytorch_model.safetensors"))
+        b = load_file(str(two / f"out/{model}/unet/diffusion_pytorch_model.safetensors"))
+        assert a.keys() == b.keys()
+        differ = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not differ, f"{model}: {len(differ)} tensors differ, e.g. {differ[:3]}"
+    assert (one / "out/curves.csv").read_text() == (two / "out/curves.csv").read_text()
+    moved = 0
+    for r in range(TINY["iet"]["rounds"]):
+        rd = f"out/rounds/round_{r:02d}"
+        for f in ("loss_table.csv", "moves.csv", "shards.csv"):
+            assert (one / rd / f).read_text() == (two / rd / f).read_text(), f"round {r}: {f}"
+        a, b = load_file(str(one / rd / "aggregated.safetensors")), load_file(str(two / rd / "aggregated.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a), f"round {r}: aggregated weights differ"
+        moved += (one / rd / "moves.csv").read_text().count("\n") - 1
+    assert moved > 0, "no sample moved: the test would not see MSR state cross ranks"
+
+    # rank 0 alone logs: one iet run with one nested run per proxy and round
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{two / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("iet-agc").experiment_id])
+    names = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
+    assert names.count("iet") == 1
+    assert len([n for n in names if n.startswith("round ")]) == 3 * TINY["iet"]["rounds"], names

@@ -1,0 +1,94 @@
+"""One proxy's training step: gradient accumulation, mixed precision, and the errors that stop a run."""
+import pytest
+import torch
+from click.testing import CliRunner
+
+from pipeline.config import parse_params
+from pipeline.models import build_scheduler, build_unet
+from pipeline.training import _backward, load_proxy, new_proxy, save_proxy, train_steps
+
+TINY = {"data": {"train_size": 16, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+        "agc": {"tau": 0.9}}
+
+
+def _setup(**train):
+    p = parse_params({**TINY, "train": {**TINY["train"], **train}})
+    init = build_unet(p.model, 8, 1, 0)
+    return p, new_proxy(init, p, 1), build_scheduler(p.model)
+
+
+def _batch(p, sched, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand((8, 1, 8, 8), generator=g) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g)
+    t = torch.randint(0, 10, (8,), generator=g)
+    return sched.add_noise(x0, noise, t), t, noise
+
+
+@pytest.mark.parametrize("use_agc", [False, True])
+def test_accumulated_micro_batches_give_the_full_batch_gradient(use_agc):
+    """Same gradient up to float summation order: per-sample sums back-propagated per micro-batch,
+    divided once by the whole batch's kept count, against one mean over the batch."""
+    grads, kept = [], []
+    for accum in (1, 3):  # 3 does not divide 8: micro-batches of 3, 3, 2
+        p, proxy, sched = _setup(grad_accum=accum)
+        xt, t, noise = _batch(p, sched)
+        if use_agc:  # a bank at which AGC keeps the upper half of this batch's losses
+            with torch.no_grad():
+                plain = (proxy.model(xt, t).sample - noise).pow(2).mean(dim=(1, 2, 3))
+            proxy.bank = torch.full((10,), plain.median().item() / p.agc.tau)
+        losses, keep, loss = _backward(proxy, xt, t, noise, p, use_agc, torch.device("cpu"))
+        grads.append(torch.cat([q.grad.flatten() for q in proxy.model.parameters()]))
+        kept.append((keep.clone(), loss.item(), losses.clone()))
+    assert torch.equal(kept[0][0], kept[1][0])
+    if use_agc:
+        assert 0 < kept[0][0].sum() < 8, "the bank should keep some samples and skip others"
+    torch.testing.assert_close(kept[1][2], kept[0][2], rtol=1e-5, atol=1e-7)
+    assert kept[1][1] == pytest.approx(kept[0][1], rel=1e-5)
+    # float32 sums over 3 micro-batches instead of 1: relative error of a few ulps of the norm
+    assert (grads[1] - grads[0]).norm() <= 1e-5 * grads[0].norm()
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_its_loss_scale_survives_a_checkpoint(precision, tmp_path):
+    p, proxy, sched = _setup(mixed_precision=precision)
+    images = torch.rand((16, 1, 8, 8)) * 2 - 1
+    before = [q.detach().clone() for q in proxy.model.parameters()]
+    train_steps(proxy, images, torch.arange(16), 3, sched, p, use_agc=False)
+    assert all(torch.isfinite(q).all() for q in proxy.model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, proxy.model.parameters()))
+    assert proxy.scaler.is_enabled() == (precision == "fp16")
+    save_proxy(proxy, tmp_path / "proxy.safetensors")
+    _, fresh, _ = _setup(mixed_precision=precision)
+    load_proxy(fresh, tmp_path / "proxy.safetensors")
+    assert fresh.scaler.state_dict() == proxy.scaler.state_dict()
+    assert fresh.step == proxy.step == 3
+
+
+def test_a_non_finite_loss_names_round_proxy_and_step():
+    p, proxy, sched = _setup()
+    images = torch.zeros((16, 1, 8, 8))
+    train_steps(proxy, images, torch.arange(16), 2, sched, p, use_agc=True)
+    images[:] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"round 2/4 proxy 3/4: loss is nan at step 3"):
+        train_steps(proxy, images, torch.arange(16), 2, sched, p, use_agc=True, desc="round 2/4 proxy 3/4")
+    assert proxy.step == 2  # the failed step changed nothing
+
+
+def test_the_stage_reports_a_diverged_run_in_one_line_and_exits_1():
+    """What the user sees from `dvc repro` when training diverges: no traceback, exit 1."""
+    import click
+
+    from stages import stage
+
+    @click.command()
+    @stage
+    def fake():
+        raise FloatingPointError("round 1/4 proxy 2/4: loss is nan at step 7; the last complete round is kept")
+
+    result = CliRunner().invoke(fake, [])
+    assert result.exit_code == 1
+    assert "Error: round 1/4 proxy 2/4: loss is nan at step 7" in result.output
+    assert "Traceback" not in result.output
