@@ -36,8 +36,9 @@ def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], traine
     client.set_terminated(parent)
 
 
-@pytest.fixture
-def store(tmp_path):
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("ablation")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("iet-agc", artifact_location=(tmp_path / "a").as_uri())
