@@ -36,7 +36,7 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], max_results=50000)
+    runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
     by_id = {r.info.run_id: r for r in runs}
     trained: dict[tuple[str, str], float] = {}
     for r in runs:
@@ -62,10 +62,15 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
 
 
 def table(records: list[dict]) -> list[dict]:
-    """Groups of records equal in variant, tau and setting: seeds, and per metric (mean, sd, n)."""
+    """Groups of records equal in variant, tau and setting: seeds, and per metric (mean, sd, n).
+    A seed counts once per group: a model trained again with the same seed and setting (an
+    experiment queued without a target re-trains the baseline) is the same model, so the first
+    record of it stands."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        groups[(rec["setting"], rec["variant"], rec["tau"])].append(rec)
+        group = groups[(rec["setting"], rec["variant"], rec["tau"])]
+        if all(other["seed"] != rec["seed"] for other in group):
+            group.append(rec)
     rows = []
     for (setting, label, tau), recs in groups.items():
         stats = {}

@@ -50,6 +50,10 @@ def store(tmp_path_factory):
     _experiment(client, exp, "s1", {**BASE, "seeds.train": "1"},
                 {"baseline": {"mem_ratio": 0.8, "fd": 2.0}, "iet": {"mem_ratio": 0.2, "fd": 11.0}},
                 {"baseline": 320.0, "iet": 330.0})
+    # seed 1's baseline trained again by another experiment: the same model, counted once
+    _experiment(client, exp, "s1-again", {**BASE, "seeds.train": "1", "msr.enabled": "False"},
+                {"baseline": {"mem_ratio": 0.8, "fd": 2.0}, "iet": {"mem_ratio": 0.0, "fd": 12.0}},
+                {"baseline": 330.0, "iet": 300.0})
     # another setting: a row of its own, with the setting shown
     _experiment(client, exp, "n64", {**BASE, "data.train_size": "64"}, {"baseline": {"mem_ratio": 0.05, "fd": 1.5}},
                 {"baseline": 290.0})
@@ -59,9 +63,10 @@ def store(tmp_path_factory):
 def test_groups_variants_over_seeds_with_mean_and_sd(store):
     rows = ablation.table(ablation.collect(MlflowClient(tracking_uri=store), "iet-agc"))
     by = {(r["variant"], r["setting"]["data.train_size"]): r for r in rows}
-    assert set(by) == {("baseline", "32"), ("IET-AGC+", "32"), ("IET", "32"), ("baseline", "64")}
+    assert set(by) == {("baseline", "32"), ("IET-AGC+", "32"), ("IET", "32"), ("IET-AGC+TAA", "32"), ("baseline", "64")}
     base = by[("baseline", "32")]
-    assert base["seeds"] == ["0", "1"] and sorted(base["runs"]) == ["s0", "s1"]  # not s0-iet: restored there
+    # not s0-iet (restored there), not s1-again (seed 1 again)
+    assert base["seeds"] == ["0", "1"] and sorted(base["runs"]) == ["s0", "s1"]
     mean, sd, n = base["stats"]["mem_ratio"]
     assert (mean, n) == (pytest.approx(0.7), 2) and sd == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert base["stats"]["train_seconds"][:2] == (pytest.approx(310.0), pytest.approx(np.std([300, 320], ddof=1)))
