@@ -21,11 +21,16 @@ def _tracking_uri(given: str | None) -> str:
     there is one, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
     if given:
         return given
-    from pipeline.config import TrackingConfig, load_params
     from pipeline.tracking import tracking_uri
 
-    cfg = load_params("params.yaml").tracking if Path("params.yaml").is_file() else TrackingConfig()
-    return tracking_uri(cfg)
+    return tracking_uri(_tracking_config())
+
+
+def _tracking_config():
+    """tracking of ./params.yaml when there is one, else the defaults."""
+    from pipeline.config import TrackingConfig, load_params
+
+    return load_params("params.yaml").tracking if Path("params.yaml").is_file() else TrackingConfig()
 
 
 def _write_pngs(images, folder: Path) -> None:
@@ -119,12 +124,9 @@ def tradeoff(out, experiment, tracking_uri):
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.config import TrackingConfig, load_params
     from pipeline.tradeoff import main as plot_tradeoff, markdown_table
 
-    if experiment is None:
-        experiment = (load_params("params.yaml").tracking if Path("params.yaml").is_file()
-                      else TrackingConfig()).experiment
+    experiment = experiment or _tracking_config().experiment
     try:
         points = plot_tradeoff(_tracking_uri(tracking_uri), experiment, out)
     except MlflowException as err:
@@ -150,11 +152,8 @@ def ablation(experiment, tracking_uri):
     from mlflow.exceptions import MlflowException
 
     from pipeline import ablation as ab
-    from pipeline.config import TrackingConfig, load_params
 
-    if experiment is None:
-        experiment = (load_params("params.yaml").tracking if Path("params.yaml").is_file()
-                      else TrackingConfig()).experiment
+    experiment = experiment or _tracking_config().experiment
     try:
         records = ab.collect(MlflowClient(tracking_uri=_tracking_uri(tracking_uri)), experiment)
     except MlflowException as err:
