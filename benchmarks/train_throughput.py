@@ -76,10 +76,11 @@ def main(params_path, n_rounds, local_epochs, train_size):
     print(f"IET-AGC+ rounds : {iet:8.1f} images/s  (everything included)")
     print(f"ratio IET-AGC+ / plain = {iet / ref:.3f}  (goal >= 0.95)")
     # A local epoch: every proxy once over its own shard, i.e. N training images in all.
-    epoch = sum(r["train_seconds"] for r in per_round) / (p.iet.local_epochs * len(per_round))
-    profile = sum(r.get("profile_seconds", 0.0) for r in per_round) / len(per_round)
-    print(f"loss profile    : {profile:.3f} s a round = {profile / epoch:.2f} local epochs "
-          f"(msr.profile={p.msr.profile}, {p.msr.profile_timesteps} pairs; a local epoch takes {epoch:.3f} s)")
+    epoch = sum(r["round_train_seconds"] for r in per_round) / (p.iet.local_epochs * len(per_round))
+    profile = [r.get("profile_seconds", 0.0) for r in per_round]
+    print(f"loss profile    : {np.mean(profile):.3f} s a round = {np.mean(profile) / epoch:.2f} local epochs "
+          f"(by round: {', '.join(f'{x / epoch:.2f}' for x in profile)}; msr.profile={p.msr.profile}, "
+          f"{p.msr.profile_timesteps} pairs; a local epoch, {p.data.train_size} images, takes {epoch:.3f} s)")
 
 
 if __name__ == "__main__":

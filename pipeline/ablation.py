@@ -41,7 +41,8 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
     trained: dict[tuple[str, str], float] = {}
     for r in runs:
         if r.info.run_name in ("baseline", "iet") and "train_seconds" in r.data.metrics:
-            # The training run logs each round's train_seconds by round, then the whole run's: the last logged.
+            # The last logged: runs before per-round times were named round_train_seconds logged them
+            # as train_seconds too, by round, before the whole run's.
             last = max(client.get_metric_history(r.info.run_id, "train_seconds"), key=lambda m: m.timestamp)
             trained[(r.data.tags.get("mlflow.parentRunId"), r.info.run_name)] = last.value
     records = []

@@ -96,7 +96,7 @@ class MSRConfig(_Group):
     skip_rate: float = Field(0.5, ge=0, le=1)
     fraction: float | None = Field(None, gt=0, le=1)
     max_imbalance: float = Field(0.25, ge=0, le=1)
-    profile_timesteps: int = Field(2, ge=1)
+    profile_timesteps: int = Field(1, ge=1)
     profile: Literal["candidates", "all"] = "candidates"
 
 

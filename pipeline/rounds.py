@@ -118,30 +118,43 @@ def _load_state(state_dir: Path, fingerprint: str):
     return None, None
 
 
-def _profile(proxies: dict[int, Proxy], images: torch.Tensor, shard: np.ndarray, skip_rate: np.ndarray,
-             noise_schedule, params: Params, plan: Plan, seed: int, ranks: Ranks) -> np.ndarray:
+# Candidates scored per on-demand call, at least: a UNet forward has a fixed cost of about 15 ms on a
+# CPU, the compute of ~5 images, so one call per proxy beats several small ones.
+PROFILE_AT_LEAST = 32
+
+
+class _Profile:
     """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
-    (NaN where not scored). Every sample is scored under its own proxy; under the other proxies
-    only the samples MSR may move (msr.profile: candidates), or every sample (msr.profile: all,
-    K times the cost). Scoring everything under every proxy costs N*K*P forwards, which at K=10
-    outweighs several local epochs; the candidates are all that redistribution reads.
-    Each rank scores under its own proxies; the columns are then shared."""
-    n, k_total = len(shard), plan.shards
-    losses = np.full((n, k_total), np.nan)
-    if params.msr.profile == "all":
-        wanted = np.ones(n, dtype=bool)
-    elif plan.msr:
-        wanted = np.zeros(n, dtype=bool)
-        wanted[ensemble.msr_candidates(skip_rate, params.msr)] = True
-    else:
-        wanted = np.zeros(n, dtype=bool)
-    for k, proxy in proxies.items():
-        positions = np.flatnonzero((shard == k) | wanted)
-        losses[positions, k] = ensemble.profile_losses(proxy.model, images, positions, noise_schedule,
-                                                       params.msr.profile_timesteps, seed).numpy()
-    for k in range(k_total):
-        losses[:, k] = ranks.share_column(losses[:, k], ranks.owner(k))
-    return losses
+    (NaN where not scored), filled as needed. Every sample is scored under its own proxy; under the
+    other proxies only the rows redistribution reads (msr.profile: candidates), or every sample
+    (msr.profile: all, K times the cost). Scoring only what is read keeps the profile well under a
+    local epoch: a forward without gradients costs about a third of a training step.
+    Each rank scores under its own proxies; the columns are then shared, so every rank holds the
+    same table and makes the same (collective) calls."""
+
+    def __init__(self, proxies: dict[int, Proxy], images: torch.Tensor, noise_schedule, params: Params,
+                 plan: Plan, seed: int, ranks: Ranks):
+        self.proxies, self.images, self.noise_schedule, self.ranks = proxies, images, noise_schedule, ranks
+        self.pairs, self.seed = params.msr.profile_timesteps, seed
+        self.losses = np.full((len(images), plan.shards), np.nan)
+
+    def score(self, wanted: np.ndarray) -> None:
+        """Score the NaN cells of losses where `wanted` (n x K) is true."""
+        todo = wanted & np.isnan(self.losses)
+        for k, proxy in self.proxies.items():
+            positions = np.flatnonzero(todo[:, k])
+            if len(positions):
+                self.losses[positions, k] = ensemble.profile_losses(
+                    proxy.model, self.images, positions, self.noise_schedule, self.pairs, self.seed).numpy()
+        for k in range(self.losses.shape[1]):
+            self.losses[:, k] = self.ranks.share_column(self.losses[:, k], self.ranks.owner(k))
+
+    def rows(self, positions: np.ndarray) -> np.ndarray:
+        """redistribute's score function: the rows of `positions` under every proxy."""
+        wanted = np.zeros(self.losses.shape, dtype=bool)
+        wanted[positions] = True
+        self.score(wanted)
+        return self.losses[positions]
 
 
 def _cell(x: float) -> float | str:
@@ -230,24 +243,27 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
         skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
         if plan.shards > 1:
             t_profile = time.perf_counter()
-            losses = _profile(proxies, images, shard, skip_rate, noise_schedule, params, plan, seed * 7919 + rnd,
-                              ranks)
+            profile = _Profile(proxies, images, noise_schedule, params, plan, seed * 7919 + rnd, ranks)
+            profile.score(np.ones((n, plan.shards), dtype=bool) if params.msr.profile == "all"
+                          else shard[:, None] == np.arange(plan.shards))
+            new_shard, moves = shard, []
+            if plan.msr:
+                new_shard, moves = ensemble.redistribute(shard, skip_rate, profile.losses, params.msr,
+                                                         score=profile.rows, score_at_least=PROFILE_AT_LEAST)
             metrics["profile_seconds"] = time.perf_counter() - t_profile
+            losses = profile.losses
             table = [{"sample_id": int(train.ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
                       "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]),
                       "loss_own": _cell(losses[i, shard[i]]),
                       **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(plan.shards)}}
                      for i in range(n)]
+            for m in moves:
+                m["sample_id"] = int(train.ids[m.pop("position")])
             if ranks.is_main:
                 _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
-            moves = []
-            if plan.msr:
-                shard, moves = ensemble.redistribute(shard, skip_rate, losses, params.msr)
-                for m in moves:
-                    m["sample_id"] = int(train.ids[m.pop("position")])
-            if ranks.is_main:
                 _write_csv(round_dir / "moves.csv", moves,
                            ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
+            shard = new_shard
             metrics["moved"] = len(moves)
         if ranks.is_main:
             _write_csv(round_dir / "shards.csv",
@@ -262,7 +278,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
         bank_means = {k: v for part in ranks.gather({k: p.bank.mean().item() for k, p in proxies.items()})
                       for k, v in part.items()}
         elapsed += time.perf_counter() - t0
-        metrics.update({"round_seconds": time.perf_counter() - t0, "train_seconds": train_seconds,
+        metrics.update({"round_seconds": time.perf_counter() - t0, "round_train_seconds": train_seconds,
                         "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
                         "skip_rate_mean": float(skip_rate.mean()),
                         "taa_strength_mean": float(strength.mean()),

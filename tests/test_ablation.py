@@ -29,7 +29,7 @@ def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], traine
         client.set_terminated(child)
     for model, seconds in trained.items():
         child = client.create_run(exp_id, run_name=model, tags={"mlflow.parentRunId": parent}).info.run_id
-        for rnd in range(4):  # as the round loop logs them, each round's by its step, before the total
+        for rnd in range(4):  # as the round loop logged them before round_train_seconds: each round's by step
             client.log_metric(child, "train_seconds", seconds / 4, step=rnd, timestamp=1000 + rnd)
         client.log_metric(child, "train_seconds", seconds, step=0, timestamp=2000)
         client.set_terminated(child)

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -71,6 +72,48 @@ def test_redistribution_loses_and_duplicates_nothing_and_respects_bounds(n, k, r
         assert np.all((sizes <= np.maximum(hi, before)) & (sizes >= np.minimum(lo, before)))
         assert len(moves) == int((new != shard).sum())
         shard = new
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(4, 60), k=st.integers(2, 6), seed=st.integers(0, 10_000), imbalance=st.floats(0, 1),
+       fraction=st.one_of(st.none(), st.floats(0.01, 1)))
+def test_scoring_on_demand_reads_exactly_the_rows_redistribution_needs(n, k, seed, imbalance, fraction):
+    k = min(k, n)
+    cfg = MSRConfig(skip_rate=0.3, fraction=fraction, max_imbalance=imbalance)
+    rng = np.random.default_rng(seed)
+    shard = ensemble.split_shards(rng.integers(0, 3, n), k, seed)
+    skip, full = rng.random(n), rng.random((n, k))
+    full[rng.random((n, k)) < 0.2] = 0.5  # ties between proxies
+    own_only = np.full((n, k), np.nan)
+    own_only[np.arange(n), shard] = full[np.arange(n), shard]
+
+    def recorder(calls):
+        def score(positions):
+            calls.append(positions.tolist())
+            return full[positions]
+        return score
+
+    exact_calls, batched_calls = [], []
+    lazy, lazy_moves = ensemble.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(exact_calls))
+    eager, eager_moves = ensemble.redistribute(shard, skip, full, cfg)
+    assert np.array_equal(lazy, eager) and lazy_moves == eager_moves
+    requested = [i for c in exact_calls for i in c]
+    assert len(requested) == len(set(requested))  # no row scored twice
+    known = own_only.copy()
+    known[requested] = full[requested]
+    ensemble.redistribute(shard, skip, known, cfg)  # every row read was scored (else: ValueError)
+    for i in requested:  # and every row scored is read
+        missing = known.copy()
+        missing[i, np.arange(k) != shard[i]] = np.nan
+        with pytest.raises(ValueError):
+            ensemble.redistribute(shard, skip, missing, cfg)
+    # in batches of at least 8 rows: the same decisions from a superset of rows, in no more calls
+    batched, batched_moves = ensemble.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(batched_calls),
+                                                   score_at_least=8)
+    assert np.array_equal(batched, eager) and batched_moves == eager_moves
+    rows = [i for c in batched_calls for i in c]
+    assert len(rows) == len(set(rows)) and set(rows) >= set(requested)
+    assert len(batched_calls) <= len(exact_calls)
 
 
 def test_profile_draws_depend_only_on_the_sample_so_any_subset_scores_the_same():

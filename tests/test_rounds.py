@@ -81,21 +81,31 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny, tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("mode", ["candidates", "all"])
-def test_loss_table_scores_own_proxy_always_and_others_for_msr_candidates(tiny, tmp_path, mode):
+def test_loss_table_scores_own_proxy_always_and_others_only_where_redistribution_reads(tiny, tmp_path):
     p, train, shard = tiny
-    p = p.model_copy(update={"iet": p.iet.model_copy(update={"rounds": 1}),
-                             "msr": p.msr.model_copy(update={"profile": mode, "fraction": 0.25})})
-    rounds.run(p, rounds.Plan.iet(p), train, shard, tmp_path / "out", tmp_path / "state")
-    table = np.genfromtxt(tmp_path / "out/rounds/round_00/loss_table.csv", delimiter=",", names=True)
-    per_proxy = np.stack([table[f"loss_proxy_{k}"] for k in range(3)], axis=1)
-    own = per_proxy[np.arange(12), table["shard"].astype(int)]
+    tables, per_proxy, moves = {}, {}, {}
+    for mode in ("candidates", "all"):
+        q = p.model_copy(update={"iet": p.iet.model_copy(update={"rounds": 1}),
+                                 "msr": p.msr.model_copy(update={"profile": mode, "fraction": 0.75})})
+        rounds.run(q, rounds.Plan.iet(q), train, shard, tmp_path / mode, tmp_path / f"state_{mode}")
+        table = tables[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_00/loss_table.csv", delimiter=",",
+                                             names=True)
+        per_proxy[mode] = np.stack([table[f"loss_proxy_{k}"] for k in range(3)], axis=1)
+        moves[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_00/moves.csv", delimiter=",", names=True,
+                                    usecols=(0, 1, 2), dtype=int, ndmin=1)
+    assert np.all(np.isfinite(per_proxy["all"]))
+    assert moves["candidates"].size > 0
+    # scoring on demand decides exactly what scoring everything decides
+    np.testing.assert_array_equal(moves["candidates"], moves["all"])
+    lazy, table = per_proxy["candidates"], tables["candidates"]
+    scored = np.isfinite(lazy)
+    np.testing.assert_allclose(lazy[scored], per_proxy["all"][scored], rtol=1e-5)
+    own = lazy[np.arange(12), table["shard"].astype(int)]
     np.testing.assert_array_equal(own, table["loss_own"])
     assert np.all(np.isfinite(own) & (own > 0))
-    scored_elsewhere = np.isfinite(per_proxy).sum(axis=1) > 1
+    elsewhere = scored.sum(axis=1) > 1
     candidate = np.zeros(12, dtype=bool)
-    candidate[np.lexsort((np.arange(12), -table["skip_rate"]))[:3]] = True  # the top 25% by skip rate
-    expected = np.ones(12, dtype=bool) if mode == "all" else candidate
-    np.testing.assert_array_equal(scored_elsewhere, expected)
-    # a candidate's losses are under all K proxies (nothing half-scored)
-    assert np.all(np.isfinite(per_proxy[expected]))
+    candidate[np.lexsort((np.arange(12), -table["skip_rate"]))[:9]] = True  # the top 75% by skip rate
+    assert not np.any(elsewhere & ~candidate)  # only candidates are scored under other proxies...
+    assert np.all(elsewhere[np.isin(train.ids, moves["candidates"]["sample_id"])])  # ...every moved one is
+    assert np.all(scored[elsewhere])  # under all K proxies: nothing half-scored
