@@ -127,8 +127,8 @@ class _Profile:
     """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
     (NaN where not scored), filled as needed. Every sample is scored under its own proxy; under the
     other proxies only the rows redistribution reads (msr.profile: candidates), or every sample
-    (msr.profile: all, K times the cost). Scoring only what is read keeps the profile well under a
-    local epoch: a forward without gradients costs about a third of a training step.
+    (msr.profile: all, K times the cost). A forward without gradients costs about a third of a
+    training step, so a pair costs about (1 + rows read x (K-1) / N) / 3 local epochs.
     Each rank scores under its own proxies; the columns are then shared, so every rank holds the
     same table and makes the same (collective) calls."""
 
