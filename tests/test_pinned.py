@@ -24,10 +24,12 @@ PINNED = {
 }
 TINY = {"data": {"train_size": 12, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+        "train": {"batch_size": 8, "lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1},
         "iet": {"shards": 3, "rounds": 3, "local_epochs": 12},
-        "agc": {"tau": 0.9}, "taa": {"rise": 0.5},
-        "msr": {"skip_rate": 0.2, "max_imbalance": 0.5, "profile_timesteps": 2}}
+        "agc": {"tau": 0.9, "bank_decay": 0.8},
+        "taa": {"rise": 0.5, "margin": 0.1, "decay": 0.9, "max_shift": 2, "flip": False, "jitter": 0.1},
+        "msr": {"skip_rate": 0.2, "max_imbalance": 0.5, "profile_timesteps": 2, "fraction": None}}
+# every value the weights depend on is spelled out: a change of a built-in default must not move them
 
 
 def weights_hash(model_dir) -> str:
