@@ -15,15 +15,14 @@ from collections import defaultdict
 import numpy as np
 from mlflow import MlflowClient
 
+from pipeline import mitigation
+from pipeline.metric_names import ABLATION, shown_in
 from pipeline.tradeoff import variant
 
-METRICS = [("memorization ratio", "mem_ratio", ".3f"), ("held-out reference", "heldout_mem_ratio", ".3f"),
-           ("official < 0.15", "official_below_0.15", ".3f"),
-           ("mean NN1", "mean_nn1", ".2f"), ("feature FD", "fd", ".2f"), ("feature KID", "kid", ".3f"),
-           ("Inception FID", "fid", ".1f"), ("train s", "train_seconds", ".0f")]
+METRICS = shown_in(ABLATION)
 # A setting is every param but these: the seed (averaged over), the switches that make the variant
 # and tau (shown as their own columns), and where results are logged or how processes are started.
-NOT_SETTING = ("seeds.train", "agc.enabled", "msr.enabled", "taa.enabled", "agc.tau", "train.launcher")
+NOT_SETTING = ("seeds.train", *(f"{name}.enabled" for name in mitigation.REGISTRY), "agc.tau", "train.launcher")
 
 
 def _setting(params: dict[str, str]) -> tuple:
@@ -75,15 +74,15 @@ def table(records: list[dict]) -> list[dict]:
     rows = []
     for (setting, label, tau), recs in groups.items():
         stats = {}
-        for _, key, _ in METRICS:
+        for key in (m.key for m in METRICS):
             vals = [rec["metrics"][key] for rec in recs if key in rec["metrics"]]
             if vals:
                 stats[key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
                               len(vals))
         rows.append({"variant": label, "tau": tau, "setting": dict(setting), "runs": [r["run"] for r in recs],
                      "seeds": sorted({str(r["seed"]) for r in recs}), "stats": stats})
-    order = {v: i for i, v in enumerate(("baseline", "IET", "IET-AGC", "IET-AGC+MSR", "IET-AGC+TAA", "IET-AGC+"))}
-    rows.sort(key=lambda r: (repr(list(r["setting"].values())), order.get(r["variant"], 9), r["tau"] or 0))
+    rows.sort(key=lambda r: (repr(list(r["setting"].values())), mitigation.variant_sort_key(r["variant"]),
+                             r["tau"] or 0))
     return rows
 
 
@@ -91,16 +90,16 @@ def markdown(rows: list[dict]) -> str:
     """mean ± sd (n runs) per cell; settings that differ between rows are shown as a column."""
     keys = sorted({k for r in rows for k in r["setting"]})
     varying = [k for k in keys if len({str(r["setting"].get(k)) for r in rows}) > 1]
-    head = ["variant", "tau", *varying, "seeds", *[m[0] for m in METRICS]]
+    head = ["variant", "tau", *varying, "seeds", *[m.label for m in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
         cells = [r["variant"], "-" if r["tau"] is None else f"{r['tau']:g}",
                  *[str(r["setting"].get(k)) for k in varying], ",".join(r["seeds"])]
-        for _, key, spec in METRICS:
-            if key not in r["stats"]:
+        for m in METRICS:
+            if m.key not in r["stats"]:
                 cells.append("-")
                 continue
-            mean, sd, n = r["stats"][key]
-            cells.append(format(mean, spec) + ("" if math.isnan(sd) else f" ± {format(sd, spec)}"))
+            mean, sd, n = r["stats"][m.key]
+            cells.append(m.format(mean) + ("" if math.isnan(sd) else f" ± {m.format(sd)}"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

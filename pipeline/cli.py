@@ -35,13 +35,13 @@ def _tracking_config():
 
 def _write_pngs(images, folder: Path) -> None:
     """One PNG per image at the model's resolution: 0000.png, 0001.png, ..."""
-    import torch
     from PIL import Image
 
+    from pipeline.data import to_uint8
     from pipeline.io import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
-    arr = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
     width = max(4, len(str(len(arr) - 1)))
     for i, img in enumerate(arr):
         with atomic_path(folder / f"{i:0{width}d}.png") as tmp:
@@ -82,7 +82,8 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             # imported only now: diffusers takes seconds, and a wrong model or store is said at once
             import torch
 
-            from pipeline.models import load_pipeline, sample as ddim_sample
+            from pipeline.models import load_pipeline
+            from pipeline.sampling import sample as ddim_sample
 
             unet, scheduler = load_pipeline(path)
         trained = scheduler.config.num_train_timesteps

@@ -78,6 +78,8 @@ class IETConfig(_Group):
     local_epochs: float = Field(100, gt=0)
 
 
+# ---- the mitigations' groups (pipeline/mitigation reads each through its registry entry) ----
+
 class AGCConfig(_Group):
     enabled: bool = True
     tau: float = 0.5
@@ -100,14 +102,23 @@ class MSRConfig(_Group):
     profile: Literal["candidates", "all"] = "candidates"
 
 
-class TAAConfig(_Group):
+class Transforms(_Group):
+    """Label-preserving transforms at strength 1 (TAA's, and the plain augmentation baseline's)."""
     enabled: bool = True
-    margin: float = Field(0.1, ge=0)
-    rise: float = Field(0.5, gt=0)
-    decay: float = Field(0.9, ge=0, lt=1)
     max_shift: int = Field(2, ge=0)
     flip: bool = False
     jitter: float = Field(0.1, ge=0, le=1)
+
+
+class TAAConfig(Transforms):
+    margin: float = Field(0.1, ge=0)
+    rise: float = Field(0.1, gt=0)
+    decay: float = Field(0.9, ge=0, lt=1)
+
+
+class AugmentConfig(Transforms):
+    enabled: bool = False
+    strength: float = Field(0.5, ge=0, le=1)
 
 
 class EvalConfig(_Group):
@@ -162,6 +173,7 @@ class Params(_Group):
     agc: AGCConfig = AGCConfig()
     msr: MSRConfig = MSRConfig()
     taa: TAAConfig = TAAConfig()
+    augment: AugmentConfig = AugmentConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 

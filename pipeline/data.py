@@ -25,6 +25,12 @@ class DataError(ValueError):
     """Bad or missing input data; the message names the file."""
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] [N, C, H, W] (any device or float type) -> uint8 on the CPU: the inverse
+    of ImageSet.to_tensor, and what every PNG, npz and pyfunc output of the project holds."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 @dataclass(frozen=True, eq=False)  # eq on arrays is ambiguous; compare fields explicitly instead
 class ImageSet:
     images: np.ndarray  # uint8 [N, C, H, W]

@@ -1,14 +1,10 @@
-"""IET's ensemble operations: sharding, the weighted average of proxies, and memory-sample
-redistribution (MSR: this project's design of P2's idea, see the README)."""
+"""IET's ensemble operations: sharding, the weighted average of proxies, and the loss profile of
+samples under a proxy (memory-sample redistribution itself is pipeline/mitigation/msr.py)."""
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-
-from pipeline.config import MSRConfig
 
 
 def split_shards(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -71,73 +67,3 @@ def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarr
         out[torch.from_numpy(where)] = losses.view(pairs, -1).mean(0)
     model.train()
     return out
-
-
-def msr_candidates(skip_rate: np.ndarray, cfg: MSRConfig) -> np.ndarray:
-    """Positions MSR may move, most-skipped first (ties by position): skip rate >= cfg.skip_rate,
-    or the top cfg.fraction when set."""
-    order = np.lexsort((np.arange(len(skip_rate)), -skip_rate))
-    if cfg.fraction is not None:
-        return order[:int(round(cfg.fraction * len(skip_rate)))]
-    return order[skip_rate[order] >= cfg.skip_rate]
-
-
-def size_bounds(n: int, k: int, max_imbalance: float) -> tuple[int, int]:
-    nominal = n / k
-    return max(1, math.floor((1 - max_imbalance) * nominal)), math.ceil((1 + max_imbalance) * nominal)
-
-
-def _next_reads(candidates: np.ndarray, shard: np.ndarray, sizes: np.ndarray, lo: int,
-                losses: np.ndarray, at_least: int) -> np.ndarray:
-    """Unscored rows for redistribute to score next: of each shard, as many of its next unscored
-    candidates as could still leave it (size - lo, less its scored candidates still ahead). A shard's
-    room shrinks only when one of its own candidates moves out, so each of these is read. Topped up
-    to `at_least` rows with the next unscored candidates of shards that can still give: those may
-    go unread, but one call per proxy costs less than several small ones."""
-    unscored = np.isnan(losses[candidates]).any(axis=1)
-    sure, room = [], {}
-    for s in range(len(sizes)):
-        mine = shard[candidates] == s
-        room[s] = sizes[s] - lo - int((mine & ~unscored).sum())
-        sure.append(candidates[mine & unscored][:max(0, room[s])])
-    picks = set(np.concatenate(sure).tolist())
-    extra = [i for i in candidates[unscored].tolist() if room[shard[i]] > 0 and i not in picks]
-    return np.array(sorted(picks | set(extra[:max(0, at_least - len(picks))])), dtype=np.int64)
-
-
-def redistribute(shard: np.ndarray, skip_rate: np.ndarray, losses: np.ndarray, cfg: MSRConfig,
-                 score=None, score_at_least: int = 1) -> tuple[np.ndarray, list[dict]]:
-    """Move memorization-prone samples (high AGC skip rate) to the shard whose proxy has the highest
-    loss on them, i.e. fitted them least. losses[i, k] is sample i's loss under proxy k; only the
-    rows of candidates whose shard can still give are read. Rows left NaN are filled in place by
-    `score(positions) -> rows` when first needed, in batches of at least `score_at_least` rows
-    (where that many remain), so a caller scores little more than the rows that are read. Shard
-    sizes stay within size_bounds; a sample whose own proxy already has the highest loss stays.
-    Returns the new assignment (a copy: every sample in exactly one shard) and the moves."""
-    n, k = losses.shape
-    lo, hi = size_bounds(n, k, cfg.max_imbalance)
-    shard = shard.copy()
-    sizes = np.bincount(shard, minlength=k)
-    candidates = msr_candidates(skip_rate, cfg)
-    moves = []
-    for j, i in enumerate(candidates):
-        src = shard[i]
-        if sizes[src] <= lo:
-            continue
-        if np.isnan(losses[i]).any():
-            if score is None:
-                raise ValueError(f"no losses for candidate position {i} and no score function")
-            batch = _next_reads(candidates[j:], shard, sizes, lo, losses, score_at_least)
-            losses[batch] = score(batch)
-        for dst in np.lexsort((np.arange(k), -losses[i])):  # highest loss first, ties by index
-            if dst == src:
-                break
-            if sizes[dst] < hi:
-                shard[i] = dst
-                sizes[src] -= 1
-                sizes[dst] += 1
-                moves.append({"position": int(i), "from": int(src), "to": int(dst),
-                              "skip_rate": float(skip_rate[i]), "loss_from": float(losses[i, src]),
-                              "loss_to": float(losses[i, dst])})
-                break
-    return shard, moves

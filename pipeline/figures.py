@@ -13,16 +13,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
 
+from pipeline.data import to_uint8
 from pipeline.io import atomic_path
+from pipeline.metrics import MEMORIZED_RATIO
 
-MEMORIZED_RATIO = 1.0 / 3.0
 MIN_SHOWN_PIXELS = 64  # small images are upscaled (nearest) to at least this size in grids
 
 
 def _to_uint8(images: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> [N, H, W, C] uint8."""
-    images = images.detach().float().cpu().clamp(-1, 1)
-    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 def _tile(arr: np.ndarray, nrow: int, pad: int = 1) -> np.ndarray:

@@ -6,6 +6,7 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 
 @contextmanager
@@ -30,3 +31,18 @@ def write_json(path: str | Path, obj) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def local_path(source: str | Path) -> Path | None:
+    """The local path `source` names (a plain path or a file:// URI), or None for a URI of another
+    scheme (models:/, runs:/, http://, ...). A one-letter scheme is a Windows drive, not a URI."""
+    text = str(source)
+    scheme = urlparse(text).scheme
+    if scheme == "file":
+        return Path(urlparse(text).path)
+    return Path(text) if len(scheme) <= 1 else None
+
+
+def weights_dir(run_dir: str | Path, weights: str) -> Path:
+    """The saved model a training stage wrote for eval.weights: raw averaged weights or EMA."""
+    return Path(run_dir) / ("model" if weights == "raw" else "model_ema")

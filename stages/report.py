@@ -1,4 +1,5 @@
-"""report: baseline vs IET-AGC+ in one table (terminal, markdown, MLflow parent run)."""
+"""report: the baseline vs the IET model (whatever variant it was trained as) in one table
+(terminal, markdown, MLflow parent run), then every variant in MLflow."""
 from pathlib import Path
 
 import click
@@ -6,20 +7,18 @@ import click
 from pipeline import tradeoff
 from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
+from pipeline.metric_names import REPORT, shown_in
 from pipeline.tracking import Tracker, tracking_uri
 from stages import params_option, stage
 
 MODELS = ("baseline", "iet")
-COLUMNS = [("memorization ratio", "mem_ratio", "{:.3f}"), ("held-out reference", "heldout_mem_ratio", "{:.3f}"),
-           ("official score < 0.15", "official_below_0.15", "{:.3f}"), ("mean NN1 distance", "mean_nn1", "{:.2f}"),
-           ("feature FD", "fd", "{:.2f}"), ("held-out FD", "heldout_fd", "{:.2f}"),
-           ("train seconds", "train_seconds", "{:.0f}"), ("optimizer steps x batch", "images_seen", "{:d}")]
 
 
 def _table(rows: dict[str, dict]) -> str:
-    head = "| model | " + " | ".join(c[0] for c in COLUMNS) + " |"
-    sep = "|---" * (len(COLUMNS) + 1) + "|"
-    body = ["| " + name + " | " + " | ".join(fmt.format(r[key]) for _, key, fmt in COLUMNS) + " |"
+    columns = shown_in(REPORT)
+    head = "| model | " + " | ".join(c.label for c in columns) + " |"
+    sep = "|---" * (len(columns) + 1) + "|"
+    body = ["| " + rows[name].get("variant", name) + " | " + " | ".join(c.format(r.get(c.key)) for c in columns) + " |"
             for name, r in rows.items()]
     return "\n".join([head, sep, *body])
 
@@ -32,15 +31,17 @@ def main(params_path, out):
     p = load_params(params_path)
     rows = {m: {**read_json(f"runs/eval/{m}/metrics.json"), **read_json(f"runs/{m}/train_info.json")}
             for m in MODELS}
+    rows["baseline"]["variant"] = "baseline"
+    variant = rows["iet"].get("variant", "IET")
     base, iet = rows["baseline"]["mem_ratio"], rows["iet"]["mem_ratio"]
     change = f"{(iet - base) / base:+.1%}" if base > 0 else "n/a (baseline ratio is 0)"
     text = "\n".join([
-        "# Baseline vs IET-AGC+", "",
+        f"# Baseline vs {variant}", "",
         f"Data: {p.data.source}, {p.data.train_size} training images at {p.data.resolution}px; "
-        f"IET: {p.iet.shards} shards x {p.iet.rounds} rounds; AGC {'on, tau=' + str(p.agc.tau) if p.agc.enabled else 'off'}; "
-        f"MSR {'on' if p.msr.enabled else 'off'}; TAA {'on' if p.taa.enabled else 'off'}.", "",
+        f"{variant}: {rows['iet']['shards']} shards x {rows['iet']['rounds']} rounds "
+        f"(the params of its mitigations are in MLflow and params.yaml).", "",
         _table(rows), "",
-        f"Relative change of the memorization ratio, IET vs baseline: {change}.", "",
+        f"Relative change of the memorization ratio, {variant} vs baseline: {change}.", "",
         "Memorization ratio: fraction of generated samples whose nearest training image is closer than 1/3 of "
         "the second nearest. Held-out reference: the same for real images never trained on.", ""])
     with atomic_path(Path(out) / "report.md") as tmp:

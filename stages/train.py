@@ -34,9 +34,9 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
         return
     tracker = Tracker(p)
     run_id = tracker.child(name)
-    tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds,
-                                "steps_per_round": plan.steps_per_round, "agc": plan.agc,
-                                "msr": plan.msr, "taa": plan.taa, "processes": ranks.world})
+    tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
+                                "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
+                                "processes": ranks.world})
     state.parent.mkdir(parents=True, exist_ok=True)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.

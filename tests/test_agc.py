@@ -1,7 +1,8 @@
 """AGC against a direct transcription of the official per-sample loop."""
 import torch
 
-from pipeline import agc
+from pipeline.mitigation import agc
+from pipeline.training import masked_loss
 
 
 def official(losses, t, bank, tau, decay):
@@ -24,7 +25,7 @@ def test_mask_loss_and_bank_match_the_official_loop_with_repeated_timesteps():
     losses = torch.rand(len(t), generator=g, dtype=torch.float64) * 0.3
     for tau in (0.5, 0.8, 1.0):
         keep = agc.keep_mask(losses, t, bank, tau)
-        loss = agc.masked_loss(losses, keep)
+        loss = masked_loss(losses, keep)
         new_bank = agc.update_bank(bank, t, losses, 0.8)
         ref_keep, ref_loss, ref_bank = official(losses, t, bank, tau, 0.8)
         assert torch.equal(keep, ref_keep)
@@ -37,7 +38,7 @@ def test_all_skipped_batch_gives_zero_loss_and_zero_gradient():
     losses = torch.tensor([0.1, 0.2], requires_grad=True)
     keep = agc.keep_mask(losses.detach(), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]), 0.5)
     assert not keep.any()
-    loss = agc.masked_loss(losses, keep)
+    loss = masked_loss(losses, keep)
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(losses.grad, torch.zeros(2))
 
@@ -45,5 +46,5 @@ def test_all_skipped_batch_gives_zero_loss_and_zero_gradient():
 def test_skipped_samples_get_no_gradient_kept_ones_the_renormalised_mean():
     losses = torch.tensor([0.1, 0.5, 0.9], requires_grad=True)
     keep = torch.tensor([False, True, True])
-    agc.masked_loss(losses, keep).backward()
+    masked_loss(losses, keep).backward()
     assert torch.equal(losses.grad, torch.tensor([0.0, 0.5, 0.5]))

@@ -2,6 +2,7 @@
 (`dvc queue start -j 2`) on tiny params, in a temporary git copy."""
 import csv
 import io
+import json
 import os
 import re
 import shutil
@@ -84,6 +85,23 @@ def project(tmp_path):
     return dest, env
 
 
+def _stale(repo, env) -> set[str]:
+    return set(json.loads(_run(["dvc", "status", "--json"], repo, env).splitlines()[-1] or "{}"))
+
+
+def _stale_stages_follow_what_changed(repo, env):
+    """Where results are logged re-runs only what reads it; the sampler's code re-runs the evaluations."""
+    params = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(params.replace("alias: candidate", "alias: production"))
+    assert _stale(repo, env) == {"register"}
+    (repo / "params.yaml").write_text(params)
+    sampler = (repo / "pipeline/sampling.py").read_text()
+    (repo / "pipeline/sampling.py").write_text(sampler + "\n# touched\n")
+    assert _stale(repo, env) == {"evaluate@baseline", "evaluate@iet", "register"}  # register: the pyfunc samples
+    (repo / "pipeline/sampling.py").write_text(sampler)
+    assert _stale(repo, env) == set()
+
+
 def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
@@ -106,6 +124,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     assert (repo / "grid.png").stat().st_size > 0
     (repo / "grid.png").unlink()
 
+    _stale_stages_follow_what_changed(repo, env)
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "ran"], repo, env)
     log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
@@ -183,6 +202,13 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     table = _run([cli, "tradeoff", "--out", "sweep.png"], repo, env)
     assert all(f"| {tau} |" in table for tau in ("0.5", "0.7", "0.8", "0.9")), table
     assert (repo / "sweep.png").stat().st_size > 0
+
+    # a new mitigation (the augmentation baseline) shows up in the report, the figure and the ablation
+    _run(["dvc", "exp", "run", "-n", "augment", "-S", "agc.enabled=false", "-S", "augment.enabled=true"], repo, env)
+    assert "| IET-augment |" in (repo / "reports/report.md").read_text()
+    table = _run([cli, "tradeoff", "--out", "sweep.png"], repo, env)
+    assert "| IET-augment |" in table, table
+    assert re.search(r"^\| IET-augment \|", _run([cli, "ablation"], repo, env), re.M)
 
     # `dvc plots show` renders every plot declared under plots: in dvc.yaml
     _run(["dvc", "plots", "show", "--out", "plots_html"], repo, env)

@@ -4,6 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pipeline import ensemble
+from pipeline.mitigation import msr
 from pipeline.config import MSRConfig
 
 
@@ -38,7 +39,7 @@ def test_moves_go_to_the_proxy_with_the_highest_loss():
     shard = np.array([0, 0, 0, 1, 1, 1])
     skip = np.array([0.9, 0.1, 0.0, 0.0, 0.8, 0.0])
     losses = np.array([[0.1, 0.5], [0.1, 0.9], [0.1, 0.2], [0.1, 0.2], [0.7, 0.3], [0.1, 0.1]])
-    new, moves = ensemble.redistribute(shard, skip, losses, MSRConfig(skip_rate=0.5, max_imbalance=0.5))
+    new, moves = msr.redistribute(shard, skip, losses, MSRConfig(skip_rate=0.5, max_imbalance=0.5))
     assert [(m["position"], m["from"], m["to"]) for m in moves] == [(0, 0, 1), (4, 1, 0)]
     assert new.tolist() == [1, 0, 0, 1, 0, 1]
 
@@ -46,7 +47,7 @@ def test_moves_go_to_the_proxy_with_the_highest_loss():
 def test_a_sample_whose_own_proxy_fits_it_worst_stays():
     shard = np.array([0, 0, 1, 1])
     losses = np.array([[0.9, 0.1], [0.1, 0.1], [0.1, 0.1], [0.1, 0.1]])
-    new, moves = ensemble.redistribute(shard, np.array([1.0, 0, 0, 0]), losses, MSRConfig(skip_rate=0.5, max_imbalance=1.0))
+    new, moves = msr.redistribute(shard, np.array([1.0, 0, 0, 0]), losses, MSRConfig(skip_rate=0.5, max_imbalance=1.0))
     assert moves == [] and np.array_equal(new, shard)
 
 
@@ -58,12 +59,12 @@ def test_redistribution_loses_and_duplicates_nothing_and_respects_bounds(n, k, r
     cfg = MSRConfig(skip_rate=0.3, fraction=fraction, max_imbalance=imbalance)
     rng = np.random.default_rng(seed)
     shard = ensemble.split_shards(rng.integers(0, 3, n), k, seed)
-    lo, hi = ensemble.size_bounds(n, k, imbalance)
+    lo, hi = msr.size_bounds(n, k, imbalance)
     for _ in range(rounds):
         skip, losses = rng.random(n), rng.random((n, k))
         before = np.bincount(shard, minlength=k)
-        new, moves = ensemble.redistribute(shard, skip, losses, cfg)
-        again, moves_again = ensemble.redistribute(shard, skip, losses, cfg)
+        new, moves = msr.redistribute(shard, skip, losses, cfg)
+        again, moves_again = msr.redistribute(shard, skip, losses, cfg)
         assert np.array_equal(new, again) and moves == moves_again  # same input -> same moves
         # every sample in exactly one shard; a shard only shrinks to lo / grows to hi by moving
         assert new.shape == (n,) and new.min() >= 0 and new.max() < k
@@ -94,21 +95,21 @@ def test_scoring_on_demand_reads_exactly_the_rows_redistribution_needs(n, k, see
         return score
 
     exact_calls, batched_calls = [], []
-    lazy, lazy_moves = ensemble.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(exact_calls))
-    eager, eager_moves = ensemble.redistribute(shard, skip, full, cfg)
+    lazy, lazy_moves = msr.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(exact_calls))
+    eager, eager_moves = msr.redistribute(shard, skip, full, cfg)
     assert np.array_equal(lazy, eager) and lazy_moves == eager_moves
     requested = [i for c in exact_calls for i in c]
     assert len(requested) == len(set(requested))  # no row scored twice
     known = own_only.copy()
     known[requested] = full[requested]
-    ensemble.redistribute(shard, skip, known, cfg)  # every row read was scored (else: ValueError)
+    msr.redistribute(shard, skip, known, cfg)  # every row read was scored (else: ValueError)
     for i in requested:  # and every row scored is read
         missing = known.copy()
         missing[i, np.arange(k) != shard[i]] = np.nan
         with pytest.raises(ValueError):
-            ensemble.redistribute(shard, skip, missing, cfg)
+            msr.redistribute(shard, skip, missing, cfg)
     # in batches of at least 8 rows: the same decisions from a superset of rows, in no more calls
-    batched, batched_moves = ensemble.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(batched_calls),
+    batched, batched_moves = msr.redistribute(shard, skip, own_only.copy(), cfg, score=recorder(batched_calls),
                                                    score_at_least=8)
     assert np.array_equal(batched, eager) and batched_moves == eager_moves
     rows = [i for c in batched_calls for i in c]
@@ -135,5 +136,5 @@ def test_profile_draws_depend_only_on_the_sample_so_any_subset_scores_the_same()
 
 def test_candidates_are_the_most_skipped_first():
     skip = np.array([0.2, 0.9, 0.5, 0.9, 0.0])
-    assert ensemble.msr_candidates(skip, MSRConfig(skip_rate=0.5)).tolist() == [1, 3, 2]
-    assert ensemble.msr_candidates(skip, MSRConfig(fraction=0.4)).tolist() == [1, 3]
+    assert msr.msr_candidates(skip, MSRConfig(skip_rate=0.5)).tolist() == [1, 3, 2]
+    assert msr.msr_candidates(skip, MSRConfig(fraction=0.4)).tolist() == [1, 3]

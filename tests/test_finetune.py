@@ -9,7 +9,8 @@ from pipeline import rounds
 from pipeline.config import ConfigError, ModelConfig, parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
-from pipeline.models import build_scheduler, build_unet, initial_unet, save_pipeline
+from pipeline.models import build_scheduler, build_unet, save_pipeline
+from pipeline.pretrained import initial_unet
 
 ARCH = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
 TINY = {"data": {"train_size": 8, "resolution": 8},

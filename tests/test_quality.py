@@ -19,6 +19,7 @@ from pipeline import inception, tradeoff
 from pipeline.config import DataConfig, Params, TrackingConfig
 from pipeline.data import prepare_splits
 from pipeline.tracking import Tracker
+from pipeline.evaluation import inception_scores
 from stages import evaluate, fid_reference, report
 
 N = 16
@@ -134,7 +135,7 @@ def test_fid_reference_stage_off_writes_only_a_marker_and_evaluate_skips(tmp_pat
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["info.json"]
     assert json.loads((out / "info.json").read_text())["inception"] is False
-    assert evaluate._inception_scores(torch.zeros(2, 1, 8, 8), out, 0) == {}
+    assert inception_scores(torch.zeros(2, 1, 8, 8), out, 0) == {}
 
 
 def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
@@ -148,14 +149,14 @@ def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
     info = json.loads((out / "info.json").read_text())
     assert info["inception"] is True and info["train_images"] == 4 and info["heldout_fid"] > 0
     # The held-out images scored as if generated, against the cached reference, give the stage's number.
-    scores = evaluate._inception_scores(splits.heldout.subset(slice(0, 4)).to_tensor(), out, 0)
+    scores = inception_scores(splits.heldout.subset(slice(0, 4)).to_tensor(), out, 0)
     assert scores["fid"] == pytest.approx(info["heldout_fid"], rel=1e-6)
     assert scores["heldout_fid"] == info["heldout_fid"]
 
 
 def test_missing_reference_names_the_stage(tmp_path):
     with pytest.raises(FileNotFoundError, match="fid_reference"):
-        evaluate._inception_scores(torch.zeros(2, 1, 8, 8), tmp_path / "nothing", 0)
+        inception_scores(torch.zeros(2, 1, 8, 8), tmp_path / "nothing", 0)
 
 
 def test_inception_setting():
@@ -265,7 +266,8 @@ def test_report_stage_writes_the_figure_and_the_mlflow_table(store, tmp_path, mo
         (tmp_path / f"runs/{m}/model/config.json").write_text("{}")
         metrics = {**BASE, "official_below_0.15": 0.5, "mean_nn1": 2.0, "heldout_fd": 0.2}
         (tmp_path / f"runs/eval/{m}/metrics.json").write_text(json.dumps(metrics))
-        (tmp_path / f"runs/{m}/train_info.json").write_text(json.dumps({"train_seconds": 1.0, "images_seen": 64}))
+        (tmp_path / f"runs/{m}/train_info.json").write_text(json.dumps(
+            {"train_seconds": 1.0, "images_seen": 64, "shards": 4, "rounds": 2, "variant": "IET-AGC+"}))
         Image.new("L", (8, 8)).save(tmp_path / f"runs/eval/{m}/samples.png")
         Image.new("L", (8, 8)).save(tmp_path / f"runs/eval/{m}/copies.png")
     raw = Params(tracking=TrackingConfig(uri=store)).model_dump(mode="json")

@@ -30,7 +30,7 @@ def tiny():
 def test_baseline_gets_the_same_steps_times_batch_as_all_proxies(tiny):
     p, _, _ = tiny
     iet, base = rounds.Plan.iet(p), rounds.Plan.baseline(p)
-    assert base.shards == 1 and not (base.agc or base.msr or base.taa)
+    assert base.shards == 1 and base.mitigations == () and iet.mitigations == ("agc", "msr", "taa")
     assert iet.shards * iet.rounds * iet.steps_per_round == base.shards * base.rounds * base.steps_per_round
     assert iet.steps_per_round == 2  # 4 epochs x ceil(12/3) images / batch 8
 

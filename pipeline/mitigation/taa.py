@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from pipeline.config import TAAConfig
+from pipeline.config import TAAConfig, Transforms
+from pipeline.mitigation.base import Context, Mitigation, Step
 
 
 def update_strength(strength: torch.Tensor, losses: torch.Tensor, bank_t: torch.Tensor,
@@ -21,7 +21,7 @@ def update_strength(strength: torch.Tensor, losses: torch.Tensor, bank_t: torch.
     return torch.where(shortfall > 0, raised, strength * cfg.decay)
 
 
-def augment(x: torch.Tensor, strength: torch.Tensor, cfg: TAAConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(x: torch.Tensor, strength: torch.Tensor, cfg: Transforms, generator: torch.Generator | None = None) -> torch.Tensor:
     """Label-preserving augmentation of images in [-1, 1], per sample scaled by strength in [0, 1].
     Strength 0 returns the sample unchanged, bit for bit."""
     n, _, h, w = x.shape
@@ -45,3 +45,34 @@ def augment(x: torch.Tensor, strength: torch.Tensor, cfg: TAAConfig, generator: 
         offset = (2 * u[:, 3] - 1) * s * cfg.jitter
         out = (out + offset[:, None, None, None]).clamp(-1, 1)
     return out.contiguous()
+
+
+class TAA(Mitigation):
+    """One strength per training sample, shared by the proxies (a sample is drawn only by its
+    shard's proxy), raised by AGC's evidence that the sample is too easy."""
+    def __init__(self, cfg: TAAConfig, ctx: Context):
+        super().__init__(cfg, ctx)
+        self.agc = ctx.others["agc"]
+        self.strength = torch.zeros(ctx.samples)
+
+    def transform(self, k, x0, positions, generator):
+        return augment(x0, self.strength[positions], self.cfg, generator)
+
+    def observe(self, k: int, step: Step) -> None:
+        # AGC observes first (registry order); its reference is the bank the mask compared against
+        self.strength[step.positions] = update_strength(self.strength[step.positions], step.losses,
+                                                        self.agc.reference, self.agc.cfg.tau, self.cfg)
+
+    def sync(self, ranks, owned):
+        if ranks.world > 1:
+            ranks.sum_(self.strength.mul_(owned))
+
+    def state(self, k):
+        return {"strength": self.strength} if k is None else {}
+
+    def load_state(self, tensors, k):
+        if k is None:
+            self.strength = tensors["strength"]
+
+    def round_metrics(self):
+        return {"taa_strength_mean": float(self.strength.mean())}

@@ -1,0 +1,48 @@
+"""The one list of metric keys the project reports: display name, format, direction, and which
+tables show each. The report, the ablation table, the registered models' tags and the tradeoff
+figure all read it, so a new metric is one line here (plus the code that computes it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+REPORT, ABLATION, REGISTRY = "report", "ablation", "registry"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    key: str
+    label: str
+    fmt: str
+    lower_is_better: bool | None   # None: a reference or a cost, not a score to optimise
+    tables: tuple[str, ...] = ()
+
+    def format(self, value) -> str:
+        if value is None or (isinstance(value, float) and value != value):
+            return "-"
+        return format(int(value) if self.fmt == "d" else value, self.fmt)
+
+    @property
+    def axis_label(self) -> str:
+        """For a figure's axis: the name and which way is better."""
+        if self.lower_is_better is None:
+            return self.label
+        return f"{self.label} ({'lower' if self.lower_is_better else 'higher'} is better)"
+
+
+METRICS = (
+    MetricSpec("mem_ratio", "memorization ratio", ".3f", True, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("heldout_mem_ratio", "held-out reference", ".3f", None, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("official_below_0.15", "official score < 0.15", ".3f", True, (REPORT, ABLATION)),
+    MetricSpec("mean_nn1", "mean NN1 distance", ".2f", False, (REPORT, ABLATION)),
+    MetricSpec("fd", "feature FD", ".2f", True, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("heldout_fd", "held-out FD", ".2f", None, (REPORT,)),
+    MetricSpec("kid", "feature KID", ".3f", True, (ABLATION, REGISTRY)),
+    MetricSpec("fid", "Inception FID", ".1f", True, (ABLATION,)),
+    MetricSpec("train_seconds", "train seconds", ".0f", None, (REPORT, ABLATION)),
+    MetricSpec("images_seen", "optimizer steps x batch", "d", None, (REPORT,)),
+)
+BY_KEY = {m.key: m for m in METRICS}
+
+
+def shown_in(table: str) -> list[MetricSpec]:
+    return [m for m in METRICS if table in m.tables]

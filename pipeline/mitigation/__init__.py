@@ -1,0 +1,143 @@
+"""The mitigations, by params.yaml group name, and the one place that decides which are on and
+what the resulting variant is called (reports, the tradeoff figure, the ablation table and the
+training run's MLflow params all read `variant_name`).
+
+A mitigation's module is imported only when a run uses it, so code that merely names variants (the
+report) or trains without mitigations (the baseline) does not depend on it, and DVC does not
+re-train the baseline when a mitigation's code changes.
+
+Hooks run in registry order. AGC comes before TAA because TAA reads the bank value AGC's mask used
+(AGC keeps it as `reference` when it updates the bank)."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+
+from pipeline.config import Params
+from pipeline.mitigation.base import Context, Mitigation, RoundEnd, Step
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str                      # its params.yaml group (and pipeline/config.py class)
+    label: str                     # how variant names show it
+    hooks: str                     # "module:Class", a pipeline.mitigation.base.Mitigation subclass
+    requires: tuple[str, ...] = ()  # mitigations it reads; off without them
+    min_shards: int = 1             # off below this many IET shards
+
+    def load(self) -> type[Mitigation]:
+        module, cls = self.hooks.split(":")
+        return getattr(importlib.import_module(module), cls)
+
+
+REGISTRY: dict[str, Entry] = {e.name: e for e in (
+    Entry("agc", "AGC", "pipeline.mitigation.agc:AGC"),
+    Entry("msr", "MSR", "pipeline.mitigation.msr:MSR", requires=("agc",), min_shards=2),
+    Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",)),
+    Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
+)}
+# the paper's name for IET with all three of its parts (P2: IET-AGC+)
+FULL_METHOD = ("agc", "msr", "taa")
+
+
+def active(enabled: Mapping[str, bool], shards: int) -> tuple[str, ...]:
+    """The switched-on mitigations whose requirements hold, in registry order. A mitigation whose
+    requirement is off is off too (`agc.enabled=false` turns MSR and TAA off: both read its bank)."""
+    on = {name for name, e in REGISTRY.items() if enabled.get(name, False) and shards >= e.min_shards}
+    while True:
+        unmet = {name for name in on if not set(REGISTRY[name].requires) <= on}
+        if not unmet:
+            return tuple(name for name in REGISTRY if name in on)
+        on -= unmet
+
+
+def enabled_in(params) -> dict[str, bool]:
+    """Each registered mitigation's switch in a Params object."""
+    return {name: getattr(params, name).enabled for name in REGISTRY}
+
+
+def enabled_in_logged(flat: Mapping[str, str]) -> dict[str, bool]:
+    """The switches from params as MLflow logs them ('agc.enabled' -> 'True'); a key an older run
+    did not log takes its default."""
+    defaults = Params()
+    return {name: flat.get(f"{name}.enabled", str(getattr(defaults, name).enabled)) == "True" for name in REGISTRY}
+
+
+def variant_name(shards: int, names: tuple[str, ...]) -> str:
+    """'IET' with K > 1 shards, then the mitigations' labels: IET-AGC, IET-AGC+MSR, IET-AGC+ (all
+    of FULL_METHOD), AGC (one shard), IET-augment, ..."""
+    full = set(FULL_METHOD) <= set(names)
+    labels = "+".join(REGISTRY[n].label for n in names if not (full and n in FULL_METHOD))
+    if full:
+        labels = "AGC+" + (f" with {labels}" if labels else "")
+    return "-".join(part for part in ("IET" if shards > 1 else "", labels) if part) or "plain"
+
+
+def logged_variant(flat: Mapping[str, str], model: str) -> str:
+    """The variant a pipeline run's `model` (baseline | iet) was trained as, from its logged params.
+    Runs from before `iet.shards` could be 1 always had K > 1."""
+    if model == "baseline":
+        return "baseline"
+    shards = int(flat.get("iet.shards", 2))
+    return variant_name(shards, active(enabled_in_logged(flat), shards))
+
+
+def variant_sort_key(name: str) -> tuple:
+    """Tables list the baseline first, then single-model variants, then IET ones, simplest first."""
+    return name != "baseline", name.startswith("IET"), name.count("+") + 2 * ("AGC+" in name), name
+
+
+class Mitigations:
+    """The active mitigations of one run; each hook calls theirs in registry order."""
+
+    def __init__(self, names: tuple[str, ...], params, samples: int, proxies: tuple[int, ...]):
+        built: dict[str, Mitigation] = {}
+        for name in names:
+            entry = REGISTRY[name]
+            ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires})
+            built[name] = entry.load()(getattr(params, name), ctx)
+        self.built = built
+        self.items = list(built.values())
+
+    def transform(self, k: int, x0: torch.Tensor, positions, generator) -> torch.Tensor:
+        for m in self.items:
+            x0 = m.transform(k, x0, positions, generator)
+        return x0
+
+    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | None:
+        masks = [mask for m in self.items if (mask := m.keep(k, losses, timesteps)) is not None]
+        if not masks:
+            return None
+        out = masks[0]
+        for mask in masks[1:]:
+            out = out & mask
+        return out
+
+    def observe(self, k: int, step: Step) -> None:
+        for m in self.items:
+            m.observe(k, step)
+
+    def end_round(self, end: RoundEnd) -> None:
+        for m in self.items:
+            m.end_round(end)
+
+    def sync(self, ranks, owned: torch.Tensor) -> None:
+        for m in self.items:
+            m.sync(ranks, owned)
+
+    def state(self, k: int | None) -> dict[str, torch.Tensor]:
+        return {f"{name}.{key}": v for name, m in self.built.items() for key, v in m.state(k).items()}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], k: int | None) -> None:
+        for name, m in self.built.items():
+            prefix = name + "."
+            m.load_state({key[len(prefix):]: v for key, v in tensors.items() if key.startswith(prefix)}, k)
+
+    def curve(self, k: int) -> dict[str, float]:
+        return {key: v for m in self.items for key, v in m.curve(k).items()}
+
+    def round_metrics(self) -> dict[str, float]:
+        return {key: v for m in self.items for key, v in m.round_metrics().items()}

@@ -1,0 +1,83 @@
+"""What every mitigation is: a params group (pipeline/config.py) and hooks the training loop calls,
+each doing nothing by default (in the spirit of improved-diffusion's loss-aware samplers: the
+trainer never branches on which mitigation is on). A new mitigation is a subclass in its own
+module, its config group, its params.yaml block and one registry line in
+`pipeline/mitigation/__init__.py` (plus its group's name among the iet stage's params in dvc.yaml).
+The registry entry says what it requires; a mitigation reaches those through `Context.others`."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a mitigation learns about the run when it is built."""
+    samples: int                 # training-set size; per-sample state is indexed by position
+    proxies: tuple[int, ...]     # the proxies this process trains
+    timesteps: int               # model.num_train_timesteps
+    others: dict[str, "Mitigation"] = field(default_factory=dict)  # the mitigations it requires, built
+
+
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step of proxy k, as the mitigations observe it after the backward pass."""
+    positions: torch.Tensor  # training-set positions of the batch
+    timesteps: torch.Tensor
+    losses: torch.Tensor     # per-sample denoising loss (detached)
+    keep: torch.Tensor       # which samples contributed to the gradient
+
+
+@dataclass
+class RoundEnd:
+    """What the end of a round offers: the loss table (losses[i, k] of sample i under proxy k's
+    end-of-round weights, NaN until scored; `score(positions)` fills rows on demand) and the
+    round's skip rates. A mitigation may change `shard` and append to `moves`."""
+    shard: np.ndarray
+    skip_rate: np.ndarray
+    losses: np.ndarray
+    score: Callable[[np.ndarray], np.ndarray]
+    moves: list[dict] = field(default_factory=list)
+
+
+class Mitigation:
+    """Its name, label and requirements are its registry entry's."""
+
+    def __init__(self, cfg, ctx: Context):
+        self.cfg, self.ctx = cfg, ctx
+
+    def transform(self, k: int, x0: torch.Tensor, positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The batch proxy k trains on, from the clean images x0 (before noise is added)."""
+        return x0
+
+    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | None:
+        """Which samples may contribute to the gradient; None: all."""
+        return None
+
+    def observe(self, k: int, step: Step) -> None:
+        """After proxy k's backward pass."""
+
+    def end_round(self, end: RoundEnd) -> None:
+        """After every proxy trained the round, before the average is loaded back."""
+
+    def sync(self, ranks, owned: torch.Tensor) -> None:
+        """Combine state over processes at the end of a round (`owned`: positions this process's
+        proxies drew from). Every process calls it; collectives only."""
+
+    def state(self, k: int | None) -> dict[str, torch.Tensor]:
+        """Tensors to checkpoint: proxy k's own (k given) or the per-sample state (k None)."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], k: int | None) -> None:
+        """Inverse of state()."""
+
+    def curve(self, k: int) -> dict[str, float]:
+        """Extra values of proxy k's training curve points."""
+        return {}
+
+    def round_metrics(self) -> dict[str, float]:
+        """Values logged once per round (after sync)."""
+        return {}
