@@ -1,0 +1,102 @@
+"""Exact duplicates in the training set, and memorization measured against it de-duplicated.
+
+The NN1/NN2 ratio test (Yoon et al. 2023; Gu et al. 2023; metrics.memorization_scores) has a blind
+spot: a training image stored twice is its own second nearest neighbour, so a generated copy of it
+has NN2 = NN1 (ratio ~1) and is never counted, although duplicated images are the ones most often
+copied (Carlini et al. 2023, "Extracting Training Data from Diffusion Models"; Somepalli et al.
+2023). method.md ("Duplicates") therefore runs the test against one representative per group of
+pixel-identical training images, and counts per training image how many samples copy it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline import metrics
+
+# metric names, for the lead to register
+DUPLICATE_GROUPS = "duplicate_groups"
+LARGEST_GROUP = "largest_group"
+DUPLICATED_SAMPLES = "duplicated_samples"
+UNIQUE_IMAGES = "unique_images"
+DISTINCT_COPIED = "distinct_copied"
+COPIES_ON_DUPLICATED_SHARE = "copies_on_duplicated_share"
+METRIC_NAMES = (DUPLICATE_GROUPS, LARGEST_GROUP, DUPLICATED_SAMPLES, UNIQUE_IMAGES,
+                DISTINCT_COPIED, COPIES_ON_DUPLICATED_SHARE)
+
+
+@dataclass(frozen=True, eq=False)
+class DuplicateGroups:
+    group: np.ndarray            # int64 [N]: group id of each training position
+    representatives: np.ndarray  # int64 [G]: first position of each group; groups numbered in that order
+    sizes: np.ndarray            # int64 [G]: images in each group
+
+    def summary(self) -> dict[str, int]:
+        dup = self.sizes > 1
+        return {
+            DUPLICATE_GROUPS: int(dup.sum()),
+            LARGEST_GROUP: int(self.sizes.max(initial=0)),
+            DUPLICATED_SAMPLES: int(self.sizes[dup].sum()),
+            UNIQUE_IMAGES: int(len(self.sizes)),
+        }
+
+
+def duplicate_groups(images: np.ndarray) -> DuplicateGroups:
+    """Groups of pixel-identical images (uint8 [N, ...]), numbered in order of first appearance.
+
+    The raw bytes of each image are the dictionary key, so equal keys mean equal images: no hash
+    collision can merge two different images.
+    """
+    flat = np.ascontiguousarray(images).reshape(len(images), -1)
+    first: dict[bytes, int] = {}
+    group = np.empty(len(flat), dtype=np.int64)
+    for i, row in enumerate(flat):
+        group[i] = first.setdefault(row.tobytes(), len(first))
+    representatives = np.full(len(first), -1, dtype=np.int64)
+    # reversed, so the last write of each group is its first position
+    representatives[group[::-1]] = np.arange(len(flat) - 1, -1, -1)
+    return DuplicateGroups(group, representatives, np.bincount(group, minlength=len(first)))
+
+
+def dedup_memorization_scores(samples: torch.Tensor, train: torch.Tensor, groups: DuplicateGroups,
+                              k_official: int = 50) -> dict[str, np.ndarray]:
+    """metrics.memorization_scores against train[groups.representatives] (method.md, "Duplicates").
+
+    Returns the same keys, with 'nn1_index' a position in `train` (the representative of the
+    nearest group, so without duplicates every key equals the plain scores) and 'nn1_group' the
+    group id. The official score's 50 nearest are then 50 distinct images.
+    """
+    reps = torch.from_numpy(groups.representatives)
+    scores = metrics.memorization_scores(samples, train[reps], k_official=k_official)
+    # position i of the reduced reference is group i (groups are numbered by first appearance)
+    scores["nn1_group"] = scores["nn1_index"].astype(np.int64)
+    scores["nn1_index"] = groups.representatives[scores["nn1_group"]]
+    return scores
+
+
+def copy_counts(scores: dict, groups: DuplicateGroups) -> list[dict]:
+    """One row per unique training image: 'group', 'position' (representative), 'size',
+    'copies' (samples with ratio < MEMORIZED_RATIO whose NN1 is this image) and 'nearest'
+    (samples whose NN1 is this image). `scores` from dedup_memorization_scores (or plain
+    memorization_scores: its nn1_index is mapped to groups the same way)."""
+    nn1_group = groups.group[np.asarray(scores["nn1_index"], dtype=np.int64)]
+    copied = np.asarray(scores["ratio"]) < metrics.MEMORIZED_RATIO
+    g = len(groups.sizes)
+    nearest = np.bincount(nn1_group, minlength=g)
+    copies = np.bincount(nn1_group[copied], minlength=g)
+    return [{"group": i, "position": int(groups.representatives[i]), "size": int(groups.sizes[i]),
+             "copies": int(copies[i]), "nearest": int(nearest[i])} for i in range(g)]
+
+
+def copy_headline(table: list[dict]) -> dict[str, float]:
+    """'distinct_copied': training images copied at least once; 'copies_on_duplicated_share':
+    the share of all copies that fall on images stored more than once (NaN when there are no
+    copies or no duplicated images: the share says nothing then)."""
+    copies = np.array([row["copies"] for row in table], dtype=np.int64)
+    dup = np.array([row["size"] > 1 for row in table], dtype=bool)
+    total = int(copies.sum())
+    share = copies[dup].sum() / total if total and dup.any() else math.nan
+    return {DISTINCT_COPIED: int((copies > 0).sum()), COPIES_ON_DUPLICATED_SHARE: float(share)}
