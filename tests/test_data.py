@@ -103,7 +103,7 @@ def test_too_few_images_names_the_sizes():
 def test_small_class_is_topped_up_from_the_others(tmp_path):
     labels = np.array([0] * 3 + [1] * 40 + [2] * 40)
     np.savez(tmp_path / "d.npz", images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
-    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=1, resolution=4)
+    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=2, resolution=4)
     counts = np.bincount(s.train.labels, minlength=3)
     assert counts.sum() == 30 and counts[0] <= 3 and abs(counts[1] - counts[2]) <= 1
 
@@ -181,7 +181,7 @@ def test_folder_with_class_subfolders_and_nested_dirs(tmp_path):
 def test_folder_without_subfolders_is_unlabelled(tmp_path):
     for i in range(4):
         save_image(tmp_path / f"{i}.png", size=(30, 10))
-    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=1,
+    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=2,
                                   resolution=4), 0)
     assert s.train.images.shape == (2, 1, 4, 4) and np.all(s.train.labels == -1)
 

@@ -14,6 +14,7 @@ from pipeline.models import build_scheduler, build_unet, initial_unet, save_pipe
 ARCH = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
 TINY = {"data": {"train_size": 8, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
         "train": {"batch_size": 4, "lr": 1e-4, "warmup_steps": 0, "threads": 1},
         "iet": {"shards": 2, "rounds": 2, "local_epochs": 2},
         "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
