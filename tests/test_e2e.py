@@ -87,7 +87,7 @@ def project(tmp_path):
 def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
-    all_stages = {"prepare", "split", "features", "fid_reference", "baseline", "iet", "evaluate@baseline",
+    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "baseline", "iet", "evaluate@baseline",
                   "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
     report = (repo / "reports/report.md").read_text()
@@ -109,7 +109,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "ran"], repo, env)
     log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
-    assert _ran(log) == {"iet", "evaluate@iet", "report", "register"}
+    assert _ran(log) == {"validate", "iet", "evaluate@iet", "report", "register"}
 
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "mem_ratio" in shown and "0.8" in shown
