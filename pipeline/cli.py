@@ -21,9 +21,40 @@ def _tracking_uri(given: str | None) -> str:
     there is one, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
     if given:
         return given
-    from pipeline.tracking import tracking_uri
+    from pipeline.store import tracking_uri
 
     return tracking_uri(_tracking_config())
+
+
+def _existing_store(given: str | None) -> str:
+    """The tracking URI of a command that only reads: a SQLite file that does not exist is a typo
+    (MLflow would create it empty), a server that does not answer is said within seconds."""
+    from pipeline.store import StoreError, check_store, fail_fast_http
+
+    uri = _tracking_uri(given)
+    fail_fast_http()
+    try:
+        check_store(uri, must_exist=True)
+    except StoreError as err:
+        raise click.ClickException(str(err)) from None
+    return uri
+
+
+def _device(name: str | None):
+    """--device as a torch device, refused with a message when it does not exist here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise click.BadParameter(f"'{name}' is not a torch device (cpu, cuda, cuda:1, ...)",
+                                 param_hint="--device") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise click.BadParameter(f"'{name}': CUDA is not available here ({torch.cuda.device_count()} GPUs); "
+                                 "use --device cpu", param_hint="--device")
+    return device
 
 
 def _tracking_config():
@@ -74,14 +105,15 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import ConfigError
-    from pipeline.registry import RegistryError, fetched
+    from pipeline.io import local_path
+    from pipeline.registry import fetched
+    from pipeline.store import StoreError
 
     try:
-        remote = "://" in model_uri or model_uri.startswith(("models:", "runs:"))
+        remote = local_path(model_uri) is None
         with fetched(model_uri, _tracking_uri(tracking_uri) if remote else None) as (path, label):
             # imported only now: diffusers takes seconds, and a wrong model or store is said at once
-            import torch
-
+            device = _device(device)
             from pipeline.models import load_pipeline
             from pipeline.sampling import sample as ddim_sample
 
@@ -92,10 +124,10 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
         elif steps > trained:
             raise click.BadParameter(f"{steps} is more than the model's {trained} training timesteps",
                                      param_hint="--steps")
-        unet.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        unet.to(device)
         click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
         images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
-    except (RegistryError, ConfigError, FileNotFoundError) as err:
+    except (StoreError, ConfigError, FileNotFoundError) as err:
         raise click.ClickException(str(err)) from None
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
@@ -129,7 +161,7 @@ def tradeoff(out, experiment, tracking_uri):
 
     experiment = experiment or _tracking_config().experiment
     try:
-        points = plot_tradeoff(_tracking_uri(tracking_uri), experiment, out)
+        points = plot_tradeoff(_existing_store(tracking_uri), experiment, out)
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
     if not points:
@@ -156,7 +188,7 @@ def ablation(experiment, tracking_uri):
 
     experiment = experiment or _tracking_config().experiment
     try:
-        records = ab.collect(MlflowClient(tracking_uri=_tracking_uri(tracking_uri)), experiment)
+        records = ab.collect(MlflowClient(tracking_uri=_existing_store(tracking_uri)), experiment)
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
     if not records:

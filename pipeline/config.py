@@ -17,18 +17,22 @@ class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch both accept this range
+
+
 class Seeds(_Group):
-    data: int = 0
-    split: int = 0
-    train: int = 0
-    eval: int = 0
+    data: int = Field(0, ge=0, le=SEED_MAX)
+    split: int = Field(0, ge=0, le=SEED_MAX)
+    train: int = Field(0, ge=0, le=SEED_MAX)
+    eval: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class DataConfig(_Group):
     source: Literal["mnist5k", "digits", "fashion-mnist", "folder", "npz"] = "mnist5k"
     path: str | None = None
-    train_size: int = Field(64, ge=2)
-    heldout_size: int = Field(256, ge=1)
+    train_size: int = Field(32, ge=2)
+    # two at least: a Frechet distance needs a covariance, SSCD splits them in two halves
+    heldout_size: int = Field(256, ge=2)
     resolution: int = Field(16, ge=4, le=512)
     channels: Literal[1, 3] = 1
 
@@ -56,7 +60,7 @@ class ModelConfig(_Group):
 
 class TrainConfig(_Group):
     batch_size: int = Field(64, ge=1)
-    lr: float = Field(2e-4, gt=0)
+    lr: float = Field(1e-3, gt=0)
     warmup_steps: int = Field(100, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
@@ -75,7 +79,7 @@ class TrainConfig(_Group):
 class IETConfig(_Group):
     shards: int = Field(4, ge=1)
     rounds: int = Field(4, ge=1)
-    local_epochs: float = Field(100, gt=0)
+    local_epochs: float = Field(450, gt=0)
 
 
 # ---- the mitigations' groups (pipeline/mitigation reads each through its registry entry) ----
@@ -127,7 +131,7 @@ class EvalConfig(_Group):
     batch_size: int = Field(256, ge=1)
     weights: Literal["raw", "ema"] = "raw"
     curve_samples: int = Field(64, ge=0)  # samples per round for the memorization-over-rounds curve; 0: none
-    classifier_epochs: int = Field(5, ge=1)
+    classifier_epochs: int = Field(3, ge=1)
     inception: bool | Literal["auto"] = "auto"  # Inception FID/KID; auto: only with CUDA
     sscd: bool = False  # SSCD copy detection (optional extra)
     sscd_quantile: float = Field(0.99, gt=0, lt=1)  # held-out quantile that sets the SSCD threshold
@@ -188,6 +192,10 @@ class Params(_Group):
             raise ValueError(
                 f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
                 f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
+        if self.eval.ddim_steps > self.model.num_train_timesteps:
+            raise ValueError(
+                f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
+                f"({self.model.num_train_timesteps}): DDIM samples a subset of the training timesteps")
         return self
 
 
@@ -198,7 +206,7 @@ def _format(err: ValidationError, source: str) -> str:
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
-        elif e["type"] == "literal_error":
+        elif e["type"] in ("literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal"):
             msg = f"{msg} (got {e['input']!r})"
         lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
     return "\n".join(lines)
@@ -211,17 +219,60 @@ def parse_params(raw: dict, source: str = "params") -> Params:
         raise ConfigError(_format(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; in a parameter file that hides a typo or a merge
+    leftover, so a repeated key is an error."""
+
+
+def _no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise ConfigError(f"{loader.name}: line {key_node.start_mark.line + 1}: key '{key}' appears twice")
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _no_duplicates)
+
+
+def _missing_keys(raw: dict, model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every key of `model` absent from `raw`, walking nested groups, e.g. ['taa', 'train.lr']."""
+    missing = []
+    for name, field in model.model_fields.items():
+        if name not in raw:
+            missing.append(prefix + name)
+        elif isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel) \
+                and isinstance(raw[name], dict):
+            missing += _missing_keys(raw[name], field.annotation, f"{prefix}{name}.")
+    return missing
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
+    """The parameter file, validated. Unlike parse_params, every key must be present: the file is
+    the single source of truth of a run, so a deleted key must not fall back on a built-in default."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such parameter file")
     try:
-        raw = yaml.safe_load(path.read_text())
+        with open(path) as f:
+            loader = _UniqueKeyLoader(f)
+            loader.name = str(path)
+            try:
+                raw = loader.get_single_data()
+            finally:
+                loader.dispose()
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     if raw is not None and not isinstance(raw, dict):
         raise ConfigError(f"{path}: must be a mapping of parameter groups")
-    return parse_params(raw, str(path))
+    params = parse_params(raw, str(path))
+    missing = _missing_keys(raw or {})
+    if missing:
+        raise ConfigError(f"{path}: missing {', '.join(missing)} (every key must be set; see the "
+                          "repository's params.yaml)")
+    return params
 
 
 def flatten(params: Params) -> dict[str, object]:

@@ -139,8 +139,10 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
             name = f"{part}-{kind}-ubyte"
             found = [p for p in (root / name, root / f"{name}.gz") if p.is_file()]
             if not found:
-                raise DataError(f"{root / name}(.gz) not found: install the Debian package "
-                                "dataset-fashion-mnist (apt-get install dataset-fashion-mnist) or set data.path")
+                hint = ("check data.path: it must be the folder holding the IDX files" if cfg.path else
+                        "install the Debian package dataset-fashion-mnist (apt-get install "
+                        "dataset-fashion-mnist) or set data.path")
+                raise DataError(f"{root / name}(.gz) not found: {hint}")
             files.append(found[0])
         x, y = _read_idx(files[0]), _read_idx(files[1])
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
@@ -150,10 +152,25 @@ def _fashion_mnist(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate(images), np.concatenate(labels)
 
 
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    """To 8-bit `mode`. PIL's own convert clips 16-bit grey to 255 (a ramp comes out white) and
+    drops alpha, keeping whatever colour transparent pixels happen to hold: 16-bit is scaled,
+    transparency is composited onto black, the background of the digit sources."""
+    if img.mode.startswith("I"):  # I;16, I;16B, ...; Pillow also reads 16-bit PNGs as I
+        wide = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.rint(wide * (255 / 65535)).clip(0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        black = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, img.convert("RGBA"))
+    return img.convert(mode)
+
+
 def _open_image(path: Path, size: int, mode: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
-            img = ImageOps.exif_transpose(img).convert(mode)  # phone photos are stored rotated
+            img = _convert(ImageOps.exif_transpose(img), mode)  # phone photos are stored rotated
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise DataError(f"{path}: not a readable image ({err})") from None
     # Square first so that resizing never distorts the aspect ratio.

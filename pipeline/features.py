@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from pipeline.io import apply_umask
+
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 
@@ -101,6 +103,7 @@ def save_feature_net(net: FeatureNet, path: str | Path) -> None:
         state = {k: v.detach().contiguous().cpu() for k, v in net.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(net.config, indent=2, sort_keys=True) + "\n")
+        apply_umask(tmp)
         if path.exists():
             # os.replace cannot overwrite a non-empty directory: move the old one aside first.
             old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old."))

@@ -9,6 +9,23 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode open() or mkdir() would give a new file or directory. tempfile creates them 0600 /
+    0700 whatever the umask, which makes outputs unreadable to a teammate on a shared machine."""
+    mask = os.umask(0o022)  # the only way to read it portably; set straight back
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def apply_umask(path: str | Path) -> None:
+    """Give a file, or a folder and everything in it, the umask's permissions: safetensors writes
+    its files 0600 too."""
+    path = Path(path)
+    for p in [path, *(path.rglob("*") if path.is_dir() else [])]:
+        if not p.is_symlink():
+            os.chmod(p, umask_mode(directory=p.is_dir()))
+
+
 @contextmanager
 def atomic_path(path: str | Path):
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
@@ -18,6 +35,7 @@ def atomic_path(path: str | Path):
     os.close(fd)
     try:
         yield Path(tmp)
+        apply_umask(tmp)  # after the block: a writer may have replaced the file
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipeline.config import ModelConfig
+from pipeline.io import apply_umask
 
 
 def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> UNet2DModel:
@@ -36,6 +37,7 @@ def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> None:
     """diffusers layout: loads back with DDPMPipeline.from_pretrained(path)."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
+    apply_umask(path)
 
 
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:

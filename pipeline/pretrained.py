@@ -24,12 +24,13 @@ def initial_unet(params: Params, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)  # as build_unet: nothing after depends on what ran before
     path = local_path(source)
     if path is None:  # models:/, runs:/, ...: only then is MLflow needed
-        from pipeline.registry import RegistryError, fetched
-        from pipeline.tracking import tracking_uri
+        from pipeline.registry import fetched
+        from pipeline.store import StoreError
+        from pipeline.store import tracking_uri
         try:
             with fetched(source, tracking_uri(params.tracking)) as (path, _):
                 unet, scheduler = _load_unet(*_find_model(path, source), source)  # before path goes
-        except RegistryError as err:
+        except StoreError as err:
             raise ConfigError(f"model.init_from: {err}") from None
     else:
         unet, scheduler = _load_unet(*_find_model(path, source), source)
@@ -56,12 +57,22 @@ def _find_model(root: Path, source: str) -> tuple[Path, Path | None]:
 
 def _load_unet(unet_dir: Path, scheduler_dir: Path | None,
                source: str) -> tuple[UNet2DModel, DDPMScheduler | None]:
-    kind = json.loads((unet_dir / "config.json").read_text()).get("_class_name")
+    config_file = unet_dir / "config.json"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.init_from: {source}: {config_file} is not readable JSON ({err})") from None
+    kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "UNet2DModel":
-        raise ConfigError(f"model.init_from: {source}: holds a {kind}, not the unconditional UNet2DModel "
+        what = f"holds a {kind}" if kind else f"{config_file} names no model class (_class_name)"
+        raise ConfigError(f"model.init_from: {source}: {what}, not the unconditional UNet2DModel "
                           "this project trains")
-    unet = UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
-    scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir)) if scheduler_dir else None
+    try:
+        unet = UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
+        scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir)) if scheduler_dir else None
+    except (OSError, ValueError, TypeError, KeyError) as err:  # diffusers' errors for missing or broken files
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model.init_from: {source}: cannot be loaded ({first})") from None
     return unet, scheduler
 
 

@@ -12,11 +12,7 @@ import logging
 import os
 import re
 import shutil
-import socket
 import tempfile
-import urllib.error
-import urllib.parse
-import urllib.request
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version as installed_version
 from pathlib import Path
@@ -34,6 +30,7 @@ from mlflow.models import Model, ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec  # noqa: E402
 
 from pipeline.io import local_path  # noqa: E402
+from pipeline.store import StoreError, check_store, fail_fast_http  # noqa: E402
 
 PIPELINE_ARTIFACT = "pipeline"      # artifact key and directory name of the save_pretrained folder
 PROJECT_TAG = "iet_agc.project"     # on registered models this project created
@@ -44,37 +41,8 @@ _REQUIREMENTS = ("torch", "diffusers", "accelerate", "safetensors", "numpy", "pa
                  "pyyaml", "tqdm", "mlflow")
 
 
-class RegistryError(Exception):
+class RegistryError(StoreError):
     """A registry problem the user can fix; the message names the store, model or version."""
-
-
-def fail_fast_http() -> None:
-    """MLflow retries a failing HTTP request 7 times with exponential backoff (minutes in all);
-    a command line tool should say the server is gone within seconds. Explicit settings win."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None:
-    """Stop early, naming the URI, when the tracking store cannot be used: an HTTP server that does
-    not answer, or (when reading) a SQLite file that does not exist, which MLflow would otherwise
-    create empty and then report the model as missing."""
-    parsed = urllib.parse.urlparse(uri)
-    if parsed.scheme in ("http", "https"):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass  # the server answered; whatever it said, it is there
-        except (urllib.error.URLError, OSError, socket.timeout) as err:
-            reason = getattr(err, "reason", err)
-            raise RegistryError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it or "
-                                "set tracking.uri / MLFLOW_TRACKING_URI / --tracking-uri") from None
-    elif parsed.scheme == "sqlite" and must_exist:
-        path = uri[len("sqlite:///"):]
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise RegistryError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
-                                "or give the right tracking URI")
 
 
 def find_pipeline_dir(root: str | Path) -> Path:
@@ -276,7 +244,7 @@ def _download_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
 
 def _default_tracking_uri() -> str:
     from pipeline.config import TrackingConfig
-    from pipeline.tracking import tracking_uri
+    from pipeline.store import tracking_uri
 
     return tracking_uri(TrackingConfig())
 

@@ -7,7 +7,10 @@ import json
 import os
 import subprocess
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
@@ -17,24 +20,11 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from pipeline.config import Params, TrackingConfig, flatten  # noqa: E402
+from pipeline.config import Params, flatten  # noqa: E402
+from pipeline.store import check_tracking, repo_root  # noqa: E402
 
 PARENT_KEY = "iet_agc.pipeline_key"
-
-
-def repo_root() -> Path:
-    """The workspace, also from inside a queued DVC experiment (run in a copy under .dvc/tmp/exps),
-    so every experiment logs into the workspace's store."""
-    cwd = Path.cwd().resolve()
-    parts = cwd.parts
-    for i in range(len(parts) - 2):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
-            return Path(*parts[:i])
-    return cwd
-
-
-def tracking_uri(cfg: TrackingConfig) -> str:
-    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+_TRACKERS: list["Tracker"] = []  # of this process, so that a failing stage can close what it opened
 
 
 def _git_commit() -> str:
@@ -45,10 +35,28 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def fail_open_runs(status: str = "FAILED") -> None:
+    """Mark every run this process opened and did not finish, and the pipeline's parent run, as
+    `status`: a failed stage must not leave runs RUNNING. A later stage of the same pipeline
+    execution reopens the parent (Tracker._parent)."""
+    for tracker in _TRACKERS:
+        try:
+            for run_id in tracker.open_runs:
+                tracker.client.set_terminated(run_id, status)
+            # a parent the report already finished stays so (register runs after it)
+            if tracker.client.get_run(tracker.parent_id).info.status == "RUNNING":
+                tracker.client.set_terminated(tracker.parent_id, status)
+        except MlflowException:
+            pass  # the store may be what failed; the original error is the one to report
+        tracker.open_runs.clear()
+    _TRACKERS.clear()
+
+
 class Tracker:
     def __init__(self, params: Params):
         self.params = params
-        self.client = MlflowClient(tracking_uri=tracking_uri(params.tracking))
+        self.open_runs: list[str] = []
+        self.client = MlflowClient(tracking_uri=check_tracking(params.tracking))
         exp = self.client.get_experiment_by_name(params.tracking.experiment)
         if exp is None:
             # Artifacts beside the store, not under the working directory: a queued DVC experiment
@@ -63,6 +71,7 @@ class Tracker:
         else:
             self.experiment_id = exp.experiment_id
         self.parent_id = self._parent()
+        _TRACKERS.append(self)
 
     def _parent(self) -> str:
         exp_name = os.environ.get("DVC_EXP_NAME")
@@ -75,6 +84,8 @@ class Tracker:
         found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_KEY}` = '{key}'",
                                         max_results=1, order_by=["attributes.start_time DESC"])
         if found:
+            if found[0].info.status in ("FAILED", "KILLED"):  # an earlier stage of this execution failed
+                self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         tags = {PARENT_KEY: key, "git_commit": commit}
         if exp_name:
@@ -86,6 +97,7 @@ class Tracker:
     def child(self, name: str, parent: str | None = None) -> str:
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={"mlflow.parentRunId": parent or self.parent_id})
+        self.open_runs.append(run.info.run_id)
         return run.info.run_id
 
     def log_params(self, run_id: str, values: dict) -> None:
@@ -98,10 +110,12 @@ class Tracker:
         self._send(run_id, [Metric(k, float(v), now, step) for k, v in values.items()
                             if isinstance(v, (int, float)) and not isinstance(v, bool)])
 
-    def log_curve(self, run_id: str, rows: list[dict], keys: tuple[str, ...]) -> None:
-        """Curve points, one batched call: per-call metric logging on SQLite is slow."""
+    def log_curve(self, run_id: str, rows: list[dict]) -> None:
+        """Curve points by step (every value but the step and where it was taken), one batched
+        call: per-call metric logging on SQLite is slow."""
         now = int(time.time() * 1000)
-        self._send(run_id, [Metric(k, float(r[k]), now, int(r["step"])) for r in rows for k in keys])
+        self._send(run_id, [Metric(k, float(v), now, int(r["step"])) for r in rows for k, v in r.items()
+                            if k not in ("round", "proxy", "step")])
 
     def _send(self, run_id: str, metrics: list[Metric]) -> None:
         for i in range(0, len(metrics), 1000):  # MLflow's per-call limit
@@ -116,6 +130,44 @@ class Tracker:
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status)
+        if run_id in self.open_runs:
+            self.open_runs.remove(run_id)
+
+    def log_data(self, run_id: str, files: dict[str, str | Path]) -> None:
+        """The prepared arrays a run read, as MLflow datasets (context -> .npz file): the UI's
+        Datasets column, and runs on different data told apart by the file's digest."""
+        import mlflow.data
+        from mlflow.entities import DatasetInput, InputTag
+
+        inputs = []
+        for context, path in files.items():
+            path = Path(path)
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+            with np.load(path, allow_pickle=False) as z:
+                images, labels = z["images"], z["labels"]
+            with warnings.catch_warnings():  # MLflow registers its local-file source twice and says so
+                warnings.simplefilter("ignore", UserWarning)
+                ds = mlflow.data.from_numpy(images, targets=labels, source=str(path.resolve()),
+                                            name=f"{self.params.data.source}/{path.stem}", digest=digest)
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        self.client.log_inputs(run_id, datasets=inputs)
+
+    @contextmanager
+    def system_metrics(self, run_id: str, interval: float = 10.0) -> Iterator[None]:
+        """CPU, memory, disk, network (and GPU where present) of the block, with MLflow's own
+        monitor; at least one sample even when the block is shorter than the interval."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=interval, tracking_uri=self.client.tracking_uri)
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
+            if monitor._logging_step == 0:  # the block ended before the monitor's first sample
+                monitor.collect_metrics()
+                monitor.publish_metrics(monitor.aggregate_metrics())
+                monitor.mlflow_logger.flush()
 
 
 class TrainingHooks:
@@ -127,7 +179,7 @@ class TrainingHooks:
 
     def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None:
         child = self.tracker.child(f"round {rnd} proxy {proxy}", parent=self.run_id)
-        self.tracker.log_curve(child, curve, ("loss", "kept", "bank_mean"))
+        self.tracker.log_curve(child, curve)
         self.tracker.finish(child)
 
     def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None:

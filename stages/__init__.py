@@ -2,29 +2,49 @@
 from __future__ import annotations
 
 import functools
+import sys
+from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, load_params
+
+# Stages that log to MLflow: they check the tracking server before any work, so that a dead one
+# costs seconds, not a trained model (MLflow would retry it for minutes, at the end).
+# By file name: under `python -m stages.iet` the module is called __main__.
+TRACKED = {"baseline", "iet", "evaluate", "report", "register"}
 
 
 def stage(fn):
     """Turn the errors a user can fix (bad params, bad data, missing inputs, unreachable tracking
     server, a diverged or out-of-memory training step) into one clear message and exit code 1,
-    without a traceback."""
+    without a traceback; on any failure, mark the MLflow runs the stage opened as failed."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from mlflow.exceptions import MlflowException
 
         from pipeline.data import DataError
         try:
+            if Path(fn.__code__.co_filename).stem in TRACKED and "params_path" in kwargs:
+                from pipeline.store import check_tracking
+
+                check_tracking(load_params(kwargs["params_path"]).tracking)
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError) as err:
-            raise click.ClickException(str(err)) from None
-        except MlflowException as err:
-            raise click.ClickException(f"MLflow tracking failed ({err.message}); "
-                                       "check tracking.uri / MLFLOW_TRACKING_URI") from None
+        except BaseException as err:
+            _close_runs("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if isinstance(err, (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError)):
+                raise click.ClickException(str(err)) from None
+            if isinstance(err, MlflowException):
+                raise click.ClickException(f"MLflow tracking failed ({err.message}); "
+                                           "check tracking.uri / MLFLOW_TRACKING_URI") from None
+            raise
     return wrapper
+
+
+def _close_runs(status: str) -> None:
+    tracking = sys.modules.get("pipeline.tracking")  # not imported: no run was opened
+    if tracking is not None:
+        tracking.fail_open_runs(status)
 
 
 def params_option(fn):

@@ -18,7 +18,8 @@ from stages.train import train_model
 def main(params_path, train_path, out):
     p = load_params(params_path)
     train = ImageSet.load(train_path)
-    train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out)
+    train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out,
+                data={"train": train_path})
 
 
 if __name__ == "__main__":

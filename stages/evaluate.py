@@ -41,6 +41,7 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
 
     tracker = Tracker(p)
     run_id = tracker.child(f"evaluate {model_name}")
+    tracker.log_data(run_id, {k: f"{data_dir}/{k}.npz" for k in ("train", "heldout", "pool")})
     tracker.log_metrics(run_id, result.metrics)
     for row in result.by_round:
         tracker.log_metrics(run_id, {f"round_{k}": v for k, v in row.items() if k != "round"}, step=row["round"])

@@ -18,7 +18,8 @@ from stages.train import read_shards, train_model
 def main(params_path, train_path, shards_path, out):
     p = load_params(params_path)
     train = ImageSet.load(train_path)
-    train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out)
+    train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out,
+                data={"train": train_path})
 
 
 if __name__ == "__main__":

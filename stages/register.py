@@ -5,11 +5,12 @@ import os
 
 import click
 
-from pipeline import registry
+from pipeline import registry, store
 from pipeline.config import load_params
 from pipeline.io import read_json, weights_dir, write_json
 from pipeline.metric_names import REGISTRY, shown_in
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.store import tracking_uri
+from pipeline.tracking import Tracker
 from stages import params_option, stage
 
 MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name
@@ -22,10 +23,10 @@ HEADLINE = [m.key for m in shown_in(REGISTRY)]  # metrics the registered version
 @stage
 def main(params_path, out):
     p = load_params(params_path)
-    registry.fail_fast_http()
+    store.fail_fast_http()
     uri = tracking_uri(p.tracking)
     try:
-        registry.check_store(uri, must_exist=False)
+        store.check_store(uri, must_exist=False)
         # the weights that were evaluated, so the registered model is the one whose metrics it carries
         dirs = {m: registry.find_pipeline_dir(weights_dir(f"runs/{m}", p.eval.weights)) for m in MODELS}
         metrics = {m: read_json(f"runs/eval/{m}/metrics.json") for m in MODELS}
@@ -41,7 +42,7 @@ def main(params_path, out):
             origin = f"git commit {commit[:12]}" + (f", DVC experiment {exp_name}" if exp_name else "")
             result[m] = registry.register(tracker.client, tracker.parent_id, dirs[m], name, p.tracking.alias,
                                           label=m, tags=tags, description=f"{m} model, {origin}")
-    except registry.RegistryError as err:
+    except store.StoreError as err:  # RegistryError is one
         raise click.ClickException(str(err)) from None
     write_json(out, {**result, "tracking_uri": uri})
     tracker.log_artifact(tracker.parent_id, out)

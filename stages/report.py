@@ -8,7 +8,8 @@ from pipeline import tradeoff
 from pipeline.config import load_params
 from pipeline.io import atomic_path, read_json, write_json
 from pipeline.metric_names import REPORT, shown_in
-from pipeline.tracking import Tracker, tracking_uri
+from pipeline.store import tracking_uri
+from pipeline.tracking import Tracker
 from stages import params_option, stage
 
 MODELS = ("baseline", "iet")

@@ -25,8 +25,10 @@ def read_shards(path: str, train: ImageSet) -> np.ndarray:
     return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
 
 
-def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str) -> None:
-    """Under `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock."""
+def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str,
+                data: dict[str, str] | None = None) -> None:
+    """Under `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
+    `data`: the files read, MLflow dataset context -> path."""
     ranks = Ranks.from_environment()
     state = Path("runs/.resume") / name
     if not ranks.is_main:
@@ -37,6 +39,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
                                 "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
                                 "processes": ranks.world})
+    tracker.log_data(run_id, data or {})
     state.parent.mkdir(parents=True, exist_ok=True)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
@@ -48,7 +51,9 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
             raise click.ClickException(f"another process is already training {name} ({state}.lock is held): "
                                        "let it finish or stop it, then run again") from None
         try:
-            summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id), ranks=ranks)
+            with tracker.system_metrics(run_id):
+                summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id),
+                                     ranks=ranks)
         except BaseException:
             tracker.finish(run_id, "FAILED")
             raise

@@ -75,6 +75,8 @@ def test_same_seed_same_images_from_registry_and_local_directory(model, tmp_path
      ["http://127.0.0.1:9 cannot be reached"]),
     (["--model", "no/such/dir"], ["no/such/dir", "no such model directory"]),
     (["--model", "LOCAL", "--steps", "50"], ["--steps", "10 training timesteps"]),
+    (["--model", "LOCAL", "--device", "cuda:99"], ["--device", "'cuda:99': CUDA is not available here"]),
+    (["--model", "LOCAL", "--device", "gpu0"], ["--device", "'gpu0' is not a torch device"]),
 ])
 def test_errors_name_the_problem_and_exit_non_zero(model, tmp_path, args, words):
     local, uri = model
@@ -99,3 +101,12 @@ def test_help_is_quick_and_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "sample" in out.stdout
+
+
+@pytest.mark.parametrize("command", ["tradeoff", "ablation"])
+def test_reading_commands_refuse_a_missing_sqlite_store_instead_of_creating_it(tmp_path, command):
+    typo = tmp_path / "typo.db"
+    extra = ["--out", str(tmp_path / "t.png")] if command == "tradeoff" else []
+    result = CliRunner().invoke(main, [command, "--tracking-uri", f"sqlite:///{typo}", *extra])
+    assert result.exit_code == 1 and f"no MLflow store at {typo}" in result.output, result.output
+    assert not typo.exists() and not (tmp_path / "t.png").exists()

@@ -103,7 +103,7 @@ def test_too_few_images_names_the_sizes():
 def test_small_class_is_topped_up_from_the_others(tmp_path):
     labels = np.array([0] * 3 + [1] * 40 + [2] * 40)
     np.savez(tmp_path / "d.npz", images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
-    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=1, resolution=4)
+    s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=2, resolution=4)
     counts = np.bincount(s.train.labels, minlength=3)
     assert counts.sum() == 30 and counts[0] <= 3 and abs(counts[1] - counts[2]) <= 1
 
@@ -142,14 +142,19 @@ def test_fashion_mnist_reads_idx_files(tmp_path, gz):
     assert len(s.train) == 3 and np.bincount(s.train.labels).tolist() == [1, 1, 1]
 
 
-def test_fashion_mnist_missing_file_says_how_to_install(tmp_path):
+def test_fashion_mnist_missing_file_names_it_and_points_at_data_path_when_set(tmp_path):
     fake_fashion(tmp_path, gz=True)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="t10k-labels-idx1-ubyte") as err:
         load_source(DataConfig(source="fashion-mnist", path=str(tmp_path)))
-    assert "apt-get install dataset-fashion-mnist" in str(err.value) and "data.path" in str(err.value)
-    with pytest.raises(DataError, match="dataset-fashion-mnist"):
-        load_source(DataConfig(source="fashion-mnist", path=str(tmp_path / "nowhere")))
+    assert "check data.path" in str(err.value) and "apt-get" not in str(err.value)
+
+
+def test_fashion_mnist_missing_at_the_default_place_says_how_to_install(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "FASHION_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist") as err:
+        load_source(DataConfig(source="fashion-mnist"))
+    assert "or set data.path" in str(err.value)
 
 
 def test_truncated_idx_file_is_an_error(tmp_path):
@@ -161,6 +166,40 @@ def test_truncated_idx_file_is_an_error(tmp_path):
 
 
 # ---------------------------------------------------------------- folder
+
+def _folder_image(tmp_path, img):
+    img.save(tmp_path / "x.png")
+    cfg = DataConfig(source="folder", path=str(tmp_path), resolution=img.width)
+    return load_source(cfg.model_copy(update={"channels": 1}))[0][0, 0], \
+        load_source(cfg.model_copy(update={"channels": 3}))[0][0]
+
+
+def test_16_bit_grey_png_is_scaled_not_clipped(tmp_path):
+    ramp = np.linspace(0, 65535, 64).round().astype(np.uint16).reshape(8, 8)
+    grey, rgb = _folder_image(tmp_path, Image.fromarray(ramp))
+    expected = np.rint(ramp / 257).astype(np.uint8)
+    assert np.abs(grey.astype(int) - expected).max() <= 1
+    assert np.abs(rgb.astype(int) - expected).max() <= 1  # same grey in every channel
+
+
+def test_rgba_transparent_pixels_become_black_and_opaque_ones_keep_their_colour(tmp_path):
+    rgba = np.zeros((8, 8, 4), np.uint8)
+    rgba[:, :4] = (200, 100, 50, 255)   # opaque left half
+    rgba[:, 4:] = (255, 255, 255, 0)    # fully transparent right half, white underneath
+    grey, rgb = _folder_image(tmp_path, Image.fromarray(rgba, "RGBA"))
+    assert (rgb[:, :, :4] == np.array([200, 100, 50])[:, None, None]).all()
+    assert (rgb[:, :, 4:] == 0).all() and (grey[:, 4:] == 0).all()
+
+
+def test_palette_images_use_their_colours_and_transparency(tmp_path):
+    pal = Image.fromarray(np.repeat(np.arange(8, dtype=np.uint8)[None], 8, axis=0), "P")
+    pal.putpalette([v for i in range(256) for v in (i * 30 % 256, 0, 255 - i * 30 % 256)])
+    _, rgb = _folder_image(tmp_path, pal)
+    assert (rgb[:, 0, 3] == [90, 0, 165]).all()  # palette entry 3
+    pal.info["transparency"] = 3
+    _, rgb = _folder_image(tmp_path, pal)
+    assert (rgb[:, :, 3] == 0).all() and (rgb[:, 0, 2] == [60, 0, 195]).all()
+
 
 def save_image(path, size=(20, 12), color=(255, 0, 0), mode="RGB"):
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -181,7 +220,7 @@ def test_folder_with_class_subfolders_and_nested_dirs(tmp_path):
 def test_folder_without_subfolders_is_unlabelled(tmp_path):
     for i in range(4):
         save_image(tmp_path / f"{i}.png", size=(30, 10))
-    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=1,
+    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=2,
                                   resolution=4), 0)
     assert s.train.images.shape == (2, 1, 4, 4) and np.all(s.train.labels == -1)
 

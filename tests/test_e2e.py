@@ -93,11 +93,11 @@ def _stale_stages_follow_what_changed(repo, env):
     """Where results are logged re-runs only what reads it; the sampler's code re-runs the evaluations."""
     params = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(params.replace("alias: candidate", "alias: production"))
-    assert _stale(repo, env) == {"register"}
+    assert _stale(repo, env) == {"validate", "register"}  # validate re-checks; its marker stays the same
     (repo / "params.yaml").write_text(params)
     sampler = (repo / "pipeline/sampling.py").read_text()
     (repo / "pipeline/sampling.py").write_text(sampler + "\n# touched\n")
-    assert _stale(repo, env) == {"evaluate@baseline", "evaluate@iet", "register"}  # register: the pyfunc samples
+    assert _stale(repo, env) == {"evaluate@baseline", "evaluate@iet", "register"}  # register: its pyfunc samples
     (repo / "pipeline/sampling.py").write_text(sampler)
     assert _stale(repo, env) == set()
 
@@ -105,7 +105,7 @@ def _stale_stages_follow_what_changed(repo, env):
 def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
-    all_stages = {"prepare", "split", "features", "fid_reference", "baseline", "iet", "evaluate@baseline",
+    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "baseline", "iet", "evaluate@baseline",
                   "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
     report = (repo / "reports/report.md").read_text()
@@ -128,7 +128,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "ran"], repo, env)
     log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
-    assert _ran(log) == {"iet", "evaluate@iet", "report", "register"}
+    assert _ran(log) == {"validate", "iet", "evaluate@iet", "report", "register"}
 
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "mem_ratio" in shown and "0.8" in shown

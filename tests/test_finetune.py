@@ -15,6 +15,7 @@ from pipeline.pretrained import initial_unet
 ARCH = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
 TINY = {"data": {"train_size": 8, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
         "train": {"batch_size": 4, "lr": 1e-4, "warmup_steps": 0, "threads": 1},
         "iet": {"shards": 2, "rounds": 2, "local_epochs": 2},
         "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
@@ -135,3 +136,32 @@ def test_an_mlflow_model_of_this_project_is_fetched_and_loaded(pretrained, tmp_p
         assert all(torch.equal(unet.state_dict()[k], weights[k]) for k in weights), uri
     with pytest.raises(ConfigError, match="model.init_from: models:/absent/1: no registered model 'absent'"):
         initial_unet(_params("models:/absent/1", tracking={"uri": store}), seed=0)
+
+
+def _broken_copy(pretrained, tmp_path, layout):
+    import shutil
+
+    dest = tmp_path / layout
+    shutil.copytree(pretrained[0] / layout, dest)
+    return dest, (dest / "config.json" if layout == "unet_only" else dest / "unet/config.json")
+
+
+@pytest.mark.parametrize("layout", ["unet_only", "pipeline"])
+@pytest.mark.parametrize("breakage, words", [
+    ("malformed_config", "is not readable JSON"),
+    ("no_class_name", "names no model class (_class_name)"),
+    ("missing_weights", "cannot be loaded"),
+])
+def test_a_broken_init_from_model_is_one_config_error_naming_it(pretrained, tmp_path, layout, breakage, words):
+    root, config = _broken_copy(pretrained, tmp_path, layout)
+    if breakage == "malformed_config":
+        config.write_text('{"_class_name": "UNet2DModel", ')
+    elif breakage == "no_class_name":
+        config.write_text(config.read_text().replace('"_class_name"', '"_other"'))
+    else:
+        (config.parent / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(ConfigError) as err:
+        initial_unet(_params(root), seed=0)
+    message = str(err.value)
+    assert message.startswith(f"model.init_from: {root}") and words in message and "\n" not in message
+    assert "None" not in message

@@ -24,6 +24,7 @@ PINNED = {
 }
 TINY = {"data": {"train_size": 12, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
         "train": {"batch_size": 8, "lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1},
         "iet": {"shards": 3, "rounds": 3, "local_epochs": 12},
         "agc": {"tau": 0.9, "bank_decay": 0.8},

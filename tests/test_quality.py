@@ -20,7 +20,7 @@ from pipeline.config import DataConfig, Params, TrackingConfig
 from pipeline.data import prepare_splits
 from pipeline.tracking import Tracker
 from pipeline.evaluation import inception_scores
-from stages import evaluate, fid_reference, report
+from stages import fid_reference, report
 
 N = 16
 

@@ -18,6 +18,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelStatus  # noqa: E402
 
 from pipeline import registry  # noqa: E402
+from pipeline.store import StoreError  # noqa: E402
 from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from stages import register as register_stage  # noqa: E402
@@ -132,14 +133,14 @@ def test_missing_version_alias_or_model_is_named(registered, uri, words):
 
 def test_unreachable_server_fails_fast_and_names_it():
     start = time.monotonic()
-    with pytest.raises(registry.RegistryError, match=r"http://127\.0\.0\.1:9 cannot be reached"):
+    with pytest.raises(StoreError, match=r"http://127\.0\.0\.1:9 cannot be reached"):
         registry.load_diffusers("models:/tiny@candidate", tracking_uri="http://127.0.0.1:9")
     assert time.monotonic() - start < 10
 
 
 def test_missing_sqlite_store_is_not_created(tmp_path):
     db = tmp_path / "none.db"
-    with pytest.raises(registry.RegistryError, match="no MLflow store"):
+    with pytest.raises(StoreError, match="no MLflow store"):
         registry.load_diffusers("models:/tiny@candidate", tracking_uri=f"sqlite:///{db}")
     assert not db.exists()
 

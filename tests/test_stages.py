@@ -32,7 +32,7 @@ def test_bad_data_names_the_file_and_writes_nothing(tmp_path):
     images.mkdir()
     (images / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "prepared"
-    params = _params(tmp_path, data={"source": "folder", "path": str(images), "train_size": 2, "heldout_size": 1},
+    params = _params(tmp_path, data={"source": "folder", "path": str(images), "train_size": 2, "heldout_size": 2},
                      iet={"shards": 1})
     result = CliRunner().invoke(prepare.main, ["--params", params, "--out", str(out)])
     assert result.exit_code == 1 and "broken.png" in result.output

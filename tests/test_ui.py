@@ -52,7 +52,7 @@ def store(tmp_path, monkeypatch):
     for model in ("baseline", "iet"):
         run = tracker.child(model)
         proxy = tracker.child("round 1 proxy 1", parent=run)
-        tracker.log_curve(proxy, [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)], ("loss",))
+        tracker.log_curve(proxy, [{"step": s, "loss": 1.0 / (s + 1)} for s in range(5)])
         tracker.finish(proxy)
         tracker.finish(run)
     tracker.log_metrics(tracker.parent_id, {"baseline.mem_ratio": 0.5, "iet.mem_ratio": MEM_RATIO})

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import AugmentConfig
 from pipeline.mitigation.base import Mitigation
 from pipeline.mitigation.taa import augment
 

@@ -1,0 +1,73 @@
+"""Where the MLflow store is, and whether it can be used at all, decided in seconds and without
+importing MLflow: an HTTP server that does not answer, or a SQLite file that should exist and
+does not."""
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from pipeline.config import ConfigError, TrackingConfig
+
+
+class StoreError(Exception):
+    """The tracking store cannot be used; the message names its URI."""
+
+
+def fail_fast_http() -> None:
+    """MLflow retries a failing HTTP request 7 times with exponential backoff (minutes in all);
+    a command line tool should say the server is gone within seconds. Explicit settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None:
+    """Stop early, naming the URI, when the tracking store cannot be used: an HTTP server that does
+    not answer, or (when reading) a SQLite file that does not exist, which MLflow would otherwise
+    create empty and then report the model as missing."""
+    parsed = urllib.parse.urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+        except urllib.error.HTTPError:
+            pass  # the server answered; whatever it said, it is there
+        except (urllib.error.URLError, OSError, socket.timeout) as err:
+            reason = getattr(err, "reason", err)
+            raise StoreError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it or "
+                                "set tracking.uri / MLFLOW_TRACKING_URI / --tracking-uri") from None
+    elif parsed.scheme == "sqlite" and must_exist:
+        path = uri[len("sqlite:///"):]
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise StoreError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
+                                "or give the right tracking URI")
+
+
+def repo_root() -> Path:
+    """The workspace, also from inside a queued DVC experiment (run in a copy under .dvc/tmp/exps),
+    so every experiment logs into the workspace's store."""
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def tracking_uri(cfg: TrackingConfig) -> str:
+    return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def check_tracking(cfg: TrackingConfig) -> str:
+    """The tracking URI, after making sure it answers within seconds: MLflow itself retries a dead
+    server for minutes. A SQLite store that does not exist yet is fine, the pipeline creates it."""
+    uri = tracking_uri(cfg)
+    fail_fast_http()
+    try:
+        check_store(uri, must_exist=False)
+    except StoreError as err:
+        raise ConfigError(str(err)) from None
+    return uri

@@ -1,0 +1,26 @@
+"""validate: check every parameter before DVC touches any output. DVC deletes a stage's outputs
+before running it, so a bad value found by the stage itself would already have cost its trained
+model; every stage depends on this one, which runs first. Its output is a fixed marker, the same
+for all valid params, so that a valid change re-runs only the stages that read the changed key."""
+import click
+
+from pipeline.config import load_params
+from pipeline.io import atomic_path
+from stages import params_option, stage
+
+MARKER = "params.yaml is valid\n"
+
+
+@click.command()
+@params_option
+@click.option("--out", default="runs/validate/params_ok", show_default=True)
+@stage
+def main(params_path, out):
+    load_params(params_path)
+    with atomic_path(out) as tmp:
+        tmp.write_text(MARKER)
+    click.echo(f"{params_path}: valid")
+
+
+if __name__ == "__main__":
+    main()

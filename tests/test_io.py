@@ -1,0 +1,45 @@
+"""Outputs are written atomically and with the permissions the user's umask asks for."""
+import os
+import stat
+
+import numpy as np
+import pytest
+
+from pipeline import features
+from pipeline.data import ImageSet
+from pipeline.figures import save_grid
+from pipeline.io import write_json
+
+
+@pytest.fixture(params=[0o022, 0o077, 0o002])
+def umask(request):
+    before = os.umask(request.param)
+    yield request.param
+    os.umask(before)
+
+
+def _mode(path):
+    return stat.S_IMODE(os.stat(path).st_mode)
+
+
+def test_written_files_and_folders_respect_the_umask(umask, tmp_path):
+    import torch
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    ImageSet(np.zeros((2, 1, 4, 4), np.uint8), np.zeros(2, np.int64), np.arange(2)).save(tmp_path / "d.npz")
+    save_grid(torch.zeros(4, 1, 4, 4), tmp_path / "grid.png")
+    features.save_feature_net(features.FeatureNet(channels=1, num_classes=2), tmp_path / "net")
+    for name in ("a.json", "d.npz", "grid.png", "net/" + features.WEIGHTS):
+        assert _mode(tmp_path / name) == 0o666 & ~umask, name
+    assert _mode(tmp_path / "net") == 0o777 & ~umask
+
+
+def test_saved_models_respect_the_umask(umask, tmp_path):
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_scheduler, build_unet, save_pipeline
+
+    cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
+    save_pipeline(build_unet(cfg, 8, 1, seed=0), build_scheduler(cfg), tmp_path / "model")
+    weights = tmp_path / "model/unet/diffusion_pytorch_model.safetensors"
+    assert _mode(weights) == 0o666 & ~umask
+    assert _mode(tmp_path / "model/unet") == 0o777 & ~umask

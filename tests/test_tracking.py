@@ -1,0 +1,106 @@
+"""MLflow bookkeeping of the stages: a failure leaves no run RUNNING, a dead server is said before
+any work, and every training and evaluation run records its data and its machine's load."""
+import fcntl
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from pipeline.config import parse_params
+from pipeline.data import ImageSet
+from pipeline.tracking import PARENT_KEY, Tracker
+from stages import baseline, evaluate, iet, register, report
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+TINY = {"data": {"train_size": 8, "heldout_size": 4, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "eval": {"ddim_steps": 4},
+        "train": {"batch_size": 4, "warmup_steps": 0, "threads": 1},
+        "iet": {"shards": 2, "rounds": 1, "local_epochs": 1}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite store for the module: a new one costs seconds of schema migration."""
+    root = tmp_path_factory.mktemp("store")
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+def _project(root: Path, uri: str, experiment: str) -> Path:
+    raw = yaml.safe_load(PARAMS.read_text())
+    for group, values in {**TINY, "tracking": {"uri": uri, "experiment": experiment}}.items():
+        raw[group].update(values)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    g = np.random.default_rng(0)
+    ImageSet(g.integers(0, 256, (8, 1, 8, 8), dtype=np.uint8), np.arange(8) % 2,
+             np.arange(8)).save(root / "data/prepared/train.npz")
+    return root
+
+
+def _runs(uri, experiment):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id])
+
+
+def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(_project(tmp_path, store, "fail"))
+    Path("runs/.resume").mkdir(parents=True)
+    with open("runs/.resume/baseline.lock", "w") as held:  # another trainer: the stage must stop
+        fcntl.flock(held, fcntl.LOCK_EX)
+        result = CliRunner().invoke(baseline.main, [])
+    assert result.exit_code == 1 and "already training baseline" in result.output
+    runs = _runs(store, "fail")
+    parent = next(r for r in runs if PARENT_KEY in r.data.tags)
+    assert {r.info.status for r in runs} == {"FAILED"}, {r.info.run_name: r.info.status for r in runs}
+
+    result = CliRunner().invoke(baseline.main, [])
+    assert result.exit_code == 0, result.output
+    runs = _runs(store, "fail")
+    again = [r for r in runs if PARENT_KEY in r.data.tags]
+    assert [r.info.run_id for r in again] == [parent.info.run_id]  # the same execution, not a second parent
+    assert again[0].info.status == "RUNNING"  # open for evaluate and report, which finishes it
+    trained = sorted(r.info.status for r in runs if r.info.run_name == "baseline")
+    assert trained == ["FAILED", "FINISHED"]  # the failed attempt stays marked, the rerun is complete
+
+
+def test_training_runs_record_their_data_and_system_metrics(store, tmp_path, monkeypatch):
+    monkeypatch.chdir(_project(tmp_path, store, "provenance"))
+    result = CliRunner().invoke(baseline.main, [])
+    assert result.exit_code == 0, result.output
+    (run,) = [r for r in _runs(store, "provenance") if r.info.run_name == "baseline"]
+    (used,) = run.inputs.dataset_inputs
+    assert used.dataset.source_type == "local" and "train.npz" in used.dataset.source
+    assert '"features_shape": [8, 1, 8, 8]' in used.dataset.profile
+    assert {t.value for t in used.tags} == {"train"}
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= run.data.metrics.keys()
+
+
+def test_runs_on_different_data_have_different_dataset_digests(store, tmp_path):
+    p = parse_params({"tracking": {"uri": store, "experiment": "digests"}})
+    tracker = Tracker(p)
+    digests = []
+    for seed in (0, 1):
+        path = tmp_path / f"{seed}/train.npz"
+        g = np.random.default_rng(seed)
+        ImageSet(g.integers(0, 256, (4, 1, 8, 8), dtype=np.uint8), np.zeros(4, np.int64), np.arange(4)).save(path)
+        run_id = tracker.child(f"data {seed}")
+        tracker.log_data(run_id, {"train": path})
+        tracker.finish(run_id)
+        digests.append(tracker.client.get_run(run_id).inputs.dataset_inputs[0].dataset.digest)
+    assert digests[0] != digests[1]
+
+
+@pytest.mark.parametrize("command, args", [(baseline.main, []), (iet.main, []), (evaluate.main, ["iet"]),
+                                           (report.main, []), (register.main, [])],
+                         ids=["baseline", "iet", "evaluate", "report", "register"])
+def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monkeypatch, command, args):
+    monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", "dead"))
+    before = sorted(p for p in tmp_path.rglob("*"))
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 1
+    assert "MLflow tracking server http://127.0.0.1:9 cannot be reached" in result.output
+    assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing trained, sampled or written

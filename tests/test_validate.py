@@ -1,0 +1,96 @@
+"""The validate stage under a real `dvc repro`: a bad value stops the run before DVC deletes any
+stage's outputs, and a valid change re-runs only the stages that read it."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from stages import validate
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"data": {"train_size": 8, "heldout_size": 4, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "train": {"batch_size": 8, "warmup_steps": 0, "threads": 1},
+        "iet": {"shards": 2, "rounds": 1, "local_epochs": 1},
+        "msr": {"enabled": False}, "eval": {"ddim_steps": 4}}
+
+
+def _run(args, cwd, env, ok=True):
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert (out.returncode == 0) == ok, f"{' '.join(args)}: rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def _set(repo, group, key, value):
+    raw = yaml.safe_load((repo / "params.yaml").read_text())
+    raw[group][key] = value
+    (repo / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    dest = tmp_path / "repo"
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in {**TINY, "tracking": {"uri": f"sqlite:///{dest / 'mlflow.db'}"}}.items():
+        raw[group].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        _run(cmd, dest, env)
+    return dest, env
+
+
+def test_a_bad_value_under_dvc_repro_keeps_the_trained_model(repo):
+    repo, env = repo
+    _run(["dvc", "repro", "iet"], repo, env)
+    kept = ["runs/iet/model/unet/diffusion_pytorch_model.safetensors", "runs/iet/model_ema/model_index.json",
+            "runs/iet/train_info.json", "runs/iet/curves.csv"]
+    before = {f: (repo / f).read_bytes() for f in kept}
+
+    _set(repo, "agc", "tau", 1.5)
+    log = _run(["dvc", "repro", "iet"], repo, env, ok=False)
+    assert "agc.tau: must be in (0, 1] (got 1.5)" in log
+    assert {f: (repo / f).read_bytes() for f in kept if (repo / f).is_file()} == before
+
+    _set(repo, "agc", "tau", 0.5)  # back to valid: nothing to redo but the check itself
+    log = _run(["dvc", "repro", "iet"], repo, env)
+    assert set(re.findall(r"Running stage '([^']+)'", log)) <= {"validate"}
+    _set(repo, "eval", "num_samples", 8)  # a key iet does not read: iet stays cached
+    log = _run(["dvc", "repro", "iet"], repo, env)
+    assert set(re.findall(r"Running stage '([^']+)'", log)) == {"validate"}
+
+
+def test_the_marker_is_the_same_for_all_valid_params(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    outputs = []
+    for tau in (0.5, 0.8):
+        raw["agc"]["tau"] = tau
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+        out = tmp_path / f"ok{tau}"
+        result = CliRunner().invoke(validate.main, ["--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        outputs.append(out.read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_validate_stage_writes_nothing_for_bad_params(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["seeds"]["train"] = -1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    out = tmp_path / "ok"
+    result = CliRunner().invoke(validate.main, ["--params", str(tmp_path / "params.yaml"), "--out", str(out)])
+    assert result.exit_code == 1 and "seeds.train" in result.output and not out.exists()
