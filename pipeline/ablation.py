@@ -52,7 +52,9 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
             continue
         model, params = name.split(" ", 1)[1], parent.data.params
         label, tau = variant(params, model)
-        m = dict(r.data.metrics)
+        # what the report derived from both models (matched quality) is logged on the parent
+        m = {**{k.split(".", 1)[1]: v for k, v in parent.data.metrics.items() if k.startswith(model + ".")},
+             **r.data.metrics}
         if (parent.info.run_id, model) in trained:
             m["train_seconds"] = trained[(parent.info.run_id, model)]
         records.append({"model": model, "variant": label, "tau": tau, "seed": params.get("seeds.train"),

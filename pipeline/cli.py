@@ -106,7 +106,7 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
 
     from pipeline.config import ConfigError
     from pipeline.io import local_path
-    from pipeline.registry import fetched
+    from pipeline.fetch import fetched
     from pipeline.store import StoreError
 
     try:

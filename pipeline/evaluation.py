@@ -1,7 +1,9 @@
-"""Evaluating one trained model: DDIM samples, how many copy a training image (held-out real
-images give the reference; SSCD similarity when eval.sscd), how good they are (classifier-feature
-FD/KID; Inception FID/KID against the fid_reference stage's cached statistics), and memorization
-over the rounds. The evaluate stage loads the inputs, calls `evaluate` and writes the outputs."""
+"""Evaluating one trained model: DDIM samples, how many copy a training image and which ones
+(against the training set with exact duplicates collapsed; held-out real images give the
+reference; SSCD similarity when eval.sscd), how good they are (classifier-feature FD/KID;
+Inception FID/KID against the fid_reference stage's cached statistics), how much membership leaks
+(loss attack and PIA), and memorization against quality over training. The evaluate stage loads
+the inputs, calls `evaluate` and writes the outputs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,13 +12,16 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from pipeline import inception, metrics
+from pipeline import inception, metrics, privacy
 from pipeline.config import Params
+from pipeline.duplicates import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
 from pipeline.io import read_json
 from pipeline.sampling import sample
 
-ROUND_KEYS = ("mem_ratio", "mean_nn1", "official_below_0.15")  # per point of the memorization curve
+# per point of the curve over training: memorization and quality of the same samples
+ROUND_KEYS = ("mem_ratio", "mean_nn1", "official_below_0.15", "fd", "kid")
+LOSS_PAIRS = 8  # (t, noise) draws per image of the loss attack and the per-image loss
 
 
 @dataclass(frozen=True)
@@ -25,6 +30,7 @@ class EvalData:
     train: torch.Tensor
     heldout: torch.Tensor
     pool: torch.Tensor
+    groups: DuplicateGroups  # exact duplicates in train: scores are against one image per group
 
 
 @dataclass
@@ -33,7 +39,8 @@ class Evaluation:
     samples: torch.Tensor
     scores: dict            # per generated sample (metrics.memorization_scores)
     heldout_scores: dict    # the same for held-out real images
-    by_round: list[dict]    # memorization of each round's averaged weights
+    by_round: list[dict]    # memorization and quality of each checkpoint, in training order
+    copies: list[dict]      # per unique training image: copies, nearest, size, loss
 
 
 def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, rounds_dir: Path,
@@ -41,18 +48,32 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
     """Everything the evaluate stage reports for one model. `unet` ends holding the last round's
     weights (the curve loads each round's into it)."""
     samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
-    gen_scores = metrics.memorization_scores(samples, data.train)
-    ref_scores = metrics.memorization_scores(data.heldout, data.train)
+    gen_scores = dedup_memorization_scores(samples, data.train, data.groups)
+    ref_scores = dedup_memorization_scores(data.heldout, data.train, data.groups)
+    copies = copy_table(unet, scheduler, gen_scores, data, p.seeds.eval)
+    members = data.train[torch.from_numpy(data.groups.representatives)]
     result = {
         **metrics.summarize(gen_scores),
         **metrics.summarize(ref_scores, prefix="heldout_"),
+        **copy_headline(copies),
+        **data.groups.summary(),
         **feature_quality(feature_net, samples, data),
         "num_samples": p.eval.num_samples,
+        **privacy.membership_inference(unet, scheduler, members, data.heldout, seed=p.seeds.eval, pairs=LOSS_PAIRS),
         **inception_scores(samples, reference_dir, p.seeds.eval),
         **(sscd_scores(samples, data, p) if p.eval.sscd else {}),
     }
-    by_round = memorization_by_round(unet, scheduler, rounds_dir, data.train, p)
-    return Evaluation(result, samples, gen_scores, ref_scores, by_round)
+    by_round = curve_over_training(unet, scheduler, rounds_dir, data, feature_net, p)
+    return Evaluation(result, samples, gen_scores, ref_scores, by_round, copies)
+
+
+def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list[dict]:
+    """duplicates.copy_counts, each unique image also with its denoising loss under this model
+    (the loss attack's score, negated): which images are copied, and whether low loss predicts it."""
+    table = copy_counts(scores, data.groups)
+    members = data.train[torch.from_numpy(data.groups.representatives)]
+    losses = -privacy.loss_scores(unet, scheduler, members, pairs=LOSS_PAIRS, seed=seed)
+    return [{**row, "loss": float(loss)} for row, loss in zip(table, losses)]
 
 
 def feature_quality(feature_net, samples: torch.Tensor, data: EvalData) -> dict:
@@ -63,22 +84,37 @@ def feature_quality(feature_net, samples: torch.Tensor, data: EvalData) -> dict:
             "kid": metrics.kernel_inception_distance(f_gen, f_pool)}
 
 
-def memorization_by_round(unet, scheduler, rounds_dir: Path, train: torch.Tensor, p: Params) -> list[dict]:
-    """Memorization of each round's averaged weights (raw, whatever eval.weights says: EMA is not
-    kept per round) on eval.curve_samples samples: how copying grows or fades over training. The
-    same seed every round, so rounds differ only by their weights."""
+def checkpoints(rounds_dir: Path) -> list[tuple[float, Path]]:
+    """(training progress in rounds, weights file) of every saved checkpoint, in training order: each
+    round's averaged weights at its end, and the baseline's checkpoints within a round in between."""
+    points = []
+    for round_dir in sorted(Path(rounds_dir).glob("round_*")):
+        rnd = int(round_dir.name.split("_")[1])
+        inner = sorted(round_dir.glob("checkpoint_*.safetensors"))
+        points += [(rnd + (j + 1) / (len(inner) + 1), f) for j, f in enumerate(inner)]
+        if (round_dir / "aggregated.safetensors").is_file():
+            points.append((rnd + 1.0, round_dir / "aggregated.safetensors"))
+    if not points:
+        raise FileNotFoundError(f"{rounds_dir}: no round_*/aggregated.safetensors (re-run the training stage)")
+    return points
+
+
+def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, feature_net, p: Params) -> list[dict]:
+    """Memorization and quality of every checkpoint (raw weights, whatever eval.weights says: EMA is
+    not kept per round) on eval.curve_samples samples, the same seed for every point, so points
+    differ only by their weights: how copying grows against quality as training goes on."""
     if p.eval.curve_samples == 0:
         return []
-    files = sorted(Path(rounds_dir).glob("round_*/aggregated.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{rounds_dir}: no round_*/aggregated.safetensors (re-run the training stage)")
-    rows = []
-    for rnd, path in enumerate(files, start=1):
+    f_pool = extract_features(feature_net, data.pool)
+    rows, points = [], checkpoints(rounds_dir)
+    for i, (progress, path) in enumerate(points, start=1):
         unet.load_state_dict(load_file(str(path)))
         x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
-                   desc=f"round {rnd}/{len(files)}")
-        s = metrics.summarize(metrics.memorization_scores(x, train))
-        rows.append({"round": rnd, **{k: s[k] for k in ROUND_KEYS}})
+                   desc=f"checkpoint {i}/{len(points)}")
+        s = metrics.summarize(dedup_memorization_scores(x, data.train, data.groups))
+        f_gen = extract_features(feature_net, x)
+        s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool))
+        rows.append({"round": round(progress, 4), **{k: s[k] for k in ROUND_KEYS}})
     return rows
 
 

@@ -90,6 +90,42 @@ def save_copies_figure(samples: torch.Tensor, train: torch.Tensor, scores: dict,
     _save_figure(fig, path)
 
 
+def save_most_copied(train: torch.Tensor, table: list[dict], path, top: int = 16) -> None:
+    """The training images the samples copy most, each with its copy count and how often it is
+    stored in the training set (duplicates.copy_counts rows); a note when nothing is copied."""
+    rows = sorted((r for r in table if r["copies"] > 0), key=lambda r: (-r["copies"], r["group"]))[:top]
+    cols = min(8, max(1, len(rows)))
+    fig = Figure(figsize=(1.3 * cols, 1.35 * max(1, math.ceil(len(rows) / cols)) + 0.5))
+    axes = fig.subplots(max(1, math.ceil(len(rows) / cols)), cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    if not rows:
+        axes.flat[0].text(0.5, 0.5, "no sample copies a training image", ha="center", va="center", fontsize=8)
+    images = _to_uint8(train[torch.as_tensor([r["position"] for r in rows], dtype=torch.long)]) if rows else []
+    for ax, row, img in zip(axes.flat, rows, images):
+        ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_title(f"{row['copies']} copies" + (f"\n(x{row['size']} in train)" if row["size"] > 1 else ""),
+                     fontsize=7)
+    fig.suptitle("most-copied training images (NN1/NN2 < 1/3 against the de-duplicated set)", fontsize=8)
+    _save_figure(fig, path)
+
+
+def save_risk(rows: list[dict], path) -> None:
+    """Per unique training image: IET's mean AGC skip rate against how often the baseline copies it,
+    duplicated images marked apart (comparison.risk_table rows)."""
+    fig = Figure(figsize=(5.5, 3.4))
+    ax = fig.subplots()
+    for dup, marker, label in ((False, "o", "stored once"), (True, "s", "duplicated in train")):
+        pts = [r for r in rows if (r["size"] > 1) == dup]
+        if pts:
+            ax.scatter([r["iet_skip_rate"] for r in pts], [r["baseline_copies"] for r in pts], marker=marker,
+                       s=18, alpha=0.6, label=f"{label} ({len(pts)})")
+    ax.set_xlabel("IET AGC skip rate (mean over rounds)")
+    ax.set_ylabel("baseline samples copying it")
+    ax.legend(fontsize=7)
+    _save_figure(fig, path)
+
+
 def save_ratio_histogram(gen_scores: dict, heldout_scores: dict, path) -> None:
     """NN1/NN2 ratio of generated vs held-out real images; left of the line at 1/3 is memorized."""
     fig = Figure(figsize=(5.5, 3.2))

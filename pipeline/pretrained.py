@@ -24,7 +24,7 @@ def initial_unet(params: Params, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)  # as build_unet: nothing after depends on what ran before
     path = local_path(source)
     if path is None:  # models:/, runs:/, ...: only then is MLflow needed
-        from pipeline.registry import fetched
+        from pipeline.fetch import fetched
         from pipeline.store import StoreError
         from pipeline.store import tracking_uri
         try:

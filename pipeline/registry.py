@@ -1,4 +1,5 @@
-"""The final models in the MLflow model registry, and back out of it with one call.
+"""The final models in the MLflow model registry (getting them back by URI is pipeline/fetch.py,
+re-exported here: `from pipeline.registry import load_diffusers`).
 
 A model is logged as an MLflow pyfunc model whose artifact `pipeline/` is the diffusers
 `save_pretrained` directory (model_index.json, unet/, scheduler/). Other code relies on that: an
@@ -10,13 +11,11 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version as installed_version
 from pathlib import Path
-from typing import Iterator
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -29,8 +28,7 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import Model, ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec  # noqa: E402
 
-from pipeline.io import local_path  # noqa: E402
-from pipeline.store import StoreError, check_store, fail_fast_http  # noqa: E402
+from pipeline.fetch import RegistryError, _not_found, fetched, find_pipeline_dir, load_diffusers  # noqa: E402,F401
 
 PIPELINE_ARTIFACT = "pipeline"      # artifact key and directory name of the save_pretrained folder
 PROJECT_TAG = "iet_agc.project"     # on registered models this project created
@@ -39,23 +37,6 @@ DEFAULT_STEPS = 50
 # Pinned from what is installed (cheap); letting MLflow infer them loads the model and takes seconds.
 _REQUIREMENTS = ("torch", "diffusers", "accelerate", "safetensors", "numpy", "pandas", "pydantic",
                  "pyyaml", "tqdm", "mlflow")
-
-
-class RegistryError(StoreError):
-    """A registry problem the user can fix; the message names the store, model or version."""
-
-
-def find_pipeline_dir(root: str | Path) -> Path:
-    """The diffusers pipeline directory at or below `root` (the shallowest model_index.json)."""
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{root}: no such model directory")
-    if (root / "model_index.json").is_file():
-        return root
-    found = sorted(root.rglob("model_index.json"), key=lambda p: (len(p.parts), str(p)))
-    if not found:
-        raise FileNotFoundError(f"{root}: not a diffusers pipeline (no model_index.json inside)")
-    return found[0].parent
 
 
 def requirements() -> list[str]:
@@ -140,10 +121,6 @@ def log_pipeline(client: MlflowClient, run_id: str, model_dir: str | Path, name:
     return logged.model_id
 
 
-def _not_found(err: MlflowException) -> bool:
-    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND")
-
-
 def claim_names(client: MlflowClient, names: list[str]) -> None:
     """Create the registered models this project will add versions to, refusing (before anything is
     created) a name that exists without this project's tag: it belongs to someone else."""
@@ -184,103 +161,3 @@ def register(client: MlflowClient, run_id: str, model_dir: str | Path, name: str
     client.set_registered_model_alias(name, alias, mv.version)
     return {"name": name, "version": int(mv.version), "alias": alias, "run_id": run_id, "model_id": model_id,
             "model_uri": f"models:/{name}/{mv.version}", "alias_uri": f"models:/{name}@{alias}"}
-
-
-_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>[^/@]+))?$")
-
-
-def _describe(client: MlflowClient, name: str) -> str:
-    versions = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    aliases = client.get_registered_model(name).aliases
-    return (f"versions: {', '.join(map(str, versions)) or 'none'}; aliases: "
-            + (", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"))
-
-
-def _download_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
-    """models:/NAME@ALIAS, models:/NAME/VERSION, models:/NAME/latest or models:/<logged model id>
-    -> (artifact location, what it resolved to)."""
-    m = _MODELS_URI.match(uri)
-    if not m:
-        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
-    name, alias, ver = m["name"], m["alias"], m["version"]
-    if alias is None and ver is None and not name.startswith("m-"):
-        raise RegistryError(f"{uri}: give a version or an alias (models:/{name}/VERSION or models:/{name}@ALIAS)")
-    if alias is None and ver is None:  # models:/m-... : a logged model, registered or not
-        try:
-            return client.get_logged_model(name).artifact_location, f"logged model {name}"
-        except MlflowException as err:
-            if not _not_found(err):
-                raise
-            raise RegistryError(f"{uri}: no logged model '{name}' in {client.tracking_uri}") from None
-    try:
-        model = client.get_registered_model(name)
-    except MlflowException as err:
-        if not _not_found(err):
-            raise
-        known = [r.name for r in client.search_registered_models(max_results=20)]
-        raise RegistryError(f"{uri}: no registered model '{name}' in {client.tracking_uri} "
-                            f"(registered: {', '.join(known) or 'none'})") from None
-    if alias is not None and alias not in model.aliases:  # the store answers this with a generic error
-        raise RegistryError(f"{uri}: registered model '{name}' has no alias '{alias}' ({_describe(client, name)})")
-    try:
-        if alias is not None:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif ver == "latest":
-            versions = client.search_model_versions(f"name='{name}'")
-            if not versions:
-                raise RegistryError(f"{uri}: registered model '{name}' has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
-        elif ver.isdigit():
-            mv = client.get_model_version(name, ver)
-        else:
-            raise RegistryError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
-    except MlflowException as err:
-        if not _not_found(err):
-            raise
-        raise RegistryError(f"{uri}: registered model '{name}' has no version {ver} "
-                            f"({_describe(client, name)})") from None
-    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
-
-
-def _default_tracking_uri() -> str:
-    from pipeline.config import TrackingConfig
-    from pipeline.store import tracking_uri
-
-    return tracking_uri(TrackingConfig())
-
-
-@contextmanager
-def fetched(uri: str | Path, tracking_uri: str | None = None) -> Iterator[tuple[Path, str]]:
-    """The pipeline directory of `uri` on local disk and a label saying what it is. A local
-    directory is used in place; a models:/ or runs:/ URI is downloaded into a temporary directory
-    that is removed afterwards."""
-    text = str(uri)
-    path = local_path(text)
-    if path is not None:
-        yield find_pipeline_dir(path), str(path)
-        return
-    tracking_uri = tracking_uri or _default_tracking_uri()
-    fail_fast_http()
-    check_store(tracking_uri, must_exist=True)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    source, label = _download_uri(client, text) if text.startswith("models:") else (text, text)
-    with tempfile.TemporaryDirectory(prefix="iet-agc-model-") as tmp:
-        try:
-            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
-        except MlflowException as err:
-            raise RegistryError(f"{text}: cannot download the model from {tracking_uri} ({err.message})") from None
-        try:
-            path = find_pipeline_dir(local)
-        except FileNotFoundError:
-            raise RegistryError(f"{text}: holds no diffusers pipeline (no model_index.json)") from None
-        yield path, label
-
-
-def load_diffusers(uri: str | Path, tracking_uri: str | None = None):
-    """One call from a registered model (models:/iet-agc@candidate, models:/iet-agc/3), a run
-    artifact (runs:/RUN/path) or a local directory to a diffusers DDPMPipeline.
-    `tracking_uri`: default MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
-    from diffusers import DDPMPipeline
-
-    with fetched(uri, tracking_uri) as (path, _):
-        return DDPMPipeline.from_pretrained(str(path))

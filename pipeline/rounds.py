@@ -40,6 +40,7 @@ class Plan:
     rounds: int
     steps_per_round: int   # optimizer steps of each proxy per round
     mitigations: tuple[str, ...] = ()  # registry names (pipeline.mitigation), in hook order
+    checkpoints_per_round: int = 1  # weights saved this many times a round (evenly), the last at its end
 
     @classmethod
     def iet(cls, p: Params) -> "Plan":
@@ -48,7 +49,10 @@ class Plan:
 
     @classmethod
     def baseline(cls, p: Params) -> "Plan":
-        return cls(shards=1, rounds=p.iet.rounds, steps_per_round=p.iet.shards * iet_steps_per_round(p))
+        # a checkpoint after every IET-round's worth of steps: its memorization-vs-quality curve
+        # then has K points a round, where the matched-quality comparison reads it
+        return cls(shards=1, rounds=p.iet.rounds, steps_per_round=p.iet.shards * iet_steps_per_round(p),
+                   checkpoints_per_round=p.iet.shards)
 
     @property
     def variant(self) -> str:
@@ -260,7 +264,8 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
         members = torch.from_numpy(np.flatnonzero(progress.shard == k))
         train_steps(proxy, k, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params,
                     r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
-                    on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}))
+                    on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}),
+                    on_step=_checkpointer(r, rnd, proxy))
         if r.ranks.is_main:
             r.hooks.proxy_round(rnd, k, curve)
     # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
@@ -273,6 +278,23 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
         if r.ranks.is_main and k not in r.proxies:
             r.hooks.proxy_round(rnd, k, curves[k])
     return counts
+
+
+def _checkpointer(r: Run, rnd: int, proxy: Proxy):
+    """With checkpoints_per_round > 1 (one proxy: the baseline), a callback that saves the weights
+    as rounds/round_NN/checkpoint_JJ.safetensors after every 1/checkpoints_per_round of the round
+    but the last (the round's end is aggregated.safetensors)."""
+    every = r.plan.steps_per_round // r.plan.checkpoints_per_round
+    if r.plan.checkpoints_per_round == 1 or r.plan.shards > 1 or not r.ranks.is_main or every == 0:
+        return None
+
+    def save(done: int) -> None:
+        j, rest = divmod(done, every)
+        if rest == 0 and j < r.plan.checkpoints_per_round:
+            _round_dir(r, rnd).mkdir(parents=True, exist_ok=True)
+            with atomic_path(_round_dir(r, rnd) / f"checkpoint_{j:02d}.safetensors") as tmp:
+                save_file(proxy.model.state_dict(), str(tmp))
+    return save
 
 
 def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:

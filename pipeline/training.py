@@ -74,9 +74,10 @@ def _batches(shard: torch.Tensor, batch_size: int, generator: torch.Generator):
 
 def train_steps(proxy: Proxy, k: int, images: torch.Tensor, shard: torch.Tensor, steps: int,
                 noise_schedule: DDPMScheduler, params: Params, mitigations: Mitigations,
-                counts: RoundCounts, desc: str = "train", on_curve=None) -> None:
+                counts: RoundCounts, desc: str = "train", on_curve=None, on_step=None) -> None:
     """Train proxy k `steps` optimizer steps on images[shard]; `counts` collects draws and skips;
-    `on_curve(row)` receives a curve point every LOG_EVERY steps."""
+    `on_curve(row)` receives a curve point every LOG_EVERY steps, `on_step(steps done)` is called
+    after every step."""
     model, gen, cfg = proxy.model, proxy.generator, params.train
     model.train()
     batches = _batches(shard, cfg.batch_size, gen)
@@ -93,6 +94,8 @@ def train_steps(proxy: Proxy, k: int, images: torch.Tensor, shard: torch.Tensor,
         counts.drawn.index_add_(0, pos, torch.ones_like(pos))
         counts.skipped.index_add_(0, pos, (~keep).long())
         _optimizer_step(proxy, cfg.grad_clip)
+        if on_step:
+            on_step(i + 1)
 
         acc["loss"] += loss.item()
         acc["kept"] += keep.float().mean().item()

@@ -10,6 +10,7 @@ import torch
 from pipeline import figures
 from pipeline.config import load_params
 from pipeline.data import ImageSet, to_uint8
+from pipeline.duplicates import duplicate_groups
 from pipeline.evaluation import ROUND_KEYS, EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.io import atomic_path, weights_dir, write_json
@@ -17,7 +18,8 @@ from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
 from stages import params_option, stage
 
-FILES = ("samples.png", "copies.png", "ratio_hist.png", "metrics.json", "rounds.csv")
+FILES = ("samples.png", "copies.png", "most_copied.png", "ratio_hist.png", "metrics.json", "rounds.csv", "copied.csv")
+COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
 
 
 @click.command()
@@ -34,10 +36,11 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     out = Path(out or f"runs/eval/{model_name}")
     torch.set_num_threads(p.train.threads)
     unet, scheduler = load_pipeline(weights_dir(f"runs/{model_name}", p.eval.weights))
-    data = EvalData(*(ImageSet.load(f"{data_dir}/{name}.npz").to_tensor() for name in ("train", "heldout", "pool")))
+    train, heldout, pool = (ImageSet.load(f"{data_dir}/{name}.npz") for name in ("train", "heldout", "pool"))
+    data = EvalData(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
     result = evaluate(unet, scheduler, data, load_feature_net(features_dir), Path(reference_dir),
                       Path(f"runs/{model_name}/rounds"), p)
-    _write(result, data, out)
+    _write(result, data, train.ids, out)
 
     tracker = Tracker(p)
     run_id = tracker.child(f"evaluate {model_name}")
@@ -53,8 +56,15 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
                f"{m['heldout_mem_ratio']:.3f}), FD {m['fd']:.2f}" + (f", FID {m['fid']:.2f}" if "fid" in m else ""))
 
 
-def _write(result, data: EvalData, out: Path) -> None:
+def _write(result, data: EvalData, ids: np.ndarray, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    copied = [{"sample_id": int(ids[row["position"]]), **{k: row[k] for k in COPIED_FIELDS[1:]}}
+              for row in result.copies]
+    with atomic_path(out / "copied.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COPIED_FIELDS)
+        w.writeheader()
+        w.writerows(copied)
+    figures.save_most_copied(data.train, result.copies, out / "most_copied.png")
     np.savez_compressed(out / "samples.npz", images=to_uint8(result.samples).numpy())
     figures.save_grid(result.samples[:256], out / "samples.png")
     figures.save_copies_figure(result.samples, data.train, result.scores, out / "copies.png")

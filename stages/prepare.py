@@ -3,6 +3,7 @@ import click
 
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
+from pipeline.duplicates import duplicate_groups
 from pipeline.io import write_json
 from stages import params_option, stage
 
@@ -17,9 +18,16 @@ def main(params_path, out):
     for name in ("train", "heldout", "pool"):
         getattr(splits, name).save(f"{out}/{name}.npz")
     info = {name: len(getattr(splits, name)) for name in ("train", "heldout", "pool")}
+    # pixel-identical training images: copies concentrate on them, and every memorization score is
+    # taken against one image per group (evaluate logs the same counts to MLflow)
+    dup = duplicate_groups(splits.train.images).summary()
     write_json(f"{out}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
-                                    "channels": p.data.channels})
+                                    "channels": p.data.channels, "train_duplicates": dup})
     click.echo(f"prepared {info} from {p.data.source} at {p.data.resolution}px")
+    if dup["duplicate_groups"]:
+        click.echo(f"the training set holds exact duplicates: {dup['duplicate_groups']} images occur more than "
+                   f"once ({dup['duplicated_samples']} samples; the largest group has {dup['largest_group']}); "
+                   f"{dup['unique_images']} unique images")
 
 
 if __name__ == "__main__":

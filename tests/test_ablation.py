@@ -87,5 +87,6 @@ def test_cli_prints_the_table_with_the_varying_setting(store):
 
 def test_cli_says_when_there_is_nothing_to_tabulate(tmp_path):
     uri = f"sqlite:///{tmp_path / 'empty.db'}"
+    MlflowClient(tracking_uri=uri).search_experiments()  # an existing store without that experiment
     result = CliRunner().invoke(main, ["ablation", "--tracking-uri", uri, "--experiment", "nope"])
     assert result.exit_code == 1 and "no finished evaluations" in result.output

@@ -115,8 +115,20 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
         assert (repo / f"runs/{m}/model/unet/diffusion_pytorch_model.safetensors").is_file()
         # the memorization-over-rounds curve: one point per round, each a fraction
         curve = list(csv.DictReader(open(repo / f"runs/eval/{m}/rounds.csv")))
-        assert [int(r["round"]) for r in curve] == list(range(1, TINY["iet"]["rounds"] + 1)), curve
-        assert all(0.0 <= float(r["mem_ratio"]) <= 1.0 for r in curve), curve
+        # the baseline also has a point after every IET-round's worth of its steps: K a round
+        per_round = TINY["iet"]["shards"] if m == "baseline" else 1
+        assert [float(r["round"]) for r in curve] == pytest.approx(
+            [i / per_round for i in range(1, TINY["iet"]["rounds"] * per_round + 1)]), curve
+        assert all(0.0 <= float(r["mem_ratio"]) <= 1.0 and float(r["fd"]) >= 0 for r in curve), curve
+        metrics = json.loads((repo / f"runs/eval/{m}/metrics.json").read_text())
+        assert 0.0 <= metrics["mia_auc_low"] <= metrics["mia_auc"] <= metrics["mia_auc_high"] <= 1.0, metrics
+        copied = list(csv.DictReader(open(repo / f"runs/eval/{m}/copied.csv")))
+        assert len(copied) == metrics["unique_images"]
+        assert sum(int(r["copies"]) > 0 for r in copied) == metrics["distinct_copied"]
+    summary = json.loads((repo / "reports/summary.json").read_text())
+    assert {"baseline.mem_at_matched_quality", "iet.mia_auc", "iet.distinct_copied", "risk.risk_skip_auc"} <= \
+        summary.keys(), sorted(summary)
+    assert "## At matched quality" in report and (repo / "reports/risk.png").stat().st_size > 0
 
     # the registered model samples with one command
     cli = str(Path(sys.executable).parent / "iet-agc")
