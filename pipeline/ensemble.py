@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from pipeline.seeds import PROFILE_DRAWS, derived_seed
+
 
 def split_shards(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Shard index per training-set position: random, seeded, balanced by class where labels
@@ -36,7 +38,7 @@ PROFILE_CHUNK = 256  # positions whose draws come from one generator: fixed, so 
 
 
 def _draws(seed: int, chunk: int, pairs: int, shape: tuple[int, ...], timesteps: int):
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, chunk]).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(derived_seed(seed, PROFILE_DRAWS, chunk))
     t = torch.randint(0, timesteps, (pairs, PROFILE_CHUNK), generator=gen)
     return t, torch.randn((pairs, PROFILE_CHUNK, *shape), generator=gen)
 

@@ -20,6 +20,8 @@ import scipy.stats
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 
+from pipeline.seeds import MIA_PAIR, derived_seed
+
 MIA_AUC, MIA_AUC_LOW, MIA_AUC_HIGH = "mia_auc", "mia_auc_low", "mia_auc_high"
 MIA_TPR_AT_1FPR = "mia_tpr_at_1fpr"
 PIA_AUC, PIA_AUC_LOW, PIA_AUC_HIGH = "pia_auc", "pia_auc_low", "pia_auc_high"
@@ -88,7 +90,7 @@ def balanced(members, nonmembers, seed: int):
 def _pair_draw(seed: int, pair: int, shape: tuple[int, ...], timesteps: int) -> tuple[int, torch.Tensor]:
     """Draw `pair` of the loss attack: depends only on (seed, pair), never on the image, so members
     and non-members are scored at the very same (t, noise) and differ only in the image."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, pair]).generate_state(1)[0]))
+    gen = torch.Generator().manual_seed(derived_seed(seed, MIA_PAIR, pair))
     t = int(torch.randint(0, timesteps, (1,), generator=gen))
     return t, torch.randn(shape, generator=gen)
 

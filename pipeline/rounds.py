@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import ensemble, mitigation
+from pipeline import ensemble, mitigation, seeds
 from pipeline.config import Params
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
@@ -30,6 +30,7 @@ from pipeline.io import atomic_path, write_json
 from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
+from pipeline.seeds import derived_seed
 from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
 
 
@@ -228,7 +229,7 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     seed = params.seeds.train
     init = initial_unet(params, seed)
     owned = ranks.owned(plan.shards)
-    proxies = {k: new_proxy(init, params, seed * 1000 + k + 1, ranks.device) for k in owned}
+    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device) for k in owned}
     return Run(params, plan, train, train.to_tensor(), build_scheduler(params.model), proxies,
                Mitigations(plan.mitigations, params, len(train), tuple(owned)), out_dir, state_dir,
                _fingerprint(params, plan, train, shard, init), init.state_dict(),
@@ -326,7 +327,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
     metrics = {"moved": 0}
     if r.plan.shards > 1:
         t0 = time.perf_counter()
-        profile = _Profile(r, r.params.seeds.train * 7919 + rnd)
+        profile = _Profile(r, derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
         profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
                       else progress.shard[:, None] == np.arange(r.plan.shards))
         end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows)

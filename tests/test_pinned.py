@@ -18,9 +18,13 @@ from pipeline.ensemble import split_shards
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PINNED = {
-    "baseline": ("edc416e7df3d0cb3", "512363d010f33ac7"),  # (model, model_ema)
-    "iet": ("955910a99410acb9", "849d6601cf601389"),
-    "iet_accum": ("94028a001ea21d4a", "e46bc3f885820cea"),
+    # (model, model_ema). Changed once on purpose since the refactor: proxy generators and the loss
+    # profile's draws come from SeedSequence streams (pipeline/seeds.py) instead of seed * 1000 + k + 1
+    # and seed * 7919 + rnd, which could collide across seeds (was edc416e7df3d0cb3 / 955910a99410acb9
+    # / 94028a001ea21d4a for the raw weights, pinned before the refactor and matched after it).
+    "baseline": ("dc21269433d9b3ff", "5131248ac4d5bb94"),
+    "iet": ("c35343c18e8cd2a1", "13c6ac1185325429"),
+    "iet_accum": ("255869661889b0a8", "d9eb0ac29df39488"),
 }
 TINY = {"data": {"train_size": 12, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
