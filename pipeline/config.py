@@ -68,6 +68,15 @@ class TrainConfig(_Group):
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast of the UNet forward (fp16: with loss scaling)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step; the step still sees batch_size images
     launcher: str = "python"  # runs the baseline and iet stages: `python`, or `accelerate launch [options]`
+    device: str = "auto"  # where every stage computes: auto (CUDA when present) | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        # the spelling here; whether the device exists is resolve_device's question, on the machine that runs
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+        return v
 
     @model_validator(mode="after")
     def _accum_fits(self):
@@ -273,6 +282,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: missing {', '.join(missing)} (every key must be set; see the "
                           "repository's params.yaml)")
     return params
+
+
+def resolve_device(setting: str):
+    """train.device as a torch.device on this machine: auto is CUDA when present; a CUDA device that
+    is not here is a ConfigError naming the key (every computing stage calls this before its work)."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"train.device: '{setting}' is not available here ({count} CUDA devices); "
+                          "use auto or cpu")
+    return device
 
 
 def flatten(params: Params) -> dict[str, object]:

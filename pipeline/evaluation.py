@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import inception, metrics
-from pipeline.config import Params
+from pipeline.config import Params, resolve_device
 from pipeline.features import extract_features
 from pipeline.io import read_json
 from pipeline.sampling import sample
@@ -38,17 +38,21 @@ class Evaluation:
 
 def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, rounds_dir: Path,
              p: Params) -> Evaluation:
-    """Everything the evaluate stage reports for one model. `unet` ends holding the last round's
-    weights (the curve loads each round's into it)."""
+    """Everything the evaluate stage reports for one model, computed on train.device (the UNet and the
+    feature net are moved there; the NN search runs on its queries' device). `unet` ends holding
+    the last round's weights (the curve loads each round's into it)."""
+    device = resolve_device(p.train.device)
+    unet.to(device)
+    feature_net.to(device)
     samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
-    gen_scores = metrics.memorization_scores(samples, data.train)
-    ref_scores = metrics.memorization_scores(data.heldout, data.train)
+    gen_scores = metrics.memorization_scores(samples.to(device), data.train)
+    ref_scores = metrics.memorization_scores(data.heldout.to(device), data.train)
     result = {
         **metrics.summarize(gen_scores),
         **metrics.summarize(ref_scores, prefix="heldout_"),
         **feature_quality(feature_net, samples, data),
         "num_samples": p.eval.num_samples,
-        **inception_scores(samples, reference_dir, p.seeds.eval),
+        **inception_scores(samples, reference_dir, p.seeds.eval, device),
         **(sscd_scores(samples, data, p) if p.eval.sscd else {}),
     }
     by_round = memorization_by_round(unet, scheduler, rounds_dir, data.train, p)
@@ -77,12 +81,12 @@ def memorization_by_round(unet, scheduler, rounds_dir: Path, train: torch.Tensor
         unet.load_state_dict(load_file(str(path)))
         x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
                    desc=f"round {rnd}/{len(files)}")
-        s = metrics.summarize(metrics.memorization_scores(x, train))
+        s = metrics.summarize(metrics.memorization_scores(x.to(next(unet.parameters()).device), train))
         rows.append({"round": rnd, **{k: s[k] for k in ROUND_KEYS}})
     return rows
 
 
-def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int) -> dict:
+def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int, device: torch.device | str = "cpu") -> dict:
     """FID/KID against the cached training-set statistics; nothing when the reference stage ran
     with Inception off (its info.json decides, so both models are always scored alike)."""
     reference_dir = Path(reference_dir)
@@ -91,7 +95,6 @@ def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int) -> d
     info = read_json(reference_dir / "info.json")
     if not info["inception"]:
         return {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
     quality.load_real(reference_dir / "reference.safetensors")
     quality.update(samples, real=False)
