@@ -47,6 +47,11 @@ class ModelConfig(_Group):
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     attention: bool = True
+    # resolutions whose down and up blocks get self-attention (the official CIFAR-10 model: [16])
+    attention_resolutions: tuple[int, ...] = ()
+    attention_head_dim: int | None = Field(8, ge=1)  # null: one head over all channels (official DDPM)
+    norm_groups: int = Field(8, ge=1)                # GroupNorm groups (official DDPM: 32)
+    dropout: float = Field(0.0, ge=0, lt=1)          # in every residual block (official CIFAR-10: 0.1)
     num_train_timesteps: int = Field(1000, ge=10)
     init_from: str | None = Field(None, min_length=1)  # pretrained model to fine-tune (see models.initial_unet)
 
@@ -56,6 +61,13 @@ class ModelConfig(_Group):
         if not v or any(c < 8 or c % 8 for c in v):
             raise ValueError("must be a non-empty list of multiples of 8 (GroupNorm uses 8 groups)")
         return v
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self):
+        if any(c % self.norm_groups for c in self.block_out_channels):
+            raise ValueError(f"model.norm_groups ({self.norm_groups}) must divide every width of "
+                             f"model.block_out_channels {list(self.block_out_channels)}")
+        return self
 
 
 class TrainConfig(_Group):
@@ -201,6 +213,10 @@ class Params(_Group):
             raise ValueError(
                 f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
                 f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
+        levels = [self.data.resolution // 2 ** i for i in range(len(self.model.block_out_channels))]
+        if self.model.init_from is None and set(self.model.attention_resolutions) - set(levels):
+            raise ValueError(f"model.attention_resolutions {list(self.model.attention_resolutions)} must be among "
+                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
         if self.eval.ddim_steps > self.model.num_train_timesteps:
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
