@@ -196,5 +196,61 @@ def ablation(experiment, tracking_uri):
     click.echo(ab.markdown(ab.table(records)))
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def _cli_value(value) -> str:
+    """A value as DVC's -S reads it (YAML), without spaces so that xargs keeps it one argument."""
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+    if any(c.isspace() or c in "'\"" for c in text):
+        raise click.ClickException(f"{text!r}: a value with spaces or quotes cannot go through xargs")
+    return text
+
+
+@main.command()
+@click.argument("preset", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--base", default="params.yaml", show_default=True, type=click.Path(exists=True, dir_okay=False),
+              help="parameter file the preset overrides")
+@click.option("--write", "write_to", default=None, type=click.Path(dir_okay=False, path_type=Path),
+              help="write the merged, validated parameter file here instead of printing -S arguments")
+def preset(preset, base, write_to):
+    """A params override file (presets/) as `dvc exp run` arguments, checked against --base first.
+
+    \b
+    iet-agc preset presets/p1-cifar10.yaml | xargs dvc exp run
+    iet-agc preset presets/p1-cifar10.yaml --write cifar.yaml   # then: python -m stages.iet --params cifar.yaml
+    """
+    import tempfile
+
+    import yaml
+
+    from pipeline.config import ConfigError, load_params
+
+    overrides = _leaves(yaml.safe_load(preset.read_text()) or {})
+    merged = yaml.safe_load(Path(base).read_text())
+    for key, value in overrides.items():
+        group, name = key.split(".", 1)
+        merged.setdefault(group, {})[name] = value
+    with tempfile.TemporaryDirectory() as tmp:
+        target = write_to or Path(tmp) / "params.yaml"
+        target.write_text(yaml.safe_dump(merged, sort_keys=False))
+        try:
+            load_params(target)
+        except ConfigError as err:
+            raise click.ClickException(str(err).replace(str(target), f"{base} + {preset}")) from None
+    if write_to is None:
+        for key, value in overrides.items():
+            click.echo(f"-S\n{key}={_cli_value(value)}")
+
+
 if __name__ == "__main__":
     main()

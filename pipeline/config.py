@@ -47,6 +47,11 @@ class ModelConfig(_Group):
     block_out_channels: tuple[int, ...] = (32, 64, 64)
     layers_per_block: int = Field(1, ge=1)
     attention: bool = True
+    # resolutions whose down and up blocks get self-attention (the official CIFAR-10 model: [16])
+    attention_resolutions: tuple[int, ...] = ()
+    attention_head_dim: int | None = Field(8, ge=1)  # null: one head over all channels (official DDPM)
+    norm_groups: int = Field(8, ge=1)                # GroupNorm groups (official DDPM: 32)
+    dropout: float = Field(0.0, ge=0, lt=1)          # in every residual block (official CIFAR-10: 0.1)
     num_train_timesteps: int = Field(1000, ge=10)
     init_from: str | None = Field(None, min_length=1)  # pretrained model to fine-tune (see models.initial_unet)
 
@@ -56,6 +61,13 @@ class ModelConfig(_Group):
         if not v or any(c < 8 or c % 8 for c in v):
             raise ValueError("must be a non-empty list of multiples of 8 (GroupNorm uses 8 groups)")
         return v
+
+    @model_validator(mode="after")
+    def _groups_divide_widths(self):
+        if any(c % self.norm_groups for c in self.block_out_channels):
+            raise ValueError(f"model.norm_groups ({self.norm_groups}) must divide every width of "
+                             f"model.block_out_channels {list(self.block_out_channels)}")
+        return self
 
 
 class TrainConfig(_Group):
@@ -68,6 +80,15 @@ class TrainConfig(_Group):
     mixed_precision: Literal["fp32", "fp16", "bf16"] = "fp32"  # autocast of the UNet forward (fp16: with loss scaling)
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step; the step still sees batch_size images
     launcher: str = "python"  # runs the baseline and iet stages: `python`, or `accelerate launch [options]`
+    device: str = "auto"  # where every stage computes: auto (CUDA when present) | cpu | cuda | cuda:N
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        # the spelling here; whether the device exists is resolve_device's question, on the machine that runs
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N (got {v!r})")
+        return v
 
     @model_validator(mode="after")
     def _accum_fits(self):
@@ -192,6 +213,10 @@ class Params(_Group):
             raise ValueError(
                 f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
                 f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
+        levels = [self.data.resolution // 2 ** i for i in range(len(self.model.block_out_channels))]
+        if self.model.init_from is None and set(self.model.attention_resolutions) - set(levels):
+            raise ValueError(f"model.attention_resolutions {list(self.model.attention_resolutions)} must be among "
+                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
         if self.eval.ddim_steps > self.model.num_train_timesteps:
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
@@ -273,6 +298,21 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ConfigError(f"{path}: missing {', '.join(missing)} (every key must be set; see the "
                           "repository's params.yaml)")
     return params
+
+
+def resolve_device(setting: str):
+    """train.device as a torch.device on this machine: auto is CUDA when present; a CUDA device that
+    is not here is a ConfigError naming the key (every computing stage calls this before its work)."""
+    import torch
+
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device.type == "cuda" and (device.index or 0) >= count:
+        raise ConfigError(f"train.device: '{setting}' is not available here ({count} CUDA devices); "
+                          "use auto or cpu")
+    return device
 
 
 def flatten(params: Params) -> dict[str, object]:

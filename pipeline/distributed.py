@@ -24,14 +24,18 @@ class Ranks:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def from_environment(cls) -> "Ranks":
+    def from_environment(cls, device: str = "auto") -> "Ranks":
         """One plain process unless started by a launcher (accelerate launch, torchrun): then
-        accelerate's PartialState joins the process group (gloo on CPU, NCCL on GPUs)."""
+        accelerate's PartialState joins the process group (gloo on CPU, NCCL on GPUs), one GPU per
+        rank. `device` is train.device (resolve_device: an absent one is a ConfigError)."""
+        from pipeline.config import resolve_device
+
+        resolved = resolve_device(device)
         if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+            return cls(device=resolved)
         from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())
+        state = PartialState(cpu=resolved.type == "cpu")
         return cls(state.process_index, state.num_processes, state.device)
 
     @property

@@ -59,13 +59,16 @@ def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarr
         t_all, noise_all = _draws(seed, int(chunk), pairs, tuple(images.shape[1:]),
                                   noise_schedule.config.num_train_timesteps)
         # every (pair, sample) in one flat batch: big no-grad batches are the cheap way on a CPU
-        x0 = images[torch.from_numpy(positions[where])].repeat(pairs, 1, 1, 1)
-        t, noise = t_all[:, rows].reshape(-1), noise_all[:, rows].reshape(-1, *images.shape[1:])
-        losses = torch.empty(len(t))
+        # the draws are made on the CPU (the same on every device), then everything goes to the model
+        x0 = images[torch.from_numpy(positions[where]).to(images.device)].to(device).repeat(pairs, 1, 1, 1)
+        t = t_all[:, rows].reshape(-1).to(device)
+        noise = noise_all[:, rows].reshape(-1, *images.shape[1:]).to(device)
+        losses = torch.empty(len(t), device=device)
         for s in range(0, len(t), batch_size):
             sl = slice(s, s + batch_size)
-            pred = model(noise_schedule.add_noise(x0[sl], noise[sl], t[sl]).to(device), t[sl].to(device)).sample
-            losses[sl] = (pred.cpu() - noise[sl]).pow(2).mean(dim=(1, 2, 3))
+            pred = model(noise_schedule.add_noise(x0[sl], noise[sl], t[sl]), t[sl]).sample
+            losses[sl] = (pred - noise[sl]).pow(2).mean(dim=(1, 2, 3))
+        losses = losses.cpu()
         out[torch.from_numpy(where)] = losses.view(pairs, -1).mean(0)
     model.train()
     return out

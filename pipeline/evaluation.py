@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import inception, metrics, privacy
-from pipeline.config import Params
+from pipeline.config import Params, resolve_device
 from pipeline.duplicates import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
 from pipeline.io import read_json
@@ -45,11 +45,15 @@ class Evaluation:
 
 def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, rounds_dir: Path,
              p: Params) -> Evaluation:
-    """Everything the evaluate stage reports for one model. `unet` ends holding the last round's
-    weights (the curve loads each round's into it)."""
+    """Everything the evaluate stage reports for one model, computed on train.device (the UNet and the
+    feature net are moved there; the NN search runs on its queries' device). `unet` ends holding
+    the last round's weights (the curve loads each round's into it)."""
+    device = resolve_device(p.train.device)
+    unet.to(device)
+    feature_net.to(device)
     samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
-    gen_scores = dedup_memorization_scores(samples, data.train, data.groups)
-    ref_scores = dedup_memorization_scores(data.heldout, data.train, data.groups)
+    gen_scores = dedup_memorization_scores(samples.to(device), data.train, data.groups)
+    ref_scores = dedup_memorization_scores(data.heldout.to(device), data.train, data.groups)
     copies = copy_table(unet, scheduler, gen_scores, data, p.seeds.eval)
     members = data.train[torch.from_numpy(data.groups.representatives)]
     result = {
@@ -60,7 +64,7 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
         **feature_quality(feature_net, samples, data),
         "num_samples": p.eval.num_samples,
         **privacy.membership_inference(unet, scheduler, members, data.heldout, seed=p.seeds.eval, pairs=LOSS_PAIRS),
-        **inception_scores(samples, reference_dir, p.seeds.eval),
+        **inception_scores(samples, reference_dir, p.seeds.eval, device),
         **(sscd_scores(samples, data, p) if p.eval.sscd else {}),
     }
     by_round = curve_over_training(unet, scheduler, rounds_dir, data, feature_net, p)
@@ -111,14 +115,14 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
         unet.load_state_dict(load_file(str(path)))
         x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
                    desc=f"checkpoint {i}/{len(points)}")
-        s = metrics.summarize(dedup_memorization_scores(x, data.train, data.groups))
+        s = metrics.summarize(dedup_memorization_scores(x.to(next(unet.parameters()).device), data.train, data.groups))
         f_gen = extract_features(feature_net, x)
         s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool))
         rows.append({"round": round(progress, 4), **{k: s[k] for k in ROUND_KEYS}})
     return rows
 
 
-def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int) -> dict:
+def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int, device: torch.device | str = "cpu") -> dict:
     """FID/KID against the cached training-set statistics; nothing when the reference stage ran
     with Inception off (its info.json decides, so both models are always scored alike)."""
     reference_dir = Path(reference_dir)
@@ -127,7 +131,6 @@ def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int) -> d
     info = read_json(reference_dir / "info.json")
     if not info["inception"]:
         return {}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
     quality.load_real(reference_dir / "reference.safetensors")
     quality.update(samples, real=False)

@@ -10,7 +10,6 @@ Quality is a Frechet distance and a KID in some feature space (features.py gives
 from __future__ import annotations
 
 import numpy as np
-import scipy.linalg
 import torch
 from torch import Tensor
 
@@ -166,6 +165,8 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6
     a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    import scipy.linalg  # here, not at the top: the NN search must import without scipy (benchmarks/gpu.py)
+
     covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():
         # Fewer samples than dimensions, or dead features, make the product singular; the usual

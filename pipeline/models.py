@@ -14,18 +14,20 @@ from pipeline.io import apply_umask
 
 def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)
-    levels = len(cfg.block_out_channels)
+    # level i works at resolution / 2**i; the up blocks list the levels from the lowest resolution
+    attn = [resolution // 2 ** i in cfg.attention_resolutions for i in range(len(cfg.block_out_channels))]
     return UNet2DModel(
         sample_size=resolution,
         in_channels=channels,
         out_channels=channels,
         layers_per_block=cfg.layers_per_block,
         block_out_channels=cfg.block_out_channels,
-        down_block_types=("DownBlock2D",) * levels,
-        up_block_types=("UpBlock2D",) * levels,
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         add_attention=cfg.attention,  # self-attention in the mid block, at the lowest resolution
-        attention_head_dim=8,
-        norm_num_groups=8,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_groups,
+        dropout=cfg.dropout,
     )
 
 

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline import ensemble, mitigation, seeds
-from pipeline.config import Params
+from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
 from pipeline.io import atomic_path, write_json
@@ -72,13 +72,16 @@ class Hooks:
     def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
 
 
-def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray, init) -> str:
-    """What a saved state must match to be resumed: params, data, shards and the initial weights
-    (model.init_from names them, but the files behind the name can change)."""
+def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray, init, device: torch.device) -> str:
+    """What a saved state must match to be resumed: params, data, shards, the initial weights
+    (model.init_from names them, but the files behind the name can change) and the device type."""
     h = hashlib.sha256()
-    # not train.launcher: the weights do not depend on the process count, so a run may resume under another
-    h.update(json.dumps(p.model_dump(exclude={"eval": True, "tracking": True, "train": {"launcher"}}),
+    # not train.launcher: the weights do not depend on the process count, so a run may resume under another.
+    # The device type, not train.device: `auto` means another device on another machine, and a CPU
+    # generator's state cannot be loaded into a CUDA one (nor would the draws be the same).
+    h.update(json.dumps(p.model_dump(exclude={"eval": True, "tracking": True, "train": {"launcher", "device"}}),
                         sort_keys=True).encode())
+    h.update(device.type.encode())
     h.update(repr(plan).encode())
     h.update(train.images.tobytes())
     h.update(shard.tobytes())
@@ -108,7 +111,8 @@ def _save_state(state_dir: Path, proxies: dict[int, Proxy], mitigations: Mitigat
         save_proxy(proxy, tmp / f"proxy_{k}.safetensors", mitigations.state(k))
     ranks.barrier()
     if ranks.is_main:
-        save_file({"shard": torch.from_numpy(shard), **mitigations.state(None)}, str(tmp / "samples.safetensors"))
+        save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
+                  str(tmp / "samples.safetensors"))
         write_json(tmp / "state.json", info)
         old = state_dir.with_name(state_dir.name + ".old")
         if state_dir.exists():
@@ -200,7 +204,8 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
     return a summary. `shard` gives the initial shard of every training-set position. Under
     several processes (`ranks`) proxy k trains on rank k % world and only rank 0 writes outputs
     and calls the hooks; the weights do not depend on the process count."""
-    r = _start(params, plan, train, shard, Path(out_dir), Path(state_dir), hooks or Hooks(), ranks or Ranks())
+    r = _start(params, plan, train, shard, Path(out_dir), Path(state_dir), hooks or Hooks(),
+               ranks or Ranks(device=resolve_device(params.train.device)))
     progress = _resume(r, shard)
     for rnd in range(progress.next_round, plan.rounds):
         t0 = time.perf_counter()
@@ -230,9 +235,10 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     init = initial_unet(params, seed)
     owned = ranks.owned(plan.shards)
     proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device) for k in owned}
-    return Run(params, plan, train, train.to_tensor(), build_scheduler(params.model), proxies,
-               Mitigations(plan.mitigations, params, len(train), tuple(owned)), out_dir, state_dir,
-               _fingerprint(params, plan, train, shard, init), init.state_dict(),
+    # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
+    return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
+               Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device), out_dir, state_dir,
+               _fingerprint(params, plan, train, shard, init, ranks.device), init.state_dict(),
                dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks)
 
 
@@ -258,11 +264,11 @@ def _resume(r: Run, shard: np.ndarray) -> Progress:
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     """Every proxy of this process trains its steps on its shard; then the draw/skip counts, the
     mitigations' state and the curves are combined over processes."""
-    counts = RoundCounts.zeros(len(r.train))
+    counts = RoundCounts.zeros(len(r.train), r.ranks.device)
     curves: dict[int, list[dict]] = {}
     for k, proxy in r.proxies.items():
         curve = curves.setdefault(k, [])
-        members = torch.from_numpy(np.flatnonzero(progress.shard == k))
+        members = torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device)
         train_steps(proxy, k, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params,
                     r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
                     on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}),
@@ -272,7 +278,7 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
     r.ranks.sum_(counts.drawn)
     r.ranks.sum_(counts.skipped)
-    r.mitigations.sync(r.ranks, torch.from_numpy(np.isin(progress.shard, list(r.proxies))))
+    r.mitigations.sync(r.ranks, torch.from_numpy(np.isin(progress.shard, list(r.proxies))).to(r.ranks.device))
     curves = {k: c for part in r.ranks.gather(curves) for k, c in part.items()}
     for k in range(r.plan.shards):
         progress.history.extend(curves[k])
@@ -322,7 +328,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
     """With K > 1, score the samples under the proxies' end-of-round weights (the loss table) and
     let the mitigations act on it (MSR moves samples); write the round's tables. Returns the
     round's metrics."""
-    drawn, skipped = counts.drawn.numpy(), counts.skipped.numpy()
+    drawn, skipped = counts.drawn.cpu().numpy(), counts.skipped.cpu().numpy()
     skip_rate = np.where(drawn > 0, skipped / np.maximum(drawn, 1), 0.0)
     metrics = {"moved": 0}
     if r.plan.shards > 1:

@@ -31,7 +31,7 @@ class Proxy:
     ema: EMAModel
     optimizer: torch.optim.Optimizer
     lr_schedule: torch.optim.lr_scheduler.LRScheduler
-    generator: torch.Generator  # batches, noise, timesteps, augmentation
+    generator: torch.Generator  # batches, noise, timesteps, augmentation; on the model's device (on a CPU, the CPU one)
     scaler: torch.amp.GradScaler  # fp16 loss scaling; disabled (a no-op) otherwise
     step: int = 0
 
@@ -43,21 +43,28 @@ class RoundCounts:
     skipped: torch.Tensor
 
     @classmethod
-    def zeros(cls, n: int) -> "RoundCounts":
-        return cls(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long))
+    def zeros(cls, n: int, device: torch.device | str = "cpu") -> "RoundCounts":
+        return cls(torch.zeros(n, dtype=torch.long, device=device), torch.zeros(n, dtype=torch.long, device=device))
+
+    def add(self, positions: torch.Tensor, keep: torch.Tensor) -> None:
+        self.drawn.index_add_(0, positions, torch.ones_like(positions))
+        self.skipped.index_add_(0, positions, (~keep).long())
 
 
 def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu") -> Proxy:
     model = copy.deepcopy(init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
-    device_type = torch.device(device).type
+    device = torch.device(device)
     return Proxy(
         model=model,
-        ema=EMAModel(model.parameters(), decay=params.train.ema_decay),
+        # foreach: one kernel for all parameters on an accelerator; the CPU keeps the per-tensor update,
+        # whose rounding the pinned weights were made with
+        ema=EMAModel(model.parameters(), decay=params.train.ema_decay, foreach=device.type != "cpu"),
         optimizer=optimizer,
         lr_schedule=get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=params.train.warmup_steps),
-        generator=torch.Generator().manual_seed(seed),
-        scaler=torch.amp.GradScaler(device_type, enabled=params.train.mixed_precision == "fp16"),
+        # draws on the device: no batch, noise or timestep is made on the host and copied over
+        generator=torch.Generator(device).manual_seed(seed),
+        scaler=torch.amp.GradScaler(device.type, enabled=params.train.mixed_precision == "fp16"),
     )
 
 
@@ -67,7 +74,8 @@ def _batches(shard: torch.Tensor, batch_size: int, generator: torch.Generator):
     buffer = shard[:0]
     while True:
         while buffer.numel() < batch_size:
-            buffer = torch.cat([buffer, shard[torch.randperm(shard.numel(), generator=generator)]])
+            buffer = torch.cat([buffer, shard[torch.randperm(shard.numel(), generator=generator,
+                                                             device=shard.device)]])
         yield buffer[:batch_size]
         buffer = buffer[batch_size:]
 
@@ -77,37 +85,66 @@ def train_steps(proxy: Proxy, k: int, images: torch.Tensor, shard: torch.Tensor,
                 counts: RoundCounts, desc: str = "train", on_curve=None, on_step=None) -> None:
     """Train proxy k `steps` optimizer steps on images[shard]; `counts` collects draws and skips;
     `on_curve(row)` receives a curve point every LOG_EVERY steps, `on_step(steps done)` is called
-    after every step."""
+    after every step. images, shard, counts and the mitigations' state are on the proxy's device: a
+    step never waits for the host, which reads back only the curve points."""
     model, gen, cfg = proxy.model, proxy.generator, params.train
     model.train()
     batches = _batches(shard, cfg.batch_size, gen)
-    acc = {"loss": 0.0, "kept": 0.0, "n": 0}
+    log = _CurveLog(gen.device)
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
     for i in bar:
         pos = next(batches)
         x0 = mitigations.transform(k, images[pos], pos, gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen,
+                          device=gen.device)
         losses, keep, loss = _checked_backward(proxy, noise_schedule.add_noise(x0, noise, t), t, noise, params,
                                                lambda losses, t_: mitigations.keep(k, losses, t_), desc)
         mitigations.observe(k, Step(pos, t, losses, keep))
-        counts.drawn.index_add_(0, pos, torch.ones_like(pos))
-        counts.skipped.index_add_(0, pos, (~keep).long())
+        counts.add(pos, keep)
         _optimizer_step(proxy, cfg.grad_clip)
         if on_step:
             on_step(i + 1)
-
-        acc["loss"] += loss.item()
-        acc["kept"] += keep.float().mean().item()
-        acc["n"] += 1
-        if acc["n"] == LOG_EVERY or i == steps - 1:
-            row = {"step": proxy.step, "loss": acc["loss"] / acc["n"], "kept": acc["kept"] / acc["n"],
-                   **mitigations.curve(k)}
+        log.add(loss, keep, proxy.step)
+        if log.n == LOG_EVERY or i == steps - 1:
+            row = {"step": proxy.step, **log.read(desc), **mitigations.curve(k)}
             bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")
             if on_curve:
                 on_curve(row)
-            acc = {"loss": 0.0, "kept": 0.0, "n": 0}
     bar.close()
+
+
+class _CurveLog:
+    """Running sums of a curve point, kept on the device and read back once per point (`read`: the
+    step's only host synchronisation). Float64, summed in step order: the same values as Python
+    floats summed step by step. On an accelerator it also notes the first step whose loss was not
+    finite (the CPU checks every step, for free), reported when the point is read."""
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)
+        self.first_bad = torch.full((), -1.0, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, loss: torch.Tensor, keep: torch.Tensor, step: int) -> None:
+        self.sums += torch.stack([loss.detach().double(), keep.float().mean().double()])
+        if loss.device.type != "cpu":
+            self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss.detach()), step, self.first_bad)
+        self.n += 1
+
+    def read(self, desc: str) -> dict[str, float]:
+        loss, kept, bad = torch.cat([self.sums / self.n, self.first_bad[None]]).tolist()
+        if bad >= 0:
+            raise FloatingPointError(f"{desc}: loss is not finite at step {int(bad)}; the last complete round "
+                                     "is kept (a re-run resumes from it): lower train.lr, or use fp32")
+        self.sums.zero_()
+        self.n = 0
+        return {"loss": loss, "kept": kept}
+
+
+def _finite(x: torch.Tensor) -> bool:
+    """Whether x is finite, asked only on the CPU (free there); on an accelerator the question would
+    stall the step, so it is taken as yes and _CurveLog catches a non-finite loss a few steps later."""
+    return x.device.type != "cpu" or bool(torch.isfinite(x).all())
 
 
 def _optimizer_step(proxy: Proxy, grad_clip: float) -> None:
@@ -130,7 +167,7 @@ def _checked_backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn, desc:
         raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {params.train.batch_size}); "
                           "lower train.batch_size or raise train.grad_accum; the last complete round is kept "
                           "and a re-run resumes from it") from None
-    if not torch.isfinite(loss):
+    if not _finite(loss):
         raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step + 1}; the last complete "
                                  "round is kept (a re-run resumes from it): lower train.lr, or use fp32")
     return losses, keep, loss
@@ -158,7 +195,7 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses,
     def forward(sl):
         with amp:
             pred = model(xt[sl].to(device), t[sl].to(device)).sample
-        return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3)).cpu()
+        return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3))
 
     def mask(losses, sl):
         keep = keep_fn(losses.detach(), t[sl])
@@ -169,7 +206,7 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses,
         losses = forward(everything)
         keep, masked = mask(losses, everything)
         loss = masked_loss(losses, keep) if masked else losses.mean()
-        if torch.isfinite(loss):
+        if _finite(loss):
             proxy.scaler.scale(loss).backward()
         return losses, keep, loss
     # The kept count of the whole batch is known only after the last micro-batch: back-propagate
@@ -179,7 +216,7 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses,
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
         losses = forward(sl)
         keep, _ = mask(losses, sl)
-        if torch.isfinite(losses).all():
+        if _finite(losses):
             proxy.scaler.scale((losses * keep).sum()).backward()
         parts.append(losses.detach())
         keeps.append(keep)

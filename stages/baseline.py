@@ -3,7 +3,7 @@ the same optimizer steps x batch size as all IET proxies together."""
 import click
 import numpy as np
 
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.rounds import Plan
 from stages import params_option, stage
@@ -17,6 +17,7 @@ from stages.train import train_model
 @stage
 def main(params_path, train_path, out):
     p = load_params(params_path)
+    resolve_device(p.train.device)  # an absent device fails here, before any work
     train = ImageSet.load(train_path)
     train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out,
                 data={"train": train_path})

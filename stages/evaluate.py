@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from pipeline import figures
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet, to_uint8
 from pipeline.duplicates import duplicate_groups
 from pipeline.evaluation import ROUND_KEYS, EvalData, evaluate
@@ -33,6 +33,7 @@ COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
 @stage
 def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     p = load_params(params_path)
+    resolve_device(p.train.device)  # an absent device fails here, before the model is loaded
     out = Path(out or f"runs/eval/{model_name}")
     torch.set_num_threads(p.train.threads)
     unet, scheduler = load_pipeline(weights_dir(f"runs/{model_name}", p.eval.weights))

@@ -11,7 +11,7 @@ import click
 import torch
 
 from pipeline import inception
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.io import write_json
 from stages import params_option, stage
@@ -27,6 +27,7 @@ INFO = "info.json"
 @stage
 def main(params_path, data_dir, out):
     p = load_params(params_path)
+    resolve_device(p.train.device)  # an absent device fails here, before any work
     out = Path(out)
     if not inception.resolve(p.eval.inception):
         out.mkdir(parents=True, exist_ok=True)
@@ -40,7 +41,7 @@ def main(params_path, data_dir, out):
     torch.set_num_threads(p.train.threads)
     train = ImageSet.load(f"{data_dir}/train.npz").to_tensor()
     heldout = ImageSet.load(f"{data_dir}/heldout.npz").to_tensor()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(resolve_device(p.train.device))
     quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
     quality.update(train, real=True)
     quality.update(heldout, real=False)

@@ -2,7 +2,7 @@
 profiled and redistributed), from the shard assignment of the split stage."""
 import click
 
-from pipeline.config import load_params
+from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.rounds import Plan
 from stages import params_option, stage
@@ -17,6 +17,7 @@ from stages.train import read_shards, train_model
 @stage
 def main(params_path, train_path, shards_path, out):
     p = load_params(params_path)
+    resolve_device(p.train.device)  # an absent device fails here, before any work
     train = ImageSet.load(train_path)
     train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out,
                 data={"train": train_path})

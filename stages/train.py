@@ -29,7 +29,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
                 data: dict[str, str] | None = None) -> None:
     """Under `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
     `data`: the files read, MLflow dataset context -> path."""
-    ranks = Ranks.from_environment()
+    ranks = Ranks.from_environment(p.train.device)
     state = Path("runs/.resume") / name
     if not ranks.is_main:
         rounds.run(p, plan, train, shard, out, state, ranks=ranks)

@@ -29,7 +29,8 @@ PINNED = {
 TINY = {"data": {"train_size": 12, "resolution": 8},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
-        "train": {"batch_size": 8, "lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1},
+        "train": {"batch_size": 8, "lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1,
+                  "device": "cpu"},  # the pins are CPU draws and CPU rounding
         "iet": {"shards": 3, "rounds": 3, "local_epochs": 12},
         "agc": {"tau": 0.9, "bank_decay": 0.8},
         "taa": {"rise": 0.5, "margin": 0.1, "decay": 0.9, "max_shift": 2, "flip": False, "jitter": 0.1},

@@ -93,11 +93,13 @@ def variant_sort_key(name: str) -> tuple:
 class Mitigations:
     """The active mitigations of one run; each hook calls theirs in registry order."""
 
-    def __init__(self, names: tuple[str, ...], params, samples: int, proxies: tuple[int, ...]):
+    def __init__(self, names: tuple[str, ...], params, samples: int, proxies: tuple[int, ...],
+                 device: torch.device | str = "cpu"):
         built: dict[str, Mitigation] = {}
         for name in names:
             entry = REGISTRY[name]
-            ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires})
+            ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
+                          torch.device(device))
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())

@@ -21,7 +21,8 @@ def update_bank(bank: torch.Tensor, timesteps: torch.Tensor, losses: torch.Tenso
     decay**k."""
     t = timesteps.long()
     losses = losses.detach().to(bank.dtype)
-    counts = torch.bincount(t, minlength=bank.numel())
+    # not torch.bincount: on CUDA it reads max(t) back to the host to size its output
+    counts = torch.zeros(bank.numel(), dtype=torch.long, device=t.device).index_add_(0, t, torch.ones_like(t))
     order = torch.argsort(t, stable=True)
     group_start = torch.cumsum(counts, 0) - counts
     rank = torch.empty_like(t)
@@ -36,9 +37,9 @@ class AGC(Mitigation):
     sample's loss with it. The bank stays with its proxy: IET does not average it."""
     def __init__(self, cfg: AGCConfig, ctx: Context):
         super().__init__(cfg, ctx)
-        self.bank = {k: torch.zeros(ctx.timesteps) for k in ctx.proxies}
+        self.bank = {k: torch.zeros(ctx.timesteps, device=ctx.device) for k in ctx.proxies}
         # bank[t_i] of the last observed step before its update: what the mask compared against
-        self.reference = torch.zeros(0)
+        self.reference = torch.zeros(0, device=ctx.device)
         self.bank_means: dict[int, float] = {}
 
     def keep(self, k, losses, timesteps):
@@ -57,7 +58,7 @@ class AGC(Mitigation):
 
     def load_state(self, tensors, k):
         if k is not None:
-            self.bank[k] = tensors["bank"]
+            self.bank[k] = tensors["bank"].to(self.ctx.device)
 
     def curve(self, k):
         return {"bank_mean": self.bank[k].mean().item()}

@@ -20,6 +20,9 @@ class Context:
     proxies: tuple[int, ...]     # the proxies this process trains
     timesteps: int               # model.num_train_timesteps
     others: dict[str, "Mitigation"] = field(default_factory=dict)  # the mitigations it requires, built
+    # where the training step runs: state the step reads or writes lives there, so that a step
+    # never waits for the host (state() may return it there; load_state gets CPU tensors)
+    device: torch.device = torch.device("cpu")
 
 
 @dataclass(frozen=True)

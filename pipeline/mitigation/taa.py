@@ -53,7 +53,7 @@ class TAA(Mitigation):
     def __init__(self, cfg: TAAConfig, ctx: Context):
         super().__init__(cfg, ctx)
         self.agc = ctx.others["agc"]
-        self.strength = torch.zeros(ctx.samples)
+        self.strength = torch.zeros(ctx.samples, device=ctx.device)
 
     def transform(self, k, x0, positions, generator):
         return augment(x0, self.strength[positions], self.cfg, generator)
@@ -72,7 +72,7 @@ class TAA(Mitigation):
 
     def load_state(self, tensors, k):
         if k is None:
-            self.strength = tensors["strength"]
+            self.strength = tensors["strength"].to(self.ctx.device)
 
     def round_metrics(self):
         return {"taa_strength_mean": float(self.strength.mean())}

@@ -1,0 +1,100 @@
+"""train.device: every computing stage resolves it before its work, an absent or misspelt device is
+one line naming the key, and the training step keeps its whole state on the chosen device.
+On a machine without CUDA the device cases run on the CPU only; `cuda:<count>` is always absent."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from pipeline import rounds
+from pipeline.config import ConfigError, parse_params, resolve_device
+from pipeline.data import ImageSet
+from pipeline.ensemble import split_shards
+from stages import baseline, evaluate, features, fid_reference, iet
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+ABSENT = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU: absent on every machine
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("bad", ["gpu", "cuda:x", "CPU", "cuda:"])
+def test_a_misspelt_device_names_the_key_and_the_choices(bad):
+    with pytest.raises(ConfigError, match=r"train\.device: must be auto, cpu, cuda or cuda:N"):
+        parse_params({"train": {"device": bad}})
+
+
+def test_auto_is_cuda_when_present_and_an_absent_gpu_is_a_config_error():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match=rf"train\.device: '{ABSENT}' is not available here"):
+        resolve_device(ABSENT)
+
+
+@pytest.mark.parametrize("command, args", [
+    (features.main, []), (fid_reference.main, []), (baseline.main, []), (iet.main, []),
+    (evaluate.main, ["iet"]),
+], ids=["features", "fid_reference", "baseline", "iet", "evaluate"])
+def test_every_computing_stage_refuses_an_absent_device_before_any_work(command, args, tmp_path, monkeypatch):
+    """Each stage resolves train.device first: it stops in one line naming the key, before reading
+    its inputs (none exist here) or writing anything."""
+    raw = yaml.safe_load(PARAMS.read_text())
+    raw["train"]["device"] = ABSENT
+    raw["eval"]["inception"] = True
+    raw["tracking"]["uri"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 1, result.output
+    assert f"train.device: '{ABSENT}' is not available here" in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+TINY = {"data": {"train_size": 12, "resolution": 8},
+        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+        "eval": {"ddim_steps": 10},
+        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+        "iet": {"shards": 2, "rounds": 1, "local_epochs": 12}, "taa": {"rise": 0.5},
+        "agc": {"tau": 0.9}, "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
+    """Images, shards' counts, generators, AGC banks and TAA strengths all on train.device, and a
+    round trains there to finite weights."""
+    p = parse_params({**TINY, "train": {**TINY["train"], "device": device}})
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
+                     ids=np.arange(12))
+    plan = rounds.Plan.iet(p)
+    shard = split_shards(train.labels, 2, 0)
+    r = rounds._start(p, plan, train, shard, tmp_path / "out", tmp_path / "state", rounds.Hooks(),
+                      rounds.Ranks(device=resolve_device(device)))
+    want = resolve_device(device).type
+    agc, taa = r.mitigations.built["agc"], r.mitigations.built["taa"]
+    assert r.images.device.type == want
+    assert {proxy.generator.device.type for proxy in r.proxies.values()} == {want}
+    assert {b.device.type for b in agc.bank.values()} == {want} and taa.strength.device.type == want
+    counts = rounds.train_proxies(r, rounds.Progress(shard), 0)
+    assert counts.drawn.device.type == want and int(counts.drawn.sum()) == 2 * plan.steps_per_round * 8
+    assert all(torch.isfinite(q).all() for q in r.proxies[0].model.parameters())
+    assert float(taa.strength.max()) > 0, "TAA raised strengths on the device"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_non_finite_loss_on_a_gpu_is_caught_at_the_next_curve_point():
+    from pipeline.mitigation import Mitigations
+    from pipeline.models import build_scheduler, build_unet
+    from pipeline.training import RoundCounts, new_proxy, train_steps
+
+    p = parse_params({**TINY, "train": {**TINY["train"], "device": "cuda"}})
+    proxy = new_proxy(build_unet(p.model, 8, 1, 0), p, 1, "cuda")
+    images = torch.full((12, 1, 8, 8), float("nan"), device="cuda")
+    with pytest.raises(FloatingPointError, match="loss is not finite at step 1"):
+        train_steps(proxy, 0, images, torch.arange(12, device="cuda"), 3, build_scheduler(p.model), p,
+                    Mitigations((), p, 12, (0,), "cuda"), RoundCounts.zeros(12, "cuda"))
