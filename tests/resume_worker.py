@@ -21,14 +21,10 @@ from pipeline import rounds
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from tiny import tiny
 
-TINY = {"data": {"train_size": 12, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
-        "iet": {"shards": 3, "rounds": 6, "local_epochs": 6},
-        "agc": {"tau": 0.9},  # so that AGC skips, TAA strengths rise and MSR moves samples: all resumed state
-        "msr": {"fraction": 0.25, "max_imbalance": 0.5}}
+# tau 0.9: AGC skips, TAA strengths rise and MSR moves samples, so all of that state is resumed
+TINY = tiny(iet={"rounds": 6}, agc={'tau': 0.9}, msr={'fraction': 0.25, 'max_imbalance': 0.5})
 
 
 def run(out, state, hooks=None):

@@ -15,10 +15,10 @@ from mlflow import MlflowClient  # noqa: E402
 
 from pipeline import registry  # noqa: E402
 from pipeline.cli import main  # noqa: E402
-from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from tiny import arch  # noqa: E402
 
-TINY = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
+TINY = arch()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from pipeline.config import ConfigError, parse_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from stages import baseline, evaluate, features, fid_reference, iet
+from tiny import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,12 +56,7 @@ def test_every_computing_stage_refuses_an_absent_device_before_any_work(command,
     assert not (tmp_path / "runs").exists()
 
 
-TINY = {"data": {"train_size": 12, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 10},
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
-        "iet": {"shards": 2, "rounds": 1, "local_epochs": 12}, "taa": {"rise": 0.5},
-        "agc": {"tau": 0.9}, "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
+TINY = tiny(iet={'shards': 2, 'rounds': 1, 'local_epochs': 12}, taa={'rise': 0.5}, agc={'tau': 0.9}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -19,15 +19,10 @@ from safetensors.torch import load_file
 
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data": {"train_size": 12, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
-        "iet": {"shards": 3, "rounds": 2, "local_epochs": 6},
-        "agc": {"tau": 0.9},
-        "msr": {"fraction": 0.25, "max_imbalance": 0.5}}
+TINY = tiny(agc={'tau': 0.9}, msr={'fraction': 0.25, 'max_imbalance': 0.5})
 
 
 def _workdir(path: Path) -> Path:

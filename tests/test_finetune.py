@@ -6,19 +6,15 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import rounds
-from pipeline.config import ConfigError, ModelConfig, parse_params
+from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from pipeline.models import build_scheduler, build_unet, save_pipeline
 from pipeline.pretrained import initial_unet
+from tiny import arch, tiny
 
-ARCH = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
-TINY = {"data": {"train_size": 8, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
-        "train": {"batch_size": 4, "lr": 1e-4, "warmup_steps": 0, "threads": 1},
-        "iet": {"shards": 2, "rounds": 2, "local_epochs": 2},
-        "msr": {"skip_rate": 0.2, "max_imbalance": 0.5}}
+ARCH = arch()
+TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_steps': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
 
 
 @pytest.fixture(scope="module")

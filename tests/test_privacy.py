@@ -11,10 +11,11 @@ from sklearn.metrics import roc_auc_score, roc_curve
 from pipeline import privacy
 from pipeline.config import ModelConfig
 from pipeline.models import build_scheduler, build_unet
+from tiny import arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=1000)
+TINY = arch(num_train_timesteps=1000)
 
 
 def test_auc_and_tpr_match_sklearn_with_ties():

@@ -18,13 +18,13 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelStatus  # noqa: E402
 
 from pipeline import registry  # noqa: E402
-from pipeline.store import StoreError  # noqa: E402
-from pipeline.config import ModelConfig  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from pipeline.store import StoreError  # noqa: E402
 from stages import register as register_stage  # noqa: E402
+from tiny import arch  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TINY = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
+TINY = arch()
 
 
 def tiny_model(path, seed=0):

@@ -10,12 +10,9 @@ from pipeline import rounds
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from tiny import tiny
 
-TINY = {"data": {"train_size": 12, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 50},
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
-        "iet": {"shards": 3, "rounds": 2, "local_epochs": 4},
-        "msr": {"skip_rate": 0.2, "max_imbalance": 0.5, "profile_timesteps": 2}}
+TINY = tiny(model={'num_train_timesteps': 50}, iet={'local_epochs': 4}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5, 'profile_timesteps': 2})
 
 
 @pytest.fixture

@@ -13,13 +13,10 @@ from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.tracking import PARENT_KEY, Tracker
 from stages import baseline, evaluate, iet, register, report
+from tiny import tiny
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TINY = {"data": {"train_size": 8, "heldout_size": 4, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 4},
-        "train": {"batch_size": 4, "warmup_steps": 0, "threads": 1},
-        "iet": {"shards": 2, "rounds": 1, "local_epochs": 1}}
+TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, eval={'ddim_steps': 4}, train={'batch_size': 4, 'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1})
 
 
 @pytest.fixture(scope="module")

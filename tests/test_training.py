@@ -8,12 +8,9 @@ from pipeline.models import build_scheduler, build_unet
 from pipeline.mitigation import Mitigations
 from pipeline.mitigation.agc import keep_mask
 from pipeline.training import RoundCounts, _backward, load_proxy, new_proxy, save_proxy, train_steps
+from tiny import tiny
 
-TINY = {"data": {"train_size": 16, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
-        "agc": {"tau": 0.9}}
+TINY = tiny(data={'train_size': 16}, agc={'tau': 0.9})
 
 
 def _setup(**train):

@@ -12,13 +12,10 @@ import yaml
 from click.testing import CliRunner
 
 from stages import validate
+from tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = {"data": {"train_size": 8, "heldout_size": 4, "resolution": 8},
-        "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-        "train": {"batch_size": 8, "warmup_steps": 0, "threads": 1},
-        "iet": {"shards": 2, "rounds": 1, "local_epochs": 1},
-        "msr": {"enabled": False}, "eval": {"ddim_steps": 4}}
+TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, train={'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1}, msr={'enabled': False}, eval={'ddim_steps': 4})
 
 
 def _run(args, cwd, env, ok=True):
