@@ -5,7 +5,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from urllib.request import url2pathname
 
 import pytest
 import yaml
+
+from tiny import project_copy, run
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -30,9 +31,7 @@ TINY = {
 
 
 def _run(args, cwd, env):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert out.returncode == 0, f"{' '.join(args)} failed:\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
+    return run(args, cwd, env)
 
 
 def _ran(log):
@@ -64,25 +63,8 @@ def _wait_for_queue(repo, env):
 
 @pytest.fixture
 def project(tmp_path):
-    """A fresh clone-like copy: tracked and untracked-but-not-ignored files, tiny params."""
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    dest = tmp_path / "repo"
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for group, values in TINY.items():
-        params[group].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
-        _run(cmd, dest, env)
-    return dest, env
+    """A fresh clone-like copy with tiny params."""
+    return project_copy(tmp_path / "repo", TINY)
 
 
 def _stale(repo, env) -> set[str]:

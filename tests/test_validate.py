@@ -1,10 +1,6 @@
 """The validate stage under a real `dvc repro`: a bad value stops the run before DVC deletes any
 stage's outputs, and a valid change re-runs only the stages that read it."""
-import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,16 +8,14 @@ import yaml
 from click.testing import CliRunner
 
 from stages import validate
-from tiny import tiny
+from tiny import project_copy, run, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, train={'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1}, msr={'enabled': False}, eval={'ddim_steps': 4})
 
 
 def _run(args, cwd, env, ok=True):
-    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert (out.returncode == 0) == ok, f"{' '.join(args)}: rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
-    return out.stdout + out.stderr
+    return run(args, cwd, env, ok)
 
 
 def _set(repo, group, key, value):
@@ -32,23 +26,7 @@ def _set(repo, group, key, value):
 
 @pytest.fixture
 def repo(tmp_path):
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                           text=True, check=True).stdout.split()
-    dest = tmp_path / "repo"
-    for f in files:
-        if (ROOT / f).is_file():
-            (dest / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / f, dest / f)
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for group, values in {**TINY, "tracking": {"uri": f"sqlite:///{dest / 'mlflow.db'}"}}.items():
-        raw[group].update(values)
-    (dest / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
-           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
-        _run(cmd, dest, env)
-    return dest, env
+    return project_copy(tmp_path / "repo", {**TINY, "tracking": {"uri": f"sqlite:///{tmp_path / 'repo/mlflow.db'}"}})
 
 
 def test_a_bad_value_under_dvc_repro_keeps_the_trained_model(repo):

@@ -4,6 +4,15 @@ what it changes: `tiny(iet={"rounds": 1})` is the base with that one key replace
 from __future__ import annotations
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
 
 ARCH = {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10}
 BASE = {"data": {"train_size": 12, "resolution": 8},
@@ -26,3 +35,32 @@ def arch(**changes):
     from pipeline.config import ModelConfig
 
     return ModelConfig(**{**ARCH, **changes})
+
+
+def run(args, cwd, env, ok=True) -> str:
+    """A command's output; fails the test, showing the output's end, when its exit status is not
+    what `ok` says."""
+    out = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert (out.returncode == 0) == ok, f"{' '.join(args)}: rc {out.returncode}\n{out.stdout[-3000:]}\n{out.stderr[-3000:]}"
+    return out.stdout + out.stderr
+
+
+def project_copy(dest: Path, groups: dict) -> tuple[Path, dict]:
+    """A fresh-clone-like git repository at `dest` (tracked and untracked-but-not-ignored files) whose
+    params.yaml has `groups`' keys replaced, and the environment to run dvc and the stages in."""
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()
+    for f in files:
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in groups.items():
+        params[group].update(values)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
+           "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
+        run(cmd, dest, env)
+    return dest, env
