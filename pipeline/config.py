@@ -27,6 +27,13 @@ class Seeds(_Group):
     eval: int = Field(0, ge=0, le=SEED_MAX)
 
 
+class Duplicates(_Group):
+    """Training images stored several times over, as web-scale sets hold them: the images diffusion
+    models copy most (Carlini et al. 2023). The copies are extra training samples."""
+    images: int = Field(0, ge=0)   # how many of the data.train_size images are duplicated (0: none)
+    copies: int = Field(16, ge=2)  # samples of each such image in total, the original included
+
+
 class DataConfig(_Group):
     source: Literal["mnist5k", "digits", "fashion-mnist", "folder", "npz"] = "mnist5k"
     path: str | None = None
@@ -35,12 +42,21 @@ class DataConfig(_Group):
     heldout_size: int = Field(256, ge=2)
     resolution: int = Field(16, ge=4, le=512)
     channels: Literal[1, 3] = 1
+    duplicates: Duplicates = Duplicates()
 
     @model_validator(mode="after")
     def _path_needed(self):
         if self.source in ("folder", "npz") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.duplicates.images > self.train_size:
+            raise ValueError(f"data.duplicates.images ({self.duplicates.images}) must not exceed data.train_size "
+                             f"({self.train_size})")
         return self
+
+    @property
+    def train_samples(self) -> int:
+        """Training samples: the train_size unique images plus the duplicates' extra copies."""
+        return self.train_size + self.duplicates.images * (self.duplicates.copies - 1)
 
 
 class ModelConfig(_Group):
@@ -204,9 +220,9 @@ class Params(_Group):
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.iet.shards > self.data.train_size:
-            raise ValueError(
-                f"iet.shards ({self.iet.shards}) must not exceed data.train_size ({self.data.train_size})")
+        if self.iet.shards > self.data.train_samples:
+            raise ValueError(f"iet.shards ({self.iet.shards}) must not exceed the training samples "
+                             f"({self.data.train_samples}: data.train_size and data.duplicates' extra copies)")
         factor = 2 ** (len(self.model.block_out_channels) - 1)
         # a pretrained model brings its own architecture; models.initial_unet checks its resolution
         if self.model.init_from is None and self.data.resolution % factor:
@@ -316,9 +332,11 @@ def resolve_device(setting: str):
 
 
 def flatten(params: Params) -> dict[str, object]:
-    """params as 'group.key' -> value, the form MLflow shows as columns."""
-    out = {}
-    for group, values in params.model_dump().items():
+    """params as 'group.key' -> value (a nested group: 'group.sub.key'), the form MLflow shows as columns."""
+    def walk(values: dict, prefix: str):
         for key, value in values.items():
-            out[f"{group}.{key}"] = value
-    return out
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+    return dict(walk(params.model_dump(), ""))

@@ -61,8 +61,8 @@ class Plan:
 
 
 def iet_steps_per_round(p: Params) -> int:
-    """local_epochs over a nominal shard of N/K images, in full batches."""
-    shard = math.ceil(p.data.train_size / p.iet.shards)
+    """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full batches."""
+    shard = math.ceil(p.data.train_samples / p.iet.shards)
     return max(1, math.ceil(p.iet.local_epochs * shard / p.train.batch_size))
 
 
