@@ -162,6 +162,15 @@ class AugmentConfig(Transforms):
     strength: float = Field(0.5, ge=0, le=1)
 
 
+class DPConfig(_Group):
+    """DP-SGD (Abadi et al. 2016) through Opacus: each sample's gradient clipped to max_grad_norm, Gaussian
+    noise of sd noise_multiplier x max_grad_norm added to their sum (pipeline/mitigation/dp.py)."""
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)  # the (epsilon, delta) guarantee's delta; below 1/N to mean anything
+
+
 class EvalConfig(_Group):
     num_samples: int = Field(256, ge=2)
     ddim_steps: int = Field(50, ge=1)
@@ -215,6 +224,7 @@ class Params(_Group):
     msr: MSRConfig = MSRConfig()
     taa: TAAConfig = TAAConfig()
     augment: AugmentConfig = AugmentConfig()
+    dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -237,7 +247,32 @@ class Params(_Group):
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
                 f"({self.model.num_train_timesteps}): DDIM samples a subset of the training timesteps")
+        if self.dp.enabled:
+            self._dp_fits()
         return self
+
+    def _dp_fits(self) -> None:
+        """What DP-SGD is refused with: its per-sample clipping bounds each sample's share of a step
+        only when a step is one backward pass of a fixed-size batch of distinct samples in fp32 and
+        nothing else reads other samples' losses; its epsilon counts one model trained on all."""
+        n, t = self.data.train_samples, self.train
+        refused = [
+            (self.iet.shards != 1, f"iet.shards ({self.iet.shards}) must be 1 with dp.enabled: DP-SGD trains one "
+                                   "model on every sample (run it as the iet stage with iet.shards=1)"),
+            (self.agc.enabled, "agc.enabled must be false with dp.enabled: AGC's bank of other samples' losses "
+                               "decides which gradients count, which the accountant does not cover"),
+            (t.grad_accum != 1, f"train.grad_accum ({t.grad_accum}) must be 1 with dp.enabled: the per-sample "
+                                "gradients are taken from one backward pass"),
+            (t.mixed_precision != "fp32", f"train.mixed_precision ({t.mixed_precision}) must be fp32 with "
+                                          "dp.enabled: the fp16 loss scale would be clipped with the per-sample "
+                                          "gradients, and bf16 ones are untested"),
+            (n % t.batch_size != 0, f"train.batch_size ({t.batch_size}) must divide the training samples ({n}) "
+                                    "with dp.enabled: then no batch holds a sample twice, as the accountant's "
+                                    "sampling rate batch/N assumes"),
+        ]
+        for bad, message in refused:
+            if bad:
+                raise ValueError(message)
 
 
 def _format(err: ValidationError, source: str) -> str:
