@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.mitigation.dp import epsilon, make_private
 from pipeline.models import build_scheduler, build_unet
-from pipeline.training import _backward, _optimizer_step, new_proxy
+from pipeline.training import _backward, _optimizer_step, load_proxy, new_proxy, save_proxy
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -148,3 +148,22 @@ def test_variant_names_show_sigma_and_keep_the_old_ones():
     assert mitigation.logged_variant(old, "iet") == "IET-AGC+"
     assert mitigation.logged_variant({**old, "dp.enabled": "False", "dp.noise_multiplier": "1.0"}, "iet") == "IET-AGC+"
     assert mitigation.variant_name(1, ("augment", "dp"), {"dp.noise_multiplier": 1}) == "augment+DP-SGD (sigma=1.0)"
+
+
+def test_a_private_proxy_resumes_where_it_stopped(tmp_path):
+    """The DPOptimizer passes Adam's state through save/load, and the noise comes from the proxy's
+    saved generator: a resumed proxy takes the same noisy steps."""
+    p = _params()
+    a, (xt, t, noise) = _proxy_and_batch(p, (1.0, 1.0))
+    for _ in range(2):
+        _backward(a, xt, t, noise, p)
+        _optimizer_step(a, p.train.grad_clip)
+    save_proxy(a, tmp_path / "proxy.safetensors")
+    b, _ = _proxy_and_batch(p, (1.0, 1.0))
+    load_proxy(b, tmp_path / "proxy.safetensors")
+    assert b.optimizer.state_dict()["state"]  # Adam's moments came back
+    for proxy in (a, b):
+        _backward(proxy, xt, t, noise, p)
+        _optimizer_step(proxy, p.train.grad_clip)
+    for q, r in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(q, r)
