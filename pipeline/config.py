@@ -27,6 +27,13 @@ class Seeds(_Group):
     eval: int = Field(0, ge=0, le=SEED_MAX)
 
 
+class Duplicates(_Group):
+    """Training images stored several times over, as web-scale sets hold them: the images diffusion
+    models copy most (Carlini et al. 2023). The copies are extra training samples."""
+    images: int = Field(0, ge=0)   # how many of the data.train_size images are duplicated (0: none)
+    copies: int = Field(16, ge=2)  # samples of each such image in total, the original included
+
+
 class DataConfig(_Group):
     source: Literal["mnist5k", "digits", "fashion-mnist", "folder", "npz"] = "mnist5k"
     path: str | None = None
@@ -35,12 +42,21 @@ class DataConfig(_Group):
     heldout_size: int = Field(256, ge=2)
     resolution: int = Field(16, ge=4, le=512)
     channels: Literal[1, 3] = 1
+    duplicates: Duplicates = Duplicates()
 
     @model_validator(mode="after")
     def _path_needed(self):
         if self.source in ("folder", "npz") and not self.path:
             raise ValueError(f"data.path is required when data.source is '{self.source}'")
+        if self.duplicates.images > self.train_size:
+            raise ValueError(f"data.duplicates.images ({self.duplicates.images}) must not exceed data.train_size "
+                             f"({self.train_size})")
         return self
+
+    @property
+    def train_samples(self) -> int:
+        """Training samples: the train_size unique images plus the duplicates' extra copies."""
+        return self.train_size + self.duplicates.images * (self.duplicates.copies - 1)
 
 
 class ModelConfig(_Group):
@@ -146,6 +162,15 @@ class AugmentConfig(Transforms):
     strength: float = Field(0.5, ge=0, le=1)
 
 
+class DPConfig(_Group):
+    """DP-SGD (Abadi et al. 2016) through Opacus: each sample's gradient clipped to max_grad_norm, Gaussian
+    noise of sd noise_multiplier x max_grad_norm added to their sum (pipeline/mitigation/dp.py)."""
+    enabled: bool = False
+    noise_multiplier: float = Field(1.0, gt=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)  # the (epsilon, delta) guarantee's delta; below 1/N to mean anything
+
+
 class EvalConfig(_Group):
     num_samples: int = Field(256, ge=2)
     ddim_steps: int = Field(50, ge=1)
@@ -199,14 +224,15 @@ class Params(_Group):
     msr: MSRConfig = MSRConfig()
     taa: TAAConfig = TAAConfig()
     augment: AugmentConfig = AugmentConfig()
+    dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self):
-        if self.iet.shards > self.data.train_size:
-            raise ValueError(
-                f"iet.shards ({self.iet.shards}) must not exceed data.train_size ({self.data.train_size})")
+        if self.iet.shards > self.data.train_samples:
+            raise ValueError(f"iet.shards ({self.iet.shards}) must not exceed the training samples "
+                             f"({self.data.train_samples}: data.train_size and data.duplicates' extra copies)")
         factor = 2 ** (len(self.model.block_out_channels) - 1)
         # a pretrained model brings its own architecture; models.initial_unet checks its resolution
         if self.model.init_from is None and self.data.resolution % factor:
@@ -221,7 +247,32 @@ class Params(_Group):
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
                 f"({self.model.num_train_timesteps}): DDIM samples a subset of the training timesteps")
+        if self.dp.enabled:
+            self._dp_fits()
         return self
+
+    def _dp_fits(self) -> None:
+        """What DP-SGD is refused with: its per-sample clipping bounds each sample's share of a step
+        only when a step is one backward pass of a fixed-size batch of distinct samples in fp32 and
+        nothing else reads other samples' losses; its epsilon counts one model trained on all."""
+        n, t = self.data.train_samples, self.train
+        refused = [
+            (self.iet.shards != 1, f"iet.shards ({self.iet.shards}) must be 1 with dp.enabled: DP-SGD trains one "
+                                   "model on every sample (run it as the iet stage with iet.shards=1)"),
+            (self.agc.enabled, "agc.enabled must be false with dp.enabled: AGC's bank of other samples' losses "
+                               "decides which gradients count, which the accountant does not cover"),
+            (t.grad_accum != 1, f"train.grad_accum ({t.grad_accum}) must be 1 with dp.enabled: the per-sample "
+                                "gradients are taken from one backward pass"),
+            (t.mixed_precision != "fp32", f"train.mixed_precision ({t.mixed_precision}) must be fp32 with "
+                                          "dp.enabled: the fp16 loss scale would be clipped with the per-sample "
+                                          "gradients, and bf16 ones are untested"),
+            (n % t.batch_size != 0, f"train.batch_size ({t.batch_size}) must divide the training samples ({n}) "
+                                    "with dp.enabled: then no batch holds a sample twice, as the accountant's "
+                                    "sampling rate batch/N assumes"),
+        ]
+        for bad, message in refused:
+            if bad:
+                raise ValueError(message)
 
 
 def _format(err: ValidationError, source: str) -> str:
@@ -316,9 +367,11 @@ def resolve_device(setting: str):
 
 
 def flatten(params: Params) -> dict[str, object]:
-    """params as 'group.key' -> value, the form MLflow shows as columns."""
-    out = {}
-    for group, values in params.model_dump().items():
+    """params as 'group.key' -> value (a nested group: 'group.sub.key'), the form MLflow shows as columns."""
+    def walk(values: dict, prefix: str):
         for key, value in values.items():
-            out[f"{group}.{key}"] = value
-    return out
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key, value
+    return dict(walk(params.model_dump(), ""))

@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
 
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, Duplicates
 from pipeline.io import atomic_path
+from pipeline.seeds import DUPLICATES
 
 POOL_CAP = 20000  # plenty for a small feature classifier; bounds memory on large sources
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
@@ -89,6 +90,8 @@ class Splits:
     train: ImageSet    # what the diffusion models train on
     heldout: ImageSet  # real images never trained on: the memorization reference
     pool: ImageSet     # everything but heldout (train included), capped, for a feature classifier
+    # per training sample, the id of the image it is a copy of (its own id unless data.duplicates added it)
+    copy_of: np.ndarray
 
 
 # ---------------------------------------------------------------- sources
@@ -311,4 +314,23 @@ def prepare_splits(cfg: DataConfig, seed: int) -> Splits:
         x = _to_channels(_resize(images[ids], cfg.resolution), cfg.channels)
         return ImageSet(np.ascontiguousarray(x), labels[ids].copy(), ids.astype(np.int64))
 
-    return Splits(train=take(train), heldout=take(heldout), pool=take(pool))
+    train_set, copy_of = add_duplicates(take(train), cfg.duplicates, seed, first_id=n)
+    return Splits(train=train_set, heldout=take(heldout), pool=take(pool), copy_of=copy_of)
+
+
+def add_duplicates(train: ImageSet, dup: Duplicates, seed: int, first_id: int) -> tuple[ImageSet, np.ndarray]:
+    """`train` with dup.copies - 1 extra samples of each of dup.images images (a seeded choice),
+    appended with the same pixels and label and new ids from `first_id` on (the source's size, so
+    no id of any split is reused). Returns it and each sample's original id.
+
+    The choice draws from its own stream, so the split above is the same with or without it, and
+    images = 0 leaves `train` as it was."""
+    if dup.images == 0:
+        return train, train.ids.copy()
+    rng = np.random.default_rng(np.random.SeedSequence([seed, DUPLICATES]))
+    chosen = np.sort(rng.choice(len(train), dup.images, replace=False))
+    extra = np.repeat(chosen, dup.copies - 1)
+    new_ids = first_id + np.arange(len(extra), dtype=np.int64)
+    grown = ImageSet(np.concatenate([train.images, train.images[extra]]),
+                     np.concatenate([train.labels, train.labels[extra]]), np.concatenate([train.ids, new_ids]))
+    return grown, np.concatenate([train.ids, train.ids[extra]])

@@ -42,11 +42,16 @@ class Plan:
     steps_per_round: int   # optimizer steps of each proxy per round
     mitigations: tuple[str, ...] = ()  # registry names (pipeline.mitigation), in hook order
     checkpoints_per_round: int = 1  # weights saved this many times a round (evenly), the last at its end
+    # what variant names show of the mitigations' settings (mitigation.shown); params hold it too, so
+    # it stays out of the repr that resume fingerprints read
+    shown: tuple[tuple[str, object], ...] = field(default=(), repr=False)
 
     @classmethod
     def iet(cls, p: Params) -> "Plan":
+        """With iet.shards = 1 the same steps as the baseline (dp.enabled trains DP-SGD that way)."""
         return cls(shards=p.iet.shards, rounds=p.iet.rounds, steps_per_round=iet_steps_per_round(p),
-                   mitigations=mitigation.active(mitigation.enabled_in(p), p.iet.shards))
+                   mitigations=mitigation.active(mitigation.enabled_in(p), p.iet.shards),
+                   shown=tuple(mitigation.shown(p).items()))
 
     @classmethod
     def baseline(cls, p: Params) -> "Plan":
@@ -57,12 +62,12 @@ class Plan:
 
     @property
     def variant(self) -> str:
-        return mitigation.variant_name(self.shards, self.mitigations)
+        return mitigation.variant_name(self.shards, self.mitigations, dict(self.shown))
 
 
 def iet_steps_per_round(p: Params) -> int:
-    """local_epochs over a nominal shard of N/K images, in full batches."""
-    shard = math.ceil(p.data.train_size / p.iet.shards)
+    """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full batches."""
+    shard = math.ceil(p.data.train_samples / p.iet.shards)
     return max(1, math.ceil(p.iet.local_epochs * shard / p.train.batch_size))
 
 
@@ -235,10 +240,13 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     init = initial_unet(params, seed)
     owned = ranks.owned(plan.shards)
     proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device) for k in owned}
+    mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device)
+    for k, proxy in proxies.items():
+        mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
     return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
-               Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device), out_dir, state_dir,
-               _fingerprint(params, plan, train, shard, init, ranks.device), init.state_dict(),
+               mitigations, out_dir, state_dir, _fingerprint(params, plan, train, shard, init, ranks.device),
+               init.state_dict(),
                dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks)
 
 
@@ -378,7 +386,7 @@ def finish(r: Run, progress: Progress) -> dict:
     summary = {"train_seconds": round(progress.seconds, 2), "optimizer_steps": steps,
                "images_seen": steps * r.params.train.batch_size, "shards": plan.shards, "rounds": plan.rounds,
                "variant": plan.variant, **{name: name in plan.mitigations for name in mitigation.REGISTRY},
-               "processes": r.ranks.world}
+               "processes": r.ranks.world, **r.mitigations.summary()}
     if not r.ranks.is_main:
         r.ranks.barrier()
         return summary

@@ -1,10 +1,12 @@
 """prepare: materialize the dataset as versioned files (train subset, held-out reference, pool)."""
+import csv
+
 import click
 
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.duplicates import duplicate_groups
-from pipeline.io import write_json
+from pipeline.io import atomic_path, write_json
 from stages import params_option, stage
 
 
@@ -21,13 +23,26 @@ def main(params_path, out):
     # pixel-identical training images: copies concentrate on them, and every memorization score is
     # taken against one image per group (evaluate logs the same counts to MLflow)
     dup = duplicate_groups(splits.train.images).summary()
+    added = _added_duplicates(splits, f"{out}/copy_of.csv") if p.data.duplicates.images else {}
     write_json(f"{out}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
-                                    "channels": p.data.channels, "train_duplicates": dup})
+                                    "channels": p.data.channels, "train_duplicates": dup, **added})
     click.echo(f"prepared {info} from {p.data.source} at {p.data.resolution}px")
     if dup["duplicate_groups"]:
         click.echo(f"the training set holds exact duplicates: {dup['duplicate_groups']} images occur more than "
                    f"once ({dup['duplicated_samples']} samples; the largest group has {dup['largest_group']}); "
                    f"{dup['unique_images']} unique images")
+
+
+def _added_duplicates(splits, path: str) -> dict:
+    """data.duplicates' copies: copy_of.csv (each added sample's id and the id of its original) and
+    their counts for info.json (written only when there are any, so that without them the prepared
+    data is what it always was)."""
+    new = splits.train.ids != splits.copy_of
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["sample_id", "copy_of"])
+        w.writerows(zip(splits.train.ids[new].tolist(), splits.copy_of[new].tolist()))
+    return {"added_duplicates": {"images": len(set(splits.copy_of[new].tolist())), "extra_samples": int(new.sum())}}
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ def test_the_committed_params_file_is_valid():
     ({"data": {"resolution": 18}}, "data.resolution"),
     ({"data": {"source": "folder"}}, "data.path"),
     ({"modle": {}}, "modle"),
+    ({"data": {"train_size": 8, "duplicates": {"images": 9}}}, "data.duplicates.images"),
+    ({"data": {"duplicates": {"copies": 1}}}, "data.duplicates.copies"),
+    ({"data": {"train_size": 8, "duplicates": {"images": 2, "copies": 4}}, "iet": {"shards": 15}}, "iet.shards"),
 ])
 def test_bad_parameters_name_the_key(override, key):
     with pytest.raises(ConfigError) as err:
@@ -42,6 +45,11 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("a: [1,\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_params(bad)
+
+
+def test_shards_may_use_the_duplicates_copies():
+    p = parse_params({"data": {"train_size": 8, "duplicates": {"images": 2, "copies": 4}}, "iet": {"shards": 14}})
+    assert p.data.train_samples == 14
 
 
 # Known to differ until TAAConfig moves to pipeline/mitigation (the lead sets its default there);

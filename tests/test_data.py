@@ -1,4 +1,5 @@
 import gzip
+import hashlib
 import struct
 
 import numpy as np
@@ -8,6 +9,7 @@ from PIL import Image
 from pipeline import data
 from pipeline.config import DataConfig
 from pipeline.data import DataError, ImageSet, load_source, prepare_splits
+from pipeline.duplicates import duplicate_groups
 
 
 def splits_of(seed=0, **cfg):
@@ -93,6 +95,51 @@ def test_downsampling_averages_instead_of_skipping_thin_lines(tmp_path):
     np.savez(tmp_path / "lines.npz", images=images)
     s = splits_of(source="npz", path=str(tmp_path / "lines.npz"), train_size=2, heldout_size=2, resolution=4)
     assert 30 < s.train.images.min() and s.train.images.max() < 100  # about 255 / 4 everywhere
+
+
+# ---------------------------------------------------------------- data.duplicates
+
+def _digest(splits) -> str:
+    h = hashlib.sha256()
+    for name in ("train", "heldout", "pool"):
+        x = getattr(splits, name)
+        for a in (x.images, x.labels, x.ids):
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def test_no_duplicates_leaves_the_prepared_arrays_as_they_were(mnist):
+    # the digest of these splits before data.duplicates existed (commit 39c4b73)
+    assert _digest(mnist) == "e781fc37c90fae3d"
+    np.testing.assert_array_equal(mnist.copy_of, mnist.train.ids)
+
+
+def test_duplicates_are_extra_samples_with_new_ids_and_the_same_pixels(mnist):
+    dup = splits_of(seed=3, train_size=50, heldout_size=100, duplicates={"images": 4, "copies": 3})
+    t = dup.train
+    assert len(t) == 50 + 4 * 2
+    np.testing.assert_array_equal(t.ids[:50], mnist.train.ids)  # the originals first, unchanged
+    np.testing.assert_array_equal(t.images[:50], mnist.train.images)
+    new = t.ids[50:]
+    assert len(set(t.ids.tolist())) == len(t) and new.min() >= 5000  # past every id of the source
+    originals, counts = np.unique(dup.copy_of, return_counts=True)
+    assert sorted(counts.tolist()) == [1] * 46 + [3] * 4
+    for i, source_id in zip(range(50, len(t)), dup.copy_of[50:]):
+        j = int(np.flatnonzero(t.ids == source_id)[0])
+        assert j < 50 and np.array_equal(t.images[i], t.images[j]) and t.labels[i] == t.labels[j]
+    assert duplicate_groups(t.images).summary()["duplicated_samples"] >= 12
+    for name in ("heldout", "pool"):  # never in the held-out set or the pool
+        a, b = getattr(dup, name), getattr(mnist, name)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.images, b.images)
+
+
+def test_the_duplicated_images_are_a_seeded_choice():
+    def chosen(seed):
+        s = splits_of(seed=seed, train_size=50, heldout_size=100, duplicates={"images": 5, "copies": 2})
+        return s.train.ids[np.isin(s.train.ids, s.copy_of[50:])].tolist()
+    assert chosen(3) == chosen(3) and len(chosen(3)) == 5
+    assert chosen(3) != chosen(4)
 
 
 def test_too_few_images_names_the_sizes():

@@ -56,3 +56,20 @@ def test_evaluate_without_a_trained_model_says_what_is_missing(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(evaluate.main, ["baseline"])
     assert result.exit_code == 1 and "runs/baseline/model" in result.output
+
+
+def test_prepare_with_duplicates_records_them_and_split_shards_every_sample(tmp_path):
+    params = _params(tmp_path, data={"source": "digits", "train_size": 40, "heldout_size": 20, "resolution": 8,
+                                     "duplicates": {"images": 2, "copies": 5}}, iet={"shards": 4})
+    out = tmp_path / "prepared"
+    result = CliRunner().invoke(prepare.main, ["--params", params, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    info = yaml.safe_load((out / "info.json").read_text())
+    assert info["train"] == 48 and info["added_duplicates"] == {"images": 2, "extra_samples": 8}
+    assert info["train_duplicates"]["duplicated_samples"] >= 10  # found again from the pixels
+    copies = np.genfromtxt(out / "copy_of.csv", delimiter=",", names=True, dtype=int)
+    assert len(copies) == 8 and len(set(copies["copy_of"])) == 2
+    shards = tmp_path / "shards.csv"
+    result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards)])
+    assert result.exit_code == 0, result.output
+    assert len(np.genfromtxt(shards, delimiter=",", names=True, dtype=int)) == 48

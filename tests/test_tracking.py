@@ -101,3 +101,18 @@ def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monke
     assert result.exit_code == 1
     assert "MLflow tracking server http://127.0.0.1:9 cannot be reached" in result.output
     assert sorted(p for p in tmp_path.rglob("*")) == before  # nothing trained, sampled or written
+
+
+def test_a_dp_sgd_run_logs_its_variant_and_epsilon(store, tmp_path, monkeypatch):
+    root = _project(tmp_path, store, "dp")
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw["iet"]["shards"], raw["agc"]["enabled"], raw["dp"]["enabled"] = 1, False, True
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    (root / "runs/split").mkdir(parents=True)
+    (root / "runs/split/shards.csv").write_text("sample_id,shard\n" + "".join(f"{i},0\n" for i in range(8)))
+    monkeypatch.chdir(root)
+    result = CliRunner().invoke(iet.main, [])
+    assert result.exit_code == 0, result.output
+    (run,) = [r for r in _runs(store, "dp") if r.info.run_name == "iet"]
+    assert run.data.params["variant"] == "DP-SGD (sigma=1.0)"
+    assert 0 < run.data.metrics["dp_epsilon"] < float("inf")

@@ -27,6 +27,7 @@ class Entry:
     hooks: str                     # "module:Class", a pipeline.mitigation.base.Mitigation subclass
     requires: tuple[str, ...] = ()  # mitigations it reads; off without them
     min_shards: int = 1             # off below this many IET shards
+    shows: tuple[str, str] = ()     # (symbol, key of its group) that variant names show: DP-SGD (sigma=1.0)
 
     def load(self) -> type[Mitigation]:
         module, cls = self.hooks.split(":")
@@ -38,6 +39,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("msr", "MSR", "pipeline.mitigation.msr:MSR", requires=("agc",), min_shards=2),
     Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",)),
     Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
+    Entry("dp", "DP-SGD", "pipeline.mitigation.dp:DPSGD", shows=("sigma", "noise_multiplier")),
 )}
 # the paper's name for IET with all three of its parts (P2: IET-AGC+)
 FULL_METHOD = ("agc", "msr", "taa")
@@ -66,11 +68,32 @@ def enabled_in_logged(flat: Mapping[str, str]) -> dict[str, bool]:
     return {name: flat.get(f"{name}.enabled", str(getattr(defaults, name).enabled)) == "True" for name in REGISTRY}
 
 
-def variant_name(shards: int, names: tuple[str, ...]) -> str:
+def shown(params) -> dict[str, object]:
+    """The settings variant names show, 'group.key' -> value, from a Params object."""
+    return {f"{name}.{e.shows[1]}": getattr(getattr(params, name), e.shows[1]) for name, e in REGISTRY.items()
+            if e.shows}
+
+
+def _label(name: str, settings: Mapping[str, object]) -> str:
+    """A mitigation's label, with the setting its entry shows when `settings` has it: DP-SGD (sigma=1.0)."""
+    e = REGISTRY[name]
+    key = f"{name}.{e.shows[1]}" if e.shows else None
+    if key not in settings:
+        return e.label
+    value = settings[key]
+    try:
+        value = float(value)  # one spelling whether it comes from Params (1.0) or MLflow ('1.0', '1')
+    except (TypeError, ValueError):
+        pass
+    return f"{e.label} ({e.shows[0]}={value})"
+
+
+def variant_name(shards: int, names: tuple[str, ...], settings: Mapping[str, object] | None = None) -> str:
     """'IET' with K > 1 shards, then the mitigations' labels: IET-AGC, IET-AGC+MSR, IET-AGC+ (all
-    of FULL_METHOD), AGC (one shard), IET-augment, ..."""
+    of FULL_METHOD), AGC (one shard), IET-augment, DP-SGD (sigma=1.0), ... `settings` ('group.key' ->
+    value, as `shown` or MLflow's params give them) adds what an entry `shows` to its label."""
     full = set(FULL_METHOD) <= set(names)
-    labels = "+".join(REGISTRY[n].label for n in names if not (full and n in FULL_METHOD))
+    labels = "+".join(_label(n, settings or {}) for n in names if not (full and n in FULL_METHOD))
     if full:
         labels = "AGC+" + (f" with {labels}" if labels else "")
     return "-".join(part for part in ("IET" if shards > 1 else "", labels) if part) or "plain"
@@ -82,7 +105,7 @@ def logged_variant(flat: Mapping[str, str], model: str) -> str:
     if model == "baseline":
         return "baseline"
     shards = int(flat.get("iet.shards", 2))
-    return variant_name(shards, active(enabled_in_logged(flat), shards))
+    return variant_name(shards, active(enabled_in_logged(flat), shards), flat)
 
 
 def variant_sort_key(name: str) -> tuple:
@@ -99,10 +122,14 @@ class Mitigations:
         for name in names:
             entry = REGISTRY[name]
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
-                          torch.device(device))
+                          torch.device(device), params.train.batch_size)
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())
+
+    def attach(self, k: int, proxy) -> None:
+        for m in self.items:
+            m.attach(k, proxy)
 
     def transform(self, k: int, x0: torch.Tensor, positions, generator) -> torch.Tensor:
         for m in self.items:
@@ -143,3 +170,6 @@ class Mitigations:
 
     def round_metrics(self) -> dict[str, float]:
         return {key: v for m in self.items for key, v in m.round_metrics().items()}
+
+    def summary(self) -> dict[str, float]:
+        return {key: v for m in self.items for key, v in m.summary().items()}

@@ -23,6 +23,7 @@ class Context:
     # where the training step runs: state the step reads or writes lives there, so that a step
     # never waits for the host (state() may return it there; load_state gets CPU tensors)
     device: torch.device = torch.device("cpu")
+    batch_size: int = 1          # train.batch_size: samples of one optimizer step
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,11 @@ class Mitigation:
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
+
+    def attach(self, k: int, proxy) -> None:
+        """Once, when proxy k (a pipeline.training.Proxy) is built, before it trains or resumes. A
+        mitigation that changes how a step turns the backward pass into an update (DP-SGD) wraps
+        the proxy's optimizer here and may hook its model; the loop then steps as always."""
 
     def transform(self, k: int, x0: torch.Tensor, positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch proxy k trains on, from the clean images x0 (before noise is added)."""
@@ -83,4 +89,8 @@ class Mitigation:
 
     def round_metrics(self) -> dict[str, float]:
         """Values logged once per round (after sync)."""
+        return {}
+
+    def summary(self) -> dict[str, float]:
+        """Values of the whole run, at its end: train_info.json and the training run's MLflow metrics."""
         return {}
