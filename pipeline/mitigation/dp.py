@@ -26,8 +26,6 @@ from __future__ import annotations
 import math
 import warnings
 
-import torch
-
 from pipeline.config import ConfigError, DPConfig
 from pipeline.mitigation.base import Context, Mitigation
 
