@@ -40,6 +40,7 @@ class Point:
     fd: float | None
     fid: float | None
     start_time: int
+    curve: tuple[tuple[float, float], ...] = ()  # (FD, memorization ratio) of its checkpoints, in training order
 
 
 def variant(params: dict[str, str], model: str) -> tuple[str, float | None]:
@@ -63,6 +64,7 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
     runs = client.search_runs([exp.experiment_id], f"tags.`{PARENT_KEY}` != ''", max_results=5000,
                               order_by=["attributes.start_time ASC"])
     points, seen_baselines = [], set()
+    evaluations = _evaluations(client, exp.experiment_id)
     for run in runs:
         m, params = run.data.metrics, run.data.params
         for model in ("baseline", "iet"):
@@ -71,7 +73,8 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
             name, tau = variant(params, model)
             point = Point(run.info.run_id, run.info.run_name or run.info.run_id[:8], model, name, tau,
                           m[f"{model}.mem_ratio"], m.get(f"{model}.heldout_mem_ratio"), m.get(f"{model}.fd"),
-                          m.get(f"{model}.fid"), run.info.start_time)
+                          m.get(f"{model}.fid"), run.info.start_time,
+                          _curve(client, evaluations.get((run.info.run_id, model))))
             if model == "baseline":
                 key = (point.mem_ratio, point.fd, point.fid)
                 if key in seen_baselines:
@@ -79,6 +82,21 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
                 seen_baselines.add(key)
             points.append(point)
     return points
+
+
+def _evaluations(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], str]:
+    """(parent run, model) -> its finished `evaluate <model>` run."""
+    runs = client.search_runs([experiment_id], "attributes.run_name LIKE 'evaluate %'", max_results=50000)
+    return {(r.data.tags.get("mlflow.parentRunId"), r.info.run_name.split(" ", 1)[1]): r.info.run_id
+            for r in runs if r.info.status == "FINISHED"}
+
+
+def _curve(client: MlflowClient, run_id: str | None) -> tuple[tuple[float, float], ...]:
+    """The evaluation's memorization-vs-FD curve over training (round_fd, round_mem_ratio by step)."""
+    if run_id is None:
+        return ()
+    fd, mem = ({h.step: h.value for h in client.get_metric_history(run_id, key)} for key in ("round_fd", "round_mem_ratio"))
+    return tuple((fd[s], mem[s]) for s in sorted(fd.keys() & mem.keys()))
 
 
 def quality_key(points: list[Point]) -> str:
@@ -97,11 +115,13 @@ def pareto(xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
 
 
 def save_tradeoff(points: list[Point], path, current_run: str | None = None) -> None:
-    """Scatter: quality (x, lower is better) against memorization ratio (y, lower is better)."""
+    """Left: every final model, quality (x) against memorization ratio (y), both lower is better.
+    Right: every model's curve over training (feature FD of the curve samples)."""
     key = quality_key(points)
     usable = [p for p in points if getattr(p, key) is not None and math.isfinite(getattr(p, key))]
-    fig = Figure(figsize=(6.5, 4.2))
-    ax = fig.subplots()
+    fig = Figure(figsize=(12, 4.2))
+    ax, over = fig.subplots(1, 2)
+    _draw_curves(over, points)
     if not usable:
         ax.text(0.5, 0.5, "no finished runs in MLflow yet", ha="center", va="center", transform=ax.transAxes)
     else:
@@ -130,6 +150,27 @@ def save_tradeoff(points: list[Point], path, current_run: str | None = None) -> 
     ax.set_ylabel(BY_KEY["mem_ratio"].axis_label)
     ax.set_title("Memorization vs quality, every run in MLflow", fontsize=9)
     _save_figure(fig, path)
+
+
+def _draw_curves(ax, points: list[Point]) -> None:
+    """One line per model through its checkpoints, a marker at its last; one colour per variant."""
+    variants = sorted({p.variant for p in points if p.curve}, key=mitigation.variant_sort_key)
+    colors = {v: f"C{i % 10}" for i, v in enumerate(variants)}
+    for p in points:
+        if p.curve:
+            fd, mem = zip(*p.curve)
+            ax.plot(fd, mem, color=colors[p.variant], linewidth=1, alpha=0.7, marker=".", markersize=3)
+            ax.plot(fd[-1:], mem[-1:], color=colors[p.variant], marker="o", markersize=5)
+    for v in variants:
+        ax.plot([], [], color=colors[v], label=v)
+    if variants:
+        ax.legend(fontsize=7, loc="best")
+        ax.set_xscale("log")
+    else:
+        ax.text(0.5, 0.5, "no curves in MLflow yet", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xlabel(BY_KEY["fd"].axis_label + ", curve samples")
+    ax.set_ylabel(BY_KEY["mem_ratio"].axis_label)
+    ax.set_title("Over training: one line per model, checkpoints in training order", fontsize=9)
 
 
 def markdown_table(points: list[Point]) -> str:

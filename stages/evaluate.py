@@ -47,8 +47,9 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     run_id = tracker.child(f"evaluate {model_name}")
     tracker.log_data(run_id, {k: f"{data_dir}/{k}.npz" for k in ("train", "heldout", "pool")})
     tracker.log_metrics(run_id, result.metrics)
-    for row in result.by_round:
-        tracker.log_metrics(run_id, {f"round_{k}": v for k, v in row.items() if k != "round"}, step=row["round"])
+    for i, row in enumerate(result.by_round, start=1):  # MLflow steps are integers: the checkpoint's index
+        tracker.log_metrics(run_id, {("round_progress" if k == "round" else f"round_{k}"): v for k, v in row.items()},
+                            step=i)
     for name in FILES:
         tracker.log_artifact(run_id, out / name)
     tracker.finish(run_id)

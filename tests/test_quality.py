@@ -252,6 +252,19 @@ def test_tradeoff_collects_every_variant_once_and_plots(store, tmp_path):
     assert table.count("\n") == 1 + len(points) and "| IET |" in table and "| 0.8 |" in table
 
 
+def test_tradeoff_reads_each_models_curve_in_training_order(store):
+    parent = _log_run(store, {"mem_ratio": 0.3, "heldout_mem_ratio": 0.01, "fd": 3.0}, agc={"tau": 0.6})
+    tracker = Tracker(Params(tracking=TrackingConfig(uri=store)))
+    child = tracker.child("evaluate iet", parent=parent)
+    for step, (fd, mem) in enumerate([(9.0, 0.0), (4.0, 0.1), (3.5, 0.3)], start=1):
+        tracker.log_metrics(child, {"round_fd": fd, "round_mem_ratio": mem}, step=step)
+    tracker.finish(child)
+    points = tradeoff.collect(tracker.client, "iet-agc")
+    curves = {(p.variant, p.tau): p.curve for p in points}
+    assert curves[("IET-AGC+", 0.6)] == ((9.0, 0.0), (4.0, 0.1), (3.5, 0.3))
+    assert curves[("IET", None)] == ()  # no evaluation logged its curve
+
+
 def test_tradeoff_of_an_empty_store_still_draws(tmp_path):
     png = tmp_path / "t.png"
     assert tradeoff.main(f"sqlite:///{tmp_path / 'empty.db'}", "nothing", png) == []
