@@ -52,8 +52,11 @@ def risk_table(groups: DuplicateGroups, ids: np.ndarray, baseline_copied: list[d
     """Per unique training image (rows of the baseline's copied.csv, in group order): how often
     the baseline copies it, its loss under the baseline, and IET's mean skip rate over its copies
     in the training set; with risk_summary's headline."""
-    skip = np.array([np.nanmean(skip_rate[groups.group == g]) if np.isfinite(skip_rate[groups.group == g]).any()
-                     else np.nan for g in range(len(groups.sizes))])
+    finite = np.isfinite(skip_rate)
+    # mean over the group's drawn samples: sums and counts per group, NaN where none was drawn
+    total = np.bincount(groups.group[finite], weights=skip_rate[finite], minlength=len(groups.sizes))
+    drawn = np.bincount(groups.group[finite], minlength=len(groups.sizes))
+    skip = np.divide(total, drawn, out=np.full(len(groups.sizes), np.nan), where=drawn > 0)
     rows = [{"sample_id": int(ids[groups.representatives[g]]), "size": int(groups.sizes[g]),
              "baseline_copies": int(r["copies"]), "baseline_loss": float(r["loss"]), "iet_skip_rate": float(skip[g])}
             for g, r in enumerate(baseline_copied)]
