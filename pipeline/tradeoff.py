@@ -18,6 +18,7 @@ import numpy as np
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from pipeline import mitigation  # noqa: E402
@@ -165,7 +166,10 @@ def _draw_curves(ax, points: list[Point]) -> None:
         ax.plot([], [], color=colors[v], label=v)
     if variants:
         ax.legend(fontsize=7, loc="best")
-        ax.set_xscale("log")
+        ax.set_xscale("log")  # FD spans decades over training
+        ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(ScalarFormatter())
+        ax.xaxis.set_minor_formatter(NullFormatter())
     else:
         ax.text(0.5, 0.5, "no curves in MLflow yet", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel(BY_KEY["fd"].axis_label + ", curve samples")
