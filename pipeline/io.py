@@ -1,6 +1,7 @@
 """Writing files so that an interrupted stage never leaves a half-written output behind."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import tempfile
@@ -45,6 +46,14 @@ def atomic_path(path: str | Path):
 def write_json(path: str | Path, obj) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
+    """A CSV with a header of `fields`, written whole or not at all."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
 
 
 def read_json(path: str | Path):

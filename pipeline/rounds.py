@@ -9,7 +9,6 @@ saved (`checkpoint`), so a killed run resumes from its last complete round. `fin
 models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 import math
@@ -26,7 +25,7 @@ from pipeline import ensemble, mitigation, seeds
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
-from pipeline.io import atomic_path, write_json
+from pipeline.io import atomic_path, write_csv, write_json
 from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
@@ -94,13 +93,6 @@ def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray, init
         h.update(key.encode())
         h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def _write_csv(path: Path, rows: list[dict], fields: list[str]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
 
 
 def _save_state(state_dir: Path, proxies: dict[int, Proxy], mitigations: Mitigations, info: dict, shard,
@@ -351,7 +343,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
             _write_loss_table(r, rnd, progress.shard, drawn, skipped, skip_rate, profile.losses, end.moves)
         progress.shard, metrics["moved"] = end.shard, len(end.moves)
     if r.ranks.is_main:
-        _write_csv(_round_dir(r, rnd) / "shards.csv",
+        write_csv(_round_dir(r, rnd) / "shards.csv",
                    [{"sample_id": int(i), "shard": int(s)} for i, s in zip(r.train.ids, progress.shard)],
                    ["sample_id", "shard"])
     return {**metrics, "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
@@ -364,8 +356,8 @@ def _write_loss_table(r: Run, rnd: int, shard, drawn, skipped, skip_rate, losses
               "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]), "loss_own": _cell(losses[i, shard[i]]),
               **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(r.plan.shards)}}
              for i in range(len(ids))]
-    _write_csv(_round_dir(r, rnd) / "loss_table.csv", table, list(table[0]))
-    _write_csv(_round_dir(r, rnd) / "moves.csv", [{"sample_id": int(ids[m["position"]]),
+    write_csv(_round_dir(r, rnd) / "loss_table.csv", table, list(table[0]))
+    write_csv(_round_dir(r, rnd) / "moves.csv", [{"sample_id": int(ids[m["position"]]),
                                                    **{k: v for k, v in m.items() if k != "position"}} for m in moves],
                ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
 
@@ -392,7 +384,7 @@ def finish(r: Run, progress: Progress) -> dict:
         return summary
     fields = ["round", "proxy", "step", "loss", "kept"] + sorted({k for row in progress.history for k in row}
                                                                   - {"round", "proxy", "step", "loss", "kept"})
-    _write_csv(r.out_dir / "curves.csv", progress.history, fields)
+    write_csv(r.out_dir / "curves.csv", progress.history, fields)
     final = r.proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
     save_pipeline(final.model, r.noise_schedule, r.out_dir / "model")
     final.ema.copy_to(final.model.parameters())

@@ -1,6 +1,5 @@
 """evaluate: sample a trained model and measure how much it copies and how good its samples are
 (pipeline/evaluation.py); write the metrics, figures and the memorization-over-rounds curve."""
-import csv
 from pathlib import Path
 
 import click
@@ -13,7 +12,7 @@ from pipeline.data import ImageSet, to_uint8
 from pipeline.duplicates import duplicate_groups
 from pipeline.evaluation import ROUND_KEYS, EvalData, evaluate
 from pipeline.features import load_feature_net
-from pipeline.io import atomic_path, weights_dir, write_json
+from pipeline.io import weights_dir, write_csv, write_json
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
 from stages import params_option, stage
@@ -62,19 +61,13 @@ def _write(result, data: EvalData, ids: np.ndarray, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     copied = [{"sample_id": int(ids[row["position"]]), **{k: row[k] for k in COPIED_FIELDS[1:]}}
               for row in result.copies]
-    with atomic_path(out / "copied.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COPIED_FIELDS)
-        w.writeheader()
-        w.writerows(copied)
+    write_csv(out / "copied.csv", copied, COPIED_FIELDS)
     figures.save_most_copied(data.train, result.copies, out / "most_copied.png")
     np.savez_compressed(out / "samples.npz", images=to_uint8(result.samples).numpy())
     figures.save_grid(result.samples[:256], out / "samples.png")
     figures.save_copies_figure(result.samples, data.train, result.scores, out / "copies.png")
     figures.save_ratio_histogram(result.scores, result.heldout_scores, out / "ratio_hist.png")
-    with atomic_path(out / "rounds.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["round", *ROUND_KEYS])
-        w.writeheader()
-        w.writerows(result.by_round)
+    write_csv(out / "rounds.csv", result.by_round, ["round", *ROUND_KEYS])
     write_json(out / "metrics.json", result.metrics)
 
 

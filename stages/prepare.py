@@ -1,12 +1,11 @@
 """prepare: materialize the dataset as versioned files (train subset, held-out reference, pool)."""
-import csv
 
 import click
 
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.duplicates import duplicate_groups
-from pipeline.io import atomic_path, write_json
+from pipeline.io import write_csv, write_json
 from stages import params_option, stage
 
 
@@ -38,10 +37,8 @@ def _added_duplicates(splits, path: str) -> dict:
     their counts for info.json (written only when there are any, so that without them the prepared
     data is what it always was)."""
     new = splits.train.ids != splits.copy_of
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sample_id", "copy_of"])
-        w.writerows(zip(splits.train.ids[new].tolist(), splits.copy_of[new].tolist()))
+    write_csv(path, [{"sample_id": i, "copy_of": c} for i, c in
+                     zip(splits.train.ids[new].tolist(), splits.copy_of[new].tolist())], ["sample_id", "copy_of"])
     return {"added_duplicates": {"images": len(set(splits.copy_of[new].tolist())), "extra_samples": int(new.sum())}}
 
 

@@ -1,6 +1,5 @@
 """report: the baseline vs the IET model (whatever variant it was trained as) in one table
 (terminal, markdown, MLflow parent run), then every variant in MLflow."""
-import csv
 from pathlib import Path
 
 import click
@@ -10,7 +9,7 @@ from pipeline.comparison import RISK_FIELDS, at_matched_quality, read_rows, risk
 from pipeline.data import ImageSet
 from pipeline.duplicates import duplicate_groups
 from pipeline.config import load_params
-from pipeline.io import atomic_path, read_json, write_json
+from pipeline.io import atomic_path, read_json, write_csv, write_json
 from pipeline.metric_names import REPORT, shown_in
 from pipeline.store import tracking_uri
 from pipeline.tracking import Tracker
@@ -44,7 +43,7 @@ def main(params_path, out):
     train = ImageSet.load("data/prepared/train.npz")
     risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows("runs/eval/baseline/copied.csv"),
                                  skip_rates("runs/iet/rounds", train.ids))
-    _write_csv(out / "risk.csv", risk_rows)
+    write_csv(out / "risk.csv", risk_rows, RISK_FIELDS)
     figures.save_risk(risk_rows, out / "risk.png")
     text = _text(p, rows, risk)
     with atomic_path(out / "report.md") as tmp:
@@ -112,13 +111,6 @@ def _fmt(v) -> str:
 
 def _signed(v) -> str:
     return "n/a" if v is None or v != v else f"{v:+.3f}"
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=RISK_FIELDS)
-        w.writeheader()
-        w.writerows(rows)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,11 @@
 """split: seeded assignment of training samples to the K shards of IET."""
-import csv
 
 import click
 
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
-from pipeline.io import atomic_path
+from pipeline.io import write_csv
 from stages import params_option, stage
 
 
@@ -19,10 +18,8 @@ def main(params_path, train_path, out):
     p = load_params(params_path)
     train = ImageSet.load(train_path)
     shard = split_shards(train.labels, p.iet.shards, p.seeds.split)
-    with atomic_path(out) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["sample_id", "shard"])
-        w.writerows(zip(train.ids.tolist(), shard.tolist()))
+    write_csv(out, [{"sample_id": i, "shard": s} for i, s in zip(train.ids.tolist(), shard.tolist())],
+              ["sample_id", "shard"])
     click.echo(f"split {len(train)} samples into {p.iet.shards} shards")
 
 
