@@ -30,14 +30,14 @@ class Seeds(_Group):
 class Duplicates(_Group):
     """Training images stored several times over, as web-scale sets hold them: the images diffusion
     models copy most (Carlini et al. 2023). The copies are extra training samples."""
-    images: int = Field(0, ge=0)   # how many of the data.train_size images are duplicated (0: none)
+    images: int = Field(8, ge=0)   # how many of the data.train_size images are duplicated (0: none)
     copies: int = Field(16, ge=2)  # samples of each such image in total, the original included
 
 
 class DataConfig(_Group):
     source: Literal["mnist5k", "digits", "fashion-mnist", "folder", "npz"] = "mnist5k"
     path: str | None = None
-    train_size: int = Field(32, ge=2)
+    train_size: int = Field(264, ge=2)
     # two at least: a Frechet distance needs a covariance, SSCD splits them in two halves
     heldout_size: int = Field(256, ge=2)
     resolution: int = Field(16, ge=4, le=512)
@@ -116,7 +116,7 @@ class TrainConfig(_Group):
 class IETConfig(_Group):
     shards: int = Field(4, ge=1)
     rounds: int = Field(4, ge=1)
-    local_epochs: float = Field(450, gt=0)
+    local_epochs: float = Field(48, gt=0)
 
 
 # ---- the mitigations' groups (pipeline/mitigation reads each through its registry entry) ----

@@ -17,7 +17,7 @@ def test_the_committed_params_file_is_valid():
     ({"agc": {"tua": 0.5}}, "agc.tua"),
     ({"iet": {"shards": "four"}}, "iet.shards"),
     ({"data": {"source": "cifar"}}, "data.source"),
-    ({"data": {"train_size": 8}, "iet": {"shards": 16}}, "iet.shards"),
+    ({"data": {"train_size": 8, "duplicates": {"images": 0}}, "iet": {"shards": 16}}, "iet.shards"),
     ({"data": {"resolution": 18}}, "data.resolution"),
     ({"data": {"source": "folder"}}, "data.path"),
     ({"modle": {}}, "modle"),

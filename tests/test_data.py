@@ -13,6 +13,7 @@ from pipeline.duplicates import duplicate_groups
 
 
 def splits_of(seed=0, **cfg):
+    cfg.setdefault("duplicates", {"images": 0})  # the default duplicates 8 images; these tests want none unless said
     return prepare_splits(DataConfig(**cfg), seed)
 
 
@@ -185,7 +186,7 @@ def test_fashion_mnist_reads_idx_files(tmp_path, gz):
     images, labels = load_source(DataConfig(source="fashion-mnist", path=str(tmp_path)))
     assert images.shape == (10, 1, 28, 28) and images.dtype == np.uint8
     assert labels.tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]  # train first, then t10k
-    s = prepare_splits(DataConfig(source="fashion-mnist", path=str(tmp_path), train_size=3, heldout_size=2), 0)
+    s = prepare_splits(DataConfig(duplicates={"images": 0}, source="fashion-mnist", path=str(tmp_path), train_size=3, heldout_size=2), 0)
     assert len(s.train) == 3 and np.bincount(s.train.labels).tolist() == [1, 1, 1]
 
 
@@ -267,7 +268,7 @@ def test_folder_with_class_subfolders_and_nested_dirs(tmp_path):
 def test_folder_without_subfolders_is_unlabelled(tmp_path):
     for i in range(4):
         save_image(tmp_path / f"{i}.png", size=(30, 10))
-    s = prepare_splits(DataConfig(source="folder", path=str(tmp_path), train_size=2, heldout_size=2,
+    s = prepare_splits(DataConfig(duplicates={"images": 0}, source="folder", path=str(tmp_path), train_size=2, heldout_size=2,
                                   resolution=4), 0)
     assert s.train.images.shape == (2, 1, 4, 4) and np.all(s.train.labels == -1)
 
