@@ -3,9 +3,16 @@
 Each pipeline run or DVC experiment has a parent run holding the whole params.yaml; its nested
 `evaluate <model>` runs hold the metrics and its `baseline` / `iet` runs the training time. Only
 stages that actually ran have nested runs, so a baseline that DVC restored from its cache for
-another experiment is counted once, where it was trained. Runs are grouped by model variant, tau and
-setting (every other param but `seeds.train`), and each group's metrics are given as mean and
-standard deviation over its seeds; the params in which groups differ are shown as columns.
+another experiment is counted once, where it was trained. Runs are grouped by model variant, tau,
+shard count K and setting (every other param but `seeds.train`), and each group's metrics are given
+as mean and standard deviation over its seeds; the params in which groups differ are shown as
+columns.
+
+A variant may be trained without its own baseline (`dvc exp run ... evaluate@iet`, as the
+single-model variants are: their `iet.shards=1` would otherwise re-train the baseline): its
+memorization at matched quality is then read here, as the report stage reads it, against the
+curve of the baseline of the same setting and seed. Each variant's mean is marked where it differs
+from the baseline's by more than the seed spread explains (SIGNIFICANCE).
 """
 from __future__ import annotations
 
@@ -13,16 +20,30 @@ import math
 from collections import defaultdict
 
 import numpy as np
+import scipy.stats
 from mlflow import MlflowClient
 
 from pipeline import mitigation
+from pipeline.comparison import at_matched_quality
+from pipeline.matched import METRIC_NAMES as MATCHED
 from pipeline.metric_names import ABLATION, shown_in
+from pipeline.mitigation.dp import EPSILON
 from pipeline.tradeoff import variant
 
 METRICS = shown_in(ABLATION)
-# A setting is every param but these: the seed (averaged over), the switches that make the variant
-# and tau (shown as their own columns), and where results are logged or how processes are started.
-NOT_SETTING = ("seeds.train", *(f"{name}.enabled" for name in mitigation.REGISTRY), "agc.tau", "train.launcher")
+# A setting is every param but these: the seed (averaged over), the switches and shown settings that
+# make the variant, tau and the shard count (shown as their own columns), and where results are
+# logged or how processes are started.
+NOT_SETTING = ("seeds.train", "agc.tau", "iet.shards", "train.launcher",
+               *(f"{name}.enabled" for name in mitigation.REGISTRY),
+               *(f"{name}.{e.shows[1]}" for name, e in mitigation.REGISTRY.items() if e.shows))
+# from the training run, beside the evaluation's metrics
+TRAINING_METRICS = ("train_seconds", EPSILON)
+CURVE_KEYS = ("progress", "fd", "mem_ratio", "mean_nn1")
+# "differs from the baseline beyond the seed spread": Welch's t-test over seeds (a one-sample test
+# against 0 for the matched-quality metrics, already differences from the baseline) at this level
+SIGNIFICANCE = 0.05
+MARK = "*"
 
 
 def _setting(params: dict[str, str]) -> tuple:
@@ -31,19 +52,13 @@ def _setting(params: dict[str, str]) -> tuple:
 
 
 def collect(client: MlflowClient, experiment: str) -> list[dict]:
-    """One record per evaluated model: variant, tau, setting, seed and metrics."""
+    """One record per evaluated model: variant, tau, K, setting, seed, metrics and its curve."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
     runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
     by_id = {r.info.run_id: r for r in runs}
-    trained: dict[tuple[str, str], float] = {}
-    for r in runs:
-        if r.info.run_name in ("baseline", "iet") and "train_seconds" in r.data.metrics:
-            # The last logged: runs before per-round times were named round_train_seconds logged them
-            # as train_seconds too, by round, before the whole run's.
-            last = max(client.get_metric_history(r.info.run_id, "train_seconds"), key=lambda m: m.timestamp)
-            trained[(r.data.tags.get("mlflow.parentRunId"), r.info.run_name)] = last.value
+    trained = _training_metrics(client, runs)
     records = []
     for r in runs:
         name = r.info.run_name or ""
@@ -54,54 +69,127 @@ def collect(client: MlflowClient, experiment: str) -> list[dict]:
         label, tau = variant(params, model)
         # what the report derived from both models (matched quality) is logged on the parent
         m = {**{k.split(".", 1)[1]: v for k, v in parent.data.metrics.items() if k.startswith(model + ".")},
-             **r.data.metrics}
-        if (parent.info.run_id, model) in trained:
-            m["train_seconds"] = trained[(parent.info.run_id, model)]
+             **r.data.metrics, **trained.get((parent.info.run_id, model), {})}
         records.append({"model": model, "variant": label, "tau": tau, "seed": params.get("seeds.train"),
-                        "setting": _setting(params), "run": parent.info.run_name,
-                        "metrics": m})
+                        "shards": 1 if model == "baseline" else int(params.get("iet.shards", 2)),
+                        "setting": _setting(params), "run": parent.info.run_name, "metrics": m,
+                        "curve": _curve(client, r.info.run_id)})
+    _match_quality(records)
     return records
 
 
+def _training_metrics(client: MlflowClient, runs) -> dict[tuple[str, str], dict[str, float]]:
+    """(parent run, model) -> TRAINING_METRICS of its training run, each the last value logged
+    (runs from before per-round times were named round_train_seconds logged them as train_seconds
+    too, by round, before the whole run's)."""
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    for r in runs:
+        if r.info.run_name not in ("baseline", "iet"):
+            continue
+        values = {}
+        for key in TRAINING_METRICS:
+            if key in r.data.metrics:
+                values[key] = max(client.get_metric_history(r.info.run_id, key), key=lambda m: m.timestamp).value
+        out[(r.data.tags.get("mlflow.parentRunId"), r.info.run_name)] = values
+    return out
+
+
+def _curve(client: MlflowClient, run_id: str) -> list[dict]:
+    """The evaluation's curve over training, rows as the report reads them (round, fd, mem_ratio, mean_nn1)."""
+    by_key = {key: {h.step: h.value for h in client.get_metric_history(run_id, f"round_{key}")} for key in CURVE_KEYS}
+    steps = sorted(set.intersection(*(set(v) for v in by_key.values())))
+    return [{"round": by_key["progress"][s], **{k: by_key[k][s] for k in CURVE_KEYS[1:]}} for s in steps]
+
+
+def _match_quality(records: list[dict]) -> None:
+    """Memorization at matched quality of every non-baseline record against the curve of the
+    baseline of its setting and seed (the first one trained), as the report stage computes it; a
+    record without such a baseline keeps what its report logged, if anything."""
+    baselines: dict[tuple, dict] = {}
+    for rec in records:
+        if rec["model"] == "baseline":
+            baselines.setdefault((rec["setting"], rec["seed"]), rec)
+    for rec in records:
+        base = baselines.get((rec["setting"], rec["seed"]))
+        if rec["model"] == "baseline" or base is None or not base["curve"] or not rec["curve"]:
+            continue
+        matched = at_matched_quality(base["curve"], rec["curve"])
+        rec["metrics"].update({k: matched[k] for k in MATCHED})
+
+
 def table(records: list[dict]) -> list[dict]:
-    """Groups of records equal in variant, tau and setting: seeds, and per metric (mean, sd, n).
-    A seed counts once per group: a model trained again with the same seed and setting (an
-    experiment queued without a target re-trains the baseline) is the same model, so the first
-    record of it stands."""
+    """Groups of records equal in variant, tau, K and setting: seeds, and per metric (mean, sd, n,
+    values) over the seeds where it is finite. A seed counts once per group: a model trained again
+    with the same seed and setting (an experiment queued without a target re-trains the baseline)
+    is the same model, so the first record of it stands."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        group = groups[(rec["setting"], rec["variant"], rec["tau"])]
+        group = groups[(rec["setting"], rec["variant"], rec["tau"], rec["shards"])]
         if all(other["seed"] != rec["seed"] for other in group):
             group.append(rec)
     rows = []
-    for (setting, label, tau), recs in groups.items():
+    for (setting, label, tau, shards), recs in groups.items():
         stats = {}
         for key in (m.key for m in METRICS):
-            vals = [rec["metrics"][key] for rec in recs if key in rec["metrics"]]
+            vals = [v for rec in recs if math.isfinite(v := rec["metrics"].get(key, math.nan))]
             if vals:
                 stats[key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
-                              len(vals))
-        rows.append({"variant": label, "tau": tau, "setting": dict(setting), "runs": [r["run"] for r in recs],
-                     "seeds": sorted({str(r["seed"]) for r in recs}), "stats": stats})
+                              len(vals), vals)
+        rows.append({"variant": label, "tau": tau, "shards": shards, "setting": dict(setting),
+                     "runs": [r["run"] for r in recs], "seeds": sorted({str(r["seed"]) for r in recs}),
+                     "stats": stats})
     rows.sort(key=lambda r: (repr(list(r["setting"].values())), mitigation.variant_sort_key(r["variant"]),
-                             r["tau"] or 0))
+                             r["tau"] or 0, r["shards"]))
     return rows
 
 
+def differs(values: list[float], reference: list[float] | None) -> bool:
+    """Whether the mean of `values` differs from the mean of `reference` (or from 0 when None) by
+    more than their spread over seeds explains: Welch's t-test, p < SIGNIFICANCE. With no spread
+    at all (every seed the same value on both sides) any difference counts; with one value on a side
+    and no spread known, nothing can be said."""
+    a = np.asarray(values, np.float64)
+    b = np.zeros(1) if reference is None else np.asarray(reference, np.float64)
+    diff = a.mean() - b.mean()
+    var_a = a.var(ddof=1) / len(a) if len(a) > 1 else math.nan
+    var_b = 0.0 if reference is None else (b.var(ddof=1) / len(b) if len(b) > 1 else math.nan)
+    se2 = var_a + var_b
+    if not math.isfinite(se2):
+        return False
+    if se2 == 0:
+        return bool(diff != 0)
+    # Welch-Satterthwaite degrees of freedom
+    dof = se2 ** 2 / (var_a ** 2 / (len(a) - 1) + (var_b ** 2 / (len(b) - 1) if var_b else 0.0))
+    return bool(2 * scipy.stats.t.sf(abs(diff) / math.sqrt(se2), dof) < SIGNIFICANCE)
+
+
+def _cell(row: dict, metric, baseline: dict | None) -> str:
+    if metric.key not in row["stats"]:
+        return "-"
+    mean, sd, n, vals = row["stats"][metric.key]
+    text = metric.format(mean) + ("" if math.isnan(sd) else f" ± {metric.format(sd).lstrip('+')}")
+    if row["variant"] == "baseline":
+        return text
+    if metric.key in MATCHED:  # already a difference from the baseline
+        return text + (MARK if differs(vals, None) else "")
+    if baseline is not None and metric.key in baseline["stats"] and differs(vals, baseline["stats"][metric.key][3]):
+        return text + MARK
+    return text
+
+
 def markdown(rows: list[dict]) -> str:
-    """mean ± sd (n runs) per cell; settings that differ between rows are shown as a column."""
+    """mean ± sd per cell, MARK where a variant differs from its setting's baseline beyond the seed
+    spread (differs); settings that differ between rows are shown as a column."""
     keys = sorted({k for r in rows for k in r["setting"]})
     varying = [k for k in keys if len({str(r["setting"].get(k)) for r in rows}) > 1]
-    head = ["variant", "tau", *varying, "seeds", *[m.label for m in METRICS]]
+    baselines = {repr(r["setting"]): r for r in rows if r["variant"] == "baseline"}
+    head = ["variant", "K", "tau", *varying, "seeds", *[m.label for m in METRICS]]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in rows:
-        cells = [r["variant"], "-" if r["tau"] is None else f"{r['tau']:g}",
+        cells = [r["variant"], str(r["shards"]), "-" if r["tau"] is None else f"{r['tau']:g}",
                  *[str(r["setting"].get(k)) for k in varying], ",".join(r["seeds"])]
-        for m in METRICS:
-            if m.key not in r["stats"]:
-                cells.append("-")
-                continue
-            mean, sd, n = r["stats"][m.key]
-            cells.append(m.format(mean) + ("" if math.isnan(sd) else f" ± {m.format(sd)}"))
+        cells += [_cell(r, m, baselines.get(repr(r["setting"]))) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"mean ± sd over seeds; {MARK}: differs from the baseline of its setting beyond the seed spread "
+              f"(Welch's t-test over seeds, p < {SIGNIFICANCE:g}; matched-quality columns: against 0)"]
     return "\n".join(lines)

@@ -174,12 +174,18 @@ def tradeoff(out, experiment, tracking_uri):
 @click.option("--experiment", default=None, help="MLflow experiment  [default: tracking.experiment of ./params.yaml]")
 @click.option("--tracking-uri", default=None, help="MLflow store  [default: as for `sample`]")
 def ablation(experiment, tracking_uri):
-    """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow.
+    """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow; *
+    where a variant differs from the baseline beyond the seed spread (Welch's t-test, p < 0.05).
 
     \b
-    dvc exp run --queue -n s1-iet -S seeds.train=1 -S agc.enabled=false   # ... one per variant and seed
-    dvc queue start -j 2
+    dvc exp run --queue -n def-s1 -S seeds.train=1 -S train.threads=1      # baseline and IET-AGC+
+    dvc exp run --queue -n iet-s1 -S seeds.train=1 -S train.threads=1 -S agc.enabled=false evaluate@iet
+    dvc queue start -j 2                  # ... one per variant and seed; then
     iet-agc ablation
+
+    A variant queued with the target evaluate@iet (single-model ones: -S iet.shards=1) does not
+    re-train the baseline; its memorization at matched quality is read against the curve of the
+    baseline of the same seed and setting.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -237,9 +243,12 @@ def preset(preset, base, write_to):
 
     overrides = _leaves(yaml.safe_load(preset.read_text()) or {})
     merged = yaml.safe_load(Path(base).read_text())
-    for key, value in overrides.items():
-        group, name = key.split(".", 1)
-        merged.setdefault(group, {})[name] = value
+    for key, value in overrides.items():  # nested groups too: data.duplicates.images
+        *groups, name = key.split(".")
+        node = merged
+        for group in groups:
+            node = node.setdefault(group, {})
+        node[name] = value
     with tempfile.TemporaryDirectory() as tmp:
         target = write_to or Path(tmp) / "params.yaml"
         target.write_text(yaml.safe_dump(merged, sort_keys=False))

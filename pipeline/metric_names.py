@@ -46,6 +46,7 @@ METRICS = (
     MetricSpec("kid", "feature KID", ".3f", True, (ABLATION, REGISTRY)),
     MetricSpec("fid", "Inception FID", ".1f", True, (ABLATION,)),
     MetricSpec("train_seconds", "train seconds", ".0f", None, (REPORT, ABLATION)),
+    MetricSpec("dp_epsilon", "DP epsilon (delta = dp.delta)", ".1f", None, (ABLATION,)),
     MetricSpec("images_seen", "optimizer steps x batch", "d", None, (REPORT,)),
 )
 BY_KEY = {m.key: m for m in METRICS}

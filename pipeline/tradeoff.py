@@ -54,7 +54,9 @@ def variant(params: dict[str, str], model: str) -> tuple[str, float | None]:
 
 
 def collect(client: MlflowClient, experiment: str) -> list[Point]:
-    """Both models of every parent run that got as far as the report (has `<model>.mem_ratio`).
+    """Both models of every parent run: from the metrics the report logged on it (`<model>.mem_ratio`),
+    or, for an experiment that stopped at an evaluation (`dvc exp run ... evaluate@iet`), from that
+    evaluation's run.
 
     A baseline that DVC kept cached across experiments is the same model each time: it is listed
     once (its first run), not once per experiment.
@@ -67,15 +69,15 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
     points, seen_baselines = [], set()
     evaluations = _evaluations(client, exp.experiment_id)
     for run in runs:
-        m, params = run.data.metrics, run.data.params
         for model in ("baseline", "iet"):
-            if f"{model}.mem_ratio" not in m:
+            evaluation = evaluations.get((run.info.run_id, model))
+            m = _final_metrics(run, model, evaluation)
+            if m is None:
                 continue
-            name, tau = variant(params, model)
+            name, tau = variant(run.data.params, model)
             point = Point(run.info.run_id, run.info.run_name or run.info.run_id[:8], model, name, tau,
-                          m[f"{model}.mem_ratio"], m.get(f"{model}.heldout_mem_ratio"), m.get(f"{model}.fd"),
-                          m.get(f"{model}.fid"), run.info.start_time,
-                          _curve(client, evaluations.get((run.info.run_id, model))))
+                          m["mem_ratio"], m.get("heldout_mem_ratio"), m.get("fd"), m.get("fid"), run.info.start_time,
+                          _curve(client, evaluation.info.run_id if evaluation else None))
             if model == "baseline":
                 key = (point.mem_ratio, point.fd, point.fid)
                 if key in seen_baselines:
@@ -85,10 +87,20 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
     return points
 
 
-def _evaluations(client: MlflowClient, experiment_id: str) -> dict[tuple[str, str], str]:
+def _final_metrics(parent, model: str, evaluation) -> dict[str, float] | None:
+    """A model's final metrics: the report's on the parent run, else its evaluation's; None if neither."""
+    prefix = model + "."
+    if prefix + "mem_ratio" in parent.data.metrics:
+        return {k[len(prefix):]: v for k, v in parent.data.metrics.items() if k.startswith(prefix)}
+    if evaluation is not None and "mem_ratio" in evaluation.data.metrics:
+        return dict(evaluation.data.metrics)
+    return None
+
+
+def _evaluations(client: MlflowClient, experiment_id: str) -> dict:
     """(parent run, model) -> its finished `evaluate <model>` run."""
     runs = client.search_runs([experiment_id], "attributes.run_name LIKE 'evaluate %'", max_results=50000)
-    return {(r.data.tags.get("mlflow.parentRunId"), r.info.run_name.split(" ", 1)[1]): r.info.run_id
+    return {(r.data.tags.get("mlflow.parentRunId"), r.info.run_name.split(" ", 1)[1]): r
             for r in runs if r.info.status == "FINISHED"}
 
 

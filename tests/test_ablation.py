@@ -4,6 +4,7 @@ over seeds, a baseline counted where it was trained only."""
 import os
 
 import numpy as np
+import scipy.stats
 import pytest
 from click.testing import CliRunner
 
@@ -18,7 +19,8 @@ BASE = {"seeds.train": "0", "agc.enabled": "True", "msr.enabled": "True", "taa.e
         "agc.tau": "0.5", "data.train_size": "32", "iet.rounds": "4"}
 
 
-def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], trained: dict[str, float]):
+def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], trained: dict[str, float],
+                curves: dict[str, list] | None = None, epsilon: float | None = None):
     parent = client.create_run(exp_id, run_name=name).info.run_id
     for k, v in params.items():
         client.log_param(parent, k, v)
@@ -26,12 +28,17 @@ def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], traine
         child = client.create_run(exp_id, run_name=f"evaluate {model}", tags={"mlflow.parentRunId": parent}).info.run_id
         for k, v in metrics.items():
             client.log_metric(child, k, v)
+        for step, (progress, fd, mem, nn1) in enumerate((curves or {}).get(model, []), start=1):
+            for k, v in (("progress", progress), ("fd", fd), ("mem_ratio", mem), ("mean_nn1", nn1)):
+                client.log_metric(child, f"round_{k}", v, step=step)
         client.set_terminated(child)
     for model, seconds in trained.items():
         child = client.create_run(exp_id, run_name=model, tags={"mlflow.parentRunId": parent}).info.run_id
         for rnd in range(4):  # as the round loop logged them before round_train_seconds: each round's by step
             client.log_metric(child, "train_seconds", seconds / 4, step=rnd, timestamp=1000 + rnd)
         client.log_metric(child, "train_seconds", seconds, step=0, timestamp=2000)
+        if epsilon is not None and model == "iet":
+            client.log_metric(child, "dp_epsilon", epsilon)
         client.set_terminated(child)
     client.set_terminated(parent)
 
@@ -67,7 +74,7 @@ def test_groups_variants_over_seeds_with_mean_and_sd(store):
     base = by[("baseline", "32")]
     # not s0-iet (restored there), not s1-again (seed 1 again)
     assert base["seeds"] == ["0", "1"] and sorted(base["runs"]) == ["s0", "s1"]
-    mean, sd, n = base["stats"]["mem_ratio"]
+    mean, sd, n, _ = base["stats"]["mem_ratio"]
     assert (mean, n) == (pytest.approx(0.7), 2) and sd == pytest.approx(np.std([0.6, 0.8], ddof=1))
     assert base["stats"]["train_seconds"][:2] == (pytest.approx(310.0), pytest.approx(np.std([300, 320], ddof=1)))
     plus = by[("IET-AGC+", "32")]
@@ -81,8 +88,8 @@ def test_cli_prints_the_table_with_the_varying_setting(store):
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert "data.train_size" in lines[0] and "iet.rounds" not in lines[0]
-    assert any(line.startswith("| baseline | - | 32 | 0,1 | 0.700 ± 0.141 |") for line in lines), result.output
-    assert any(line.startswith("| IET | - | 32 | 0 | 0.100 |") for line in lines), result.output
+    assert any(line.startswith("| baseline | 1 | - | 32 | 0,1 | 0.700 ± 0.141 |") for line in lines), result.output
+    assert any(line.startswith("| IET | 2 | - | 32 | 0 | 0.100 |") for line in lines), result.output
 
 
 def test_cli_says_when_there_is_nothing_to_tabulate(tmp_path):
@@ -90,3 +97,51 @@ def test_cli_says_when_there_is_nothing_to_tabulate(tmp_path):
     MlflowClient(tracking_uri=uri).search_experiments()  # an existing store without that experiment
     result = CliRunner().invoke(main, ["ablation", "--tracking-uri", uri, "--experiment", "nope"])
     assert result.exit_code == 1 and "no finished evaluations" in result.output
+
+
+BASELINE_CURVE = [(0.25, 20.0, 0.0, 6.0), (0.5, 8.0, 0.0, 5.0), (0.75, 4.0, 0.2, 4.0), (1.0, 2.0, 0.4, 3.0)]
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """Baselines of two seeds with their curves, and single-model variants trained without their
+    own baseline (`evaluate@iet` targets, iet.shards=1), one of them DP-SGD with an epsilon."""
+    tmp_path = tmp_path_factory.mktemp("variants")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.create_experiment("iet-agc", artifact_location=(tmp_path / "a").as_uri())
+    base = {**BASE, "iet.shards": "4"}
+    single = {**base, "iet.shards": "1", "agc.enabled": "False", "dp.enabled": "True", "dp.noise_multiplier": "1.0"}
+    for seed, mem in (("0", 0.40), ("1", 0.42)):
+        _experiment(client, exp, f"def-s{seed}", {**base, "seeds.train": seed},
+                    {"baseline": {"mem_ratio": mem, "fd": 2.0}}, {"baseline": 300.0}, curves={"baseline": BASELINE_CURVE})
+        # its last curve point at FD 6.0: the baseline's curve there (between 8.0 and 4.0) copies 0.1
+        _experiment(client, exp, f"dp-s{seed}", {**single, "seeds.train": seed},
+                    {"iet": {"mem_ratio": 0.0, "fd": 6.0}}, {"iet": 800.0}, epsilon=56.5,
+                    curves={"iet": [(0.5, 12.0, 0.0, 6.0), (1.0, 6.0, 0.0, 5.5)]})
+    return uri
+
+
+def test_a_variant_without_its_own_baseline_is_matched_against_its_seeds_baseline_curve(variants):
+    rows = ablation.table(ablation.collect(MlflowClient(tracking_uri=variants), "iet-agc"))
+    # iet.shards is the variant's K, not a setting: the DP rows sit beside the baseline trained with K = 4
+    assert [(r["variant"], r["shards"]) for r in rows] == [("baseline", 1), ("DP-SGD (sigma=1.0)", 1)]
+    assert rows[0]["setting"] == rows[1]["setting"]
+    dp = rows[1]["stats"]
+    assert dp["mem_at_matched_quality"][:3] == (pytest.approx(-0.1), pytest.approx(0.0), 2)
+    assert dp["nn1_at_matched_quality"][0] == pytest.approx(5.5 - 4.5)
+    assert dp["dp_epsilon"][0] == pytest.approx(56.5) and dp["train_seconds"][0] == pytest.approx(800.0)
+    table = ablation.markdown(rows)
+    # no spread, -0.1 on both seeds: beyond it; memorization 0 against 0.40 and 0.42: beyond it too
+    assert "| DP-SGD (sigma=1.0) | 1 | - | 0,1 | 0.000 ± 0.000* |" in table and "| -0.100 ± 0.000* |" in table
+
+
+def test_differs_is_welchs_t_test_over_seeds():
+    a, b = [0.10, 0.12, 0.15], [0.20, 0.19, 0.24]
+    p = scipy.stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert ablation.differs(a, b) == (p < ablation.SIGNIFICANCE)
+    assert ablation.differs([0.10, 0.20, 0.30], [0.12, 0.22, 0.25]) is False  # within the spread
+    assert ablation.differs([-0.02, -0.085, 0.0], None) is False  # the duplicated setting's matched quality
+    assert ablation.differs([-0.10, -0.11, -0.09], None) is True
+    assert ablation.differs([0.0, 0.0, 0.0], [0.2, 0.2, 0.2]) is True  # no spread on either side
+    assert ablation.differs([0.1], [0.2]) is False  # one seed each: no spread known

@@ -49,6 +49,19 @@ def test_the_preset_prints_one_dvc_argument_per_key():
     assert "model.block_out_channels=[128,256,256,256]" in lines and "model.attention_head_dim=null" in lines
 
 
+def test_the_32_image_preset_is_the_first_default_nested_keys_included(tmp_path):
+    out = tmp_path / "small32.yaml"
+    result = CliRunner().invoke(cli, ["preset", str(ROOT / "presets/small32.yaml"), "--base", str(ROOT / "params.yaml"),
+                                      "--write", str(out)])
+    assert result.exit_code == 0, result.output
+    p = load_params(out)
+    assert (p.data.train_size, p.data.duplicates.images, p.data.train_samples) == (32, 0, 32)
+    assert p.data.duplicates.copies == 16 and p.iet.local_epochs == 450  # the rest of data.duplicates kept
+    assert CliRunner().invoke(cli, ["preset", str(ROOT / "presets/small32.yaml"), "--base", str(ROOT / "params.yaml")]
+                              ).output.split() == ["-S", "data.train_size=32", "-S", "data.duplicates.images=0",
+                                                   "-S", "iet.local_epochs=450"]
+
+
 def test_a_preset_that_breaks_the_params_names_the_key(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"model": {"attention_resolutions": [12]}}))

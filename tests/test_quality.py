@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline import inception, tradeoff
-from pipeline.config import DataConfig, Params, TrackingConfig
+from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
 from pipeline.data import ImageSet, prepare_splits
 from pipeline.tracking import Tracker
 from pipeline.evaluation import inception_scores
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def splits():
-    return prepare_splits(DataConfig(source="mnist5k", train_size=N, heldout_size=2 * N, resolution=16), seed=0)
+    return prepare_splits(DataConfig(source="mnist5k", duplicates={"images": 0}, train_size=N, heldout_size=2 * N, resolution=16), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -263,6 +263,20 @@ def test_tradeoff_reads_each_models_curve_in_training_order(store):
     curves = {(p.variant, p.tau): p.curve for p in points}
     assert curves[("IET-AGC+", 0.6)] == ((9.0, 0.0), (4.0, 0.1), (3.5, 0.3))
     assert curves[("IET", None)] == ()  # no evaluation logged its curve
+
+
+def test_tradeoff_takes_a_variant_that_stopped_at_its_evaluation(store):
+    """`dvc exp run ... evaluate@iet` (the single-model variants): no report, the evaluation's metrics."""
+    tracker = Tracker(Params(tracking=TrackingConfig(uri=store), iet=IETConfig(shards=1),
+                             agc=AGCConfig(enabled=False), augment=AugmentConfig(enabled=True)))
+    child = tracker.child("evaluate iet")
+    tracker.log_metrics(child, {"mem_ratio": 0.05, "heldout_mem_ratio": 0.0, "fd": 2.5})
+    tracker.log_metrics(child, {"round_fd": 4.0, "round_mem_ratio": 0.0}, step=1)
+    tracker.finish(child)
+    collected = tradeoff.collect(tracker.client, "iet-agc")
+    points = {p.variant: p for p in collected}
+    assert (points["augment"].mem_ratio, points["augment"].fd, points["augment"].curve) == (0.05, 2.5, ((4.0, 0.0),))
+    assert len(collected) == 5  # and the four points of the reports, as before
 
 
 def test_tradeoff_of_an_empty_store_still_draws(tmp_path):
