@@ -2,11 +2,14 @@
 processes (`accelerate launch`, gloo on a CPU), on the same data and params.
 
     python benchmarks/proxies_at_once.py [--params params.yaml] [--rounds 1] [--processes 2]
+    python benchmarks/proxies_at_once.py --stacked     # train.stack_proxies true, in this process
 
 This process times the sequential loop (train.threads threads), then launches itself under
 accelerate with --processes ranks of threads // processes threads each (the same cores, never
 oversubscribed) and reads rank 0's timing of the same loop; it also reports the launch's whole
 wall time, start-up and imports included, and checks that both runs end with the same weights.
+With --stacked the other run is the same process training its proxies stacked (pipeline/stacked.py,
+one vmapped step for all K) instead, and the weights are compared within float rounding.
 """
 import json
 import os
@@ -49,8 +52,9 @@ def _timed_run(p, out: Path, ranks: Ranks) -> float:
 @click.option("--params", "params_path", default="params.yaml")
 @click.option("--rounds", "n_rounds", default=1, show_default=True)
 @click.option("--processes", default=2, show_default=True)
+@click.option("--stacked", is_flag=True, help="compare with train.stack_proxies true instead of several processes")
 @click.option("--worker", type=click.Path(), default=None, hidden=True)
-def main(params_path, n_rounds, processes, worker):
+def main(params_path, n_rounds, processes, stacked, worker):
     if worker:  # one rank of the launched run
         p = _params(params_path, n_rounds, int(os.environ["BENCH_THREADS"]))
         ranks = Ranks.from_environment()
@@ -60,6 +64,8 @@ def main(params_path, n_rounds, processes, worker):
         return
 
     p = _params(params_path, n_rounds, None)
+    if stacked:
+        return _stacked(p)
     threads = p.train.threads
     per_rank = max(1, threads // processes)
     plan = rounds.Plan.iet(p)
@@ -88,6 +94,23 @@ def main(params_path, n_rounds, processes, worker):
           f"; {launch:.1f} s with process start-up")
     print(f"speed-up at once / one after another = {seq / par:.2f} (round loop), {seq / launch:.2f} (with start-up)")
     print(f"same final weights: {same}" + ("" if same else " (thread counts differ: float sums may round differently)"))
+
+
+def _stacked(p) -> None:
+    plan = rounds.Plan.iet(p)
+    images = plan.shards * plan.rounds * plan.steps_per_round * p.train.batch_size
+    together = p.model_copy(update={"train": p.train.model_copy(update={"stack_proxies": "true"})})
+    sequential = p.model_copy(update={"train": p.train.model_copy(update={"stack_proxies": "false"})})
+    print(f"{plan}; {images} training images in all; {p.train.threads} threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        seq = _timed_run(sequential, Path(tmp) / "seq", Ranks())
+        at_once = _timed_run(together, Path(tmp) / "stacked", Ranks())
+        a = load_file(f"{tmp}/seq/out/model/unet/diffusion_pytorch_model.safetensors")
+        b = load_file(f"{tmp}/stacked/out/model/unet/diffusion_pytorch_model.safetensors")
+        diff = max(float((a[k] - b[k]).abs().max()) for k in a)
+    print(f"one after another: {seq:7.1f} s  ({images / seq:6.1f} images/s)")
+    print(f"stacked (vmap)   : {at_once:7.1f} s  ({images / at_once:6.1f} images/s)")
+    print(f"speed-up stacked / one after another = {seq / at_once:.2f}; largest weight difference {diff:.2e}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,12 @@ class TrainConfig(_Group):
     grad_accum: int = Field(1, ge=1)  # micro-batches per optimizer step; the step still sees batch_size images
     launcher: str = "python"  # runs the baseline and iet stages: `python`, or `accelerate launch [options]`
     device: str = "auto"  # where every stage computes: auto (CUDA when present) | cpu | cuda | cuda:N
+    stack_proxies: Literal["auto", "true", "false"] = "auto"  # a process's proxies in one batched step (CUDA: auto)
+
+    @field_validator("stack_proxies", mode="before")
+    @classmethod
+    def _yaml_bool(cls, v):
+        return str(v).lower() if isinstance(v, bool) else v  # YAML reads true/false as booleans
 
     @field_validator("device")
     @classmethod
@@ -249,7 +255,19 @@ class Params(_Group):
                 f"({self.model.num_train_timesteps}): DDIM samples a subset of the training timesteps")
         if self.dp.enabled:
             self._dp_fits()
+        if self.train.stack_proxies == "true" and (why := self.stacking_refused()):
+            raise ValueError(f"train.stack_proxies cannot be true with {why}: use auto or false")
         return self
+
+    def stacking_refused(self) -> str | None:
+        """Why the proxies cannot train stacked (pipeline/stacked.py), or None when they can."""
+        if self.dp.enabled:
+            return "dp.enabled (each proxy's Opacus optimizer)"
+        if self.train.mixed_precision == "fp16":
+            return "train.mixed_precision fp16 (one loss scaler per proxy)"
+        if self.train.grad_accum > 1:
+            return f"train.grad_accum {self.train.grad_accum} (one backward pass per step)"
+        return None
 
     def _dp_fits(self) -> None:
         """What DP-SGD is refused with: its per-sample clipping bounds each sample's share of a step

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import ensemble, mitigation, seeds
+from pipeline import ensemble, mitigation, seeds, stacked
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
@@ -265,16 +265,23 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     """Every proxy of this process trains its steps on its shard; then the draw/skip counts, the
     mitigations' state and the curves are combined over processes."""
     counts = RoundCounts.zeros(len(r.train), r.ranks.device)
-    curves: dict[int, list[dict]] = {}
+    curves: dict[int, list[dict]] = {k: [] for k in r.proxies}
+    members = {k: torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device) for k in r.proxies}
+    together = stacked.stack(r.proxies) if stacked.wanted(r.params, r.ranks.device, len(r.proxies)) else None
+    if together is not None:
+        stacked.train_steps(together, r.proxies, r.images, members, r.plan.steps_per_round, r.noise_schedule,
+                            r.params, r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} "
+                            f"proxies {', '.join(str(k + 1) for k in r.proxies)}/{r.plan.shards}",
+                            on_curve=lambda k, row: curves[k].append({"round": rnd, "proxy": k, **row}))
+        stacked.unstack(together, r.proxies)
     for k, proxy in r.proxies.items():
-        curve = curves.setdefault(k, [])
-        members = torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device)
-        train_steps(proxy, k, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params,
-                    r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
-                    on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}),
-                    on_step=_checkpointer(r, rnd, proxy))
+        if together is None:
+            train_steps(proxy, k, r.images, members[k], r.plan.steps_per_round, r.noise_schedule, r.params,
+                        r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
+                        on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}),
+                        on_step=_checkpointer(r, rnd, proxy))
         if r.ranks.is_main:
-            r.hooks.proxy_round(rnd, k, curve)
+            r.hooks.proxy_round(rnd, k, curves[k])
     # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
     r.ranks.sum_(counts.drawn)
     r.ranks.sum_(counts.skipped)
