@@ -164,8 +164,8 @@ def differs(values: list[float], reference: list[float] | None) -> bool:
 
 
 def _cell(row: dict, metric, baseline: dict | None) -> str:
-    if metric.key not in row["stats"]:
-        return "-"
+    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.key in MATCHED):
+        return "-"  # the baseline against its own curve is the reference, not a result
     mean, sd, n, vals = row["stats"][metric.key]
     text = metric.format(mean) + ("" if math.isnan(sd) else f" ± {metric.format(sd).lstrip('+')}")
     if row["variant"] == "baseline":

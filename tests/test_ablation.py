@@ -134,6 +134,8 @@ def test_a_variant_without_its_own_baseline_is_matched_against_its_seeds_baselin
     table = ablation.markdown(rows)
     # no spread, -0.1 on both seeds: beyond it; memorization 0 against 0.40 and 0.42: beyond it too
     assert "| DP-SGD (sigma=1.0) | 1 | - | 0,1 | 0.000 ± 0.000* |" in table and "| -0.100 ± 0.000* |" in table
+    head, _, base_line = [line.split(" | ") for line in table.splitlines()[:3]]
+    assert base_line[head.index("memorization at matched FD (vs baseline)")] == "-"  # the reference itself
 
 
 def test_differs_is_welchs_t_test_over_seeds():
