@@ -17,7 +17,7 @@ from pipeline.training import _backward, _optimizer_step, load_proxy, new_proxy,
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"data": {"train_size": 16, "resolution": 8},
+TINY = {"data": {"train_size": 16, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},
         "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1, "device": "cpu"},

@@ -26,7 +26,7 @@ PINNED = {
     "iet": ("c35343c18e8cd2a1", "13c6ac1185325429"),
     "iet_accum": ("255869661889b0a8", "d9eb0ac29df39488"),
 }
-TINY = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0}},
+TINY = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
         "train": {"batch_size": 8, "lr": 2e-4, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1,
