@@ -19,7 +19,9 @@ class MetricSpec:
     def format(self, value) -> str:
         if value is None or (isinstance(value, float) and value != value):
             return "-"
-        return format(int(value) if self.fmt == "d" else value, self.fmt)
+        if self.fmt == "d":  # a count; a mean of counts over seeds keeps one decimal
+            return str(int(value)) if float(value).is_integer() else format(value, ".1f")
+        return format(value, self.fmt)
 
     @property
     def axis_label(self) -> str:

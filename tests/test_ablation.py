@@ -147,3 +147,10 @@ def test_differs_is_welchs_t_test_over_seeds():
     assert ablation.differs([-0.10, -0.11, -0.09], None) is True
     assert ablation.differs([0.0, 0.0, 0.0], [0.2, 0.2, 0.2]) is True  # no spread on either side
     assert ablation.differs([0.1], [0.2]) is False  # one seed each: no spread known
+
+
+def test_a_mean_count_keeps_a_decimal_and_a_count_none():
+    from pipeline.metric_names import BY_KEY
+
+    count = BY_KEY["distinct_copied"]
+    assert (count.format(14 / 3), count.format(5.0), count.format(float("nan"))) == ("4.7", "5", "-")
