@@ -42,8 +42,9 @@ from pipeline.training import (AUTOCAST, LOG_EVERY, Proxy, RoundCounts, _batches
 
 
 def wanted(p: Params, device: torch.device, local_proxies: int) -> bool:
-    """train.stack_proxies resolved: `auto` stacks on CUDA only (on a CPU the batched kernels were
-    slower than one proxy after another: benchmarks/proxies_at_once.py --stacked)."""
+    """train.stack_proxies resolved: `auto` stacks on CUDA only, where small models leave the device
+    idle; on a CPU one run of benchmarks/proxies_at_once.py --stacked gave 1.26x, not yet confirmed
+    (docs/results.md)."""
     setting = p.train.stack_proxies
     if local_proxies < 2 or setting == "false":
         return False
