@@ -28,7 +28,7 @@ from pipeline.comparison import at_matched_quality
 from pipeline.matched import METRIC_NAMES as MATCHED
 from pipeline.metric_names import ABLATION, shown_in
 from pipeline.mitigation.dp import EPSILON
-from pipeline.tradeoff import variant
+from pipeline.tradeoff import curve_rows, variant
 
 METRICS = shown_in(ABLATION)
 # A setting is every param but these: the seed (averaged over), the switches and shown settings that
@@ -96,9 +96,7 @@ def _training_metrics(client: MlflowClient, runs) -> dict[tuple[str, str], dict[
 
 def _curve(client: MlflowClient, run_id: str) -> list[dict]:
     """The evaluation's curve over training, rows as the report reads them (round, fd, mem_ratio, mean_nn1)."""
-    by_key = {key: {h.step: h.value for h in client.get_metric_history(run_id, f"round_{key}")} for key in CURVE_KEYS}
-    steps = sorted(set.intersection(*(set(v) for v in by_key.values())))
-    return [{"round": by_key["progress"][s], **{k: by_key[k][s] for k in CURVE_KEYS[1:]}} for s in steps]
+    return [{"round": r.pop("progress"), **r} for r in curve_rows(client, run_id, CURVE_KEYS)]
 
 
 def _match_quality(records: list[dict]) -> None:

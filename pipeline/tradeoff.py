@@ -104,12 +104,19 @@ def _evaluations(client: MlflowClient, experiment_id: str) -> dict:
             for r in runs if r.info.status == "FINISHED"}
 
 
+def curve_rows(client: MlflowClient, run_id: str, keys: tuple[str, ...]) -> list[dict[str, float]]:
+    """An evaluation's curve over training: per checkpoint (MLflow step, in order) the `round_<key>`
+    metrics, for the checkpoints that have all of them."""
+    by_key = {key: {h.step: h.value for h in client.get_metric_history(run_id, f"round_{key}")} for key in keys}
+    steps = sorted(set.intersection(*(set(v) for v in by_key.values())))
+    return [{key: by_key[key][s] for key in keys} for s in steps]
+
+
 def _curve(client: MlflowClient, run_id: str | None) -> tuple[tuple[float, float], ...]:
-    """The evaluation's memorization-vs-FD curve over training (round_fd, round_mem_ratio by step)."""
+    """The evaluation's memorization-vs-FD curve over training."""
     if run_id is None:
         return ()
-    fd, mem = ({h.step: h.value for h in client.get_metric_history(run_id, key)} for key in ("round_fd", "round_mem_ratio"))
-    return tuple((fd[s], mem[s]) for s in sorted(fd.keys() & mem.keys()))
+    return tuple((r["fd"], r["mem_ratio"]) for r in curve_rows(client, run_id, ("fd", "mem_ratio")))
 
 
 def quality_key(points: list[Point]) -> str:

@@ -9,17 +9,13 @@ For one finished run (the files DVC versions; `dvc exp apply <name>` brings an e
 
     python docs/scripts/duplicate_diagnosis.py [RUN_DIR]     # default: the repository root
 """
-import csv
 import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-
-def rows(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+from pipeline.comparison import read_rows as rows  # numbers as floats
 
 
 def main(root: Path) -> None:
@@ -44,8 +40,8 @@ def main(root: Path) -> None:
               f"mean {np.mean(largest):.2f} (max {max(largest):.2f}); e.g. {spread[0]}")
     for r in rounds:
         table = rows(r / "loss_table.csv")
-        drawn = [t for t in table if float(t["drawn"]) > 0]
-        rate = lambda keep: np.mean([float(t["skip_rate"]) for t in drawn if keep(t)])  # noqa: E731
+        drawn = [t for t in table if t["drawn"] > 0]
+        rate = lambda keep: np.mean([t["skip_rate"] for t in drawn if keep(t)])  # noqa: E731
         moves = rows(r / "moves.csv")
         moved_dup = sum(group_of(int(m["sample_id"])) in duplicated for m in moves)
         print(f"{r.name}: skip rate duplicated {rate(lambda t: group_of(int(t['sample_id'])) in duplicated):.3f} "
