@@ -30,7 +30,7 @@ from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
 from pipeline.seeds import derived_seed
-from pipeline.training import Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
+from pipeline.training import OneProxy, Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
 
 
 @dataclass(frozen=True)
@@ -262,26 +262,26 @@ def _resume(r: Run, shard: np.ndarray) -> Progress:
 
 
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
-    """Every proxy of this process trains its steps on its shard; then the draw/skip counts, the
-    mitigations' state and the curves are combined over processes."""
+    """Every proxy of this process trains its steps on its shard, one after another or stacked
+    (train.stack_proxies); then the draw/skip counts, the mitigations' state and the curves are
+    combined over processes."""
     counts = RoundCounts.zeros(len(r.train), r.ranks.device)
     curves: dict[int, list[dict]] = {k: [] for k in r.proxies}
     members = {k: torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device) for k in r.proxies}
-    together = stacked.stack(r.proxies) if stacked.wanted(r.params, r.ranks.device, len(r.proxies)) else None
-    if together is not None:
-        stacked.train_steps(together, r.proxies, r.images, members, r.plan.steps_per_round, r.noise_schedule,
-                            r.params, r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} "
-                            f"proxies {', '.join(str(k + 1) for k in r.proxies)}/{r.plan.shards}",
-                            on_curve=lambda k, row: curves[k].append({"round": rnd, "proxy": k, **row}))
-        stacked.unstack(together, r.proxies)
-    for k, proxy in r.proxies.items():
-        if together is None:
-            train_steps(proxy, k, r.images, members[k], r.plan.steps_per_round, r.noise_schedule, r.params,
-                        r.mitigations, counts, desc=f"round {rnd + 1}/{r.plan.rounds} proxy {k + 1}/{r.plan.shards}",
-                        on_curve=lambda row, k=k: curves[k].append({"round": rnd, "proxy": k, **row}),
-                        on_step=_checkpointer(r, rnd, proxy))
-        if r.ranks.is_main:
-            r.hooks.proxy_round(rnd, k, curves[k])
+    if stacked.wanted(r.params, r.ranks.device, len(r.proxies)):
+        groups = [stacked.Stacked(r.proxies, r.params)]
+    else:
+        groups = [OneProxy(k, proxy, r.params) for k, proxy in r.proxies.items()]
+    for group in groups:
+        names = ", ".join(str(k + 1) for k in group.proxies)
+        train_steps(group, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params, r.mitigations,
+                    counts, desc=f"round {rnd + 1}/{r.plan.rounds} prox{'ies' if len(group.proxies) > 1 else 'y'} "
+                    f"{names}/{r.plan.shards}", on_curve=lambda k, row: curves[k].append({"round": rnd, "proxy": k, **row}),
+                    on_step=_checkpointer(r, rnd, group.proxies))
+        group.finish()
+        for k in group.proxies:
+            if r.ranks.is_main:
+                r.hooks.proxy_round(rnd, k, curves[k])
     # A sample is drawn only by its shard's proxy, so every count and strength has one source rank.
     r.ranks.sum_(counts.drawn)
     r.ranks.sum_(counts.skipped)
@@ -294,13 +294,14 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     return counts
 
 
-def _checkpointer(r: Run, rnd: int, proxy: Proxy):
+def _checkpointer(r: Run, rnd: int, proxies: dict[int, Proxy]):
     """With checkpoints_per_round > 1 (one proxy: the baseline), a callback that saves the weights
     as rounds/round_NN/checkpoint_JJ.safetensors after every 1/checkpoints_per_round of the round
     but the last (the round's end is aggregated.safetensors)."""
     every = r.plan.steps_per_round // r.plan.checkpoints_per_round
     if r.plan.checkpoints_per_round == 1 or r.plan.shards > 1 or not r.ranks.is_main or every == 0:
         return None
+    (proxy,) = proxies.values()
 
     def save(done: int) -> None:
         j, rest = divmod(done, every)

@@ -10,9 +10,11 @@ its own:
   - its gradient is clipped by its own norm;
   - Adam runs on the stacked tensors, which is elementwise and so K independent Adams (one step
     count: every proxy takes the same steps);
-  - its EMA and LR schedule step as in `training._optimizer_step`.
-The stack is built from the Proxy objects at the start of a round and written back at its end,
-so averaging, checkpoints, resume, MSR and the multi-process path see proxies as always. Results
+  - its EMA and LR schedule step as in `training.update`.
+The step itself is training.train_steps', the same for one proxy and for a stack; only the forward,
+backward and update differ. The stack is built from the Proxy objects at the start of a round and
+written back at its end, so averaging, checkpoints, resume, MSR and the multi-process path see
+proxies as always. Results
 equal the one-after-another loop's up to float rounding (batched kernels sum in another order):
 tests/test_stacked.py states the tolerance.
 
@@ -27,18 +29,13 @@ optimizer wraps each proxy), fp16 loss scaling (one GradScaler per proxy) and gr
 from __future__ import annotations
 
 import copy
-import warnings
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
-from tqdm.auto import tqdm
 
 from pipeline.config import Params
-from pipeline.mitigation import Mitigations, Step
-from pipeline.training import (AUTOCAST, LOG_EVERY, Proxy, RoundCounts, _batches, _CurveLog, _finite,
-                               masked_loss)
+from pipeline.training import Batch, Proxy, advance, autocast, diverged, finite, kept_loss
 
 
 def wanted(p: Params, device: torch.device, local_proxies: int) -> bool:
@@ -81,145 +78,92 @@ def _vmappable(model: nn.Module) -> nn.Module:
     return out
 
 
-@dataclass
-class Stack:
-    ks: list[int]                     # the proxies, in order along the stacked axis
-    names: list[str]                  # parameter names, in model.parameters() order
-    params: dict[str, torch.Tensor]   # name -> (K, ...) leaf
-    optimizer: torch.optim.Adam
-    module: nn.Module                 # the vmappable copy functional_call runs
+class Stacked:
+    """The proxies of one process as one group for training.train_steps: their weights and Adam
+    states stacked along a new leading axis when it is built (at a round's start), one vmapped
+    forward and backward a step, and written back into each proxy by `finish` (at the round's end)."""
+
+    def __init__(self, proxies: dict[int, Proxy], params: Params):
+        self.proxies, self.params = dict(sorted(proxies.items())), params
+        models = [dict(proxy.model.named_parameters()) for proxy in self.proxies.values()]
+        self.names = list(models[0])  # in model.parameters() order
+        self.weights = {n: torch.stack([m[n].detach() for m in models]).requires_grad_() for n in self.names}
+        self.optimizer = _stacked_adam(list(self.proxies.values()), self.names, self.weights)
+        self.module = _vmappable(next(iter(self.proxies.values())).model)  # the module functional_call runs
+
+    def train(self) -> None:
+        self.module.train()
+
+    def forward_backward(self, batches: dict[int, Batch], keep_fn, desc: str) -> dict[int, tuple]:
+        """{k: (per-sample losses, keep mask, step loss)}, each proxy's loss the mean over its kept
+        samples (training.backward's); one backward of their sum: proxy k's weights get exactly its
+        own loss's gradient."""
+        xt, t, noise = (torch.stack([getattr(batches[k], name) for k in self.proxies]) for name in ("xt", "t", "noise"))
+
+        def one(weights, x, timesteps):
+            return functional_call(self.module, weights, (x, timesteps)).sample
+
+        with autocast(xt.device, self.params.train.mixed_precision):
+            pred = vmap(one, randomness="different")(self.weights, xt, t)  # different: each proxy its own dropout
+        losses = (pred.float() - noise).pow(2).mean(dim=(2, 3, 4))
+        results = {}
+        for j, k in enumerate(self.proxies):
+            keep, loss = kept_loss(losses[j], keep_fn(k, losses[j].detach(), t[j]))
+            results[k] = (losses[j].detach(), keep, loss)
+        total = torch.stack([loss for _, _, loss in results.values()]).sum()
+        if not finite(total):
+            raise diverged(desc, next(iter(self.proxies.values())).step + 1, total.item())
+        total.backward()
+        return {k: (losses_, keep, loss.detach()) for k, (losses_, keep, loss) in results.items()}
+
+    def update(self, grad_clip: float) -> None:
+        """training.update for every proxy: each gradient clipped by its own norm, one Adam step on
+        the stack at the proxies' common learning rate, then each proxy's schedule, EMA and step count."""
+        _clip_each([self.weights[n].grad for n in self.names], grad_clip)
+        lr = next(iter(self.proxies.values())).optimizer.param_groups[0]["lr"]  # every schedule is at the same step
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        # views that require grad, so that EMAModel blends them (it copies parameters that do not)
+        per_proxy = list(zip(*(self.weights[n].unbind(0) for n in self.names)))
+        for j, proxy in enumerate(self.proxies.values()):
+            advance(proxy, per_proxy[j])
+
+    def finish(self) -> None:
+        """Write the stacked weights and Adam states back into each proxy."""
+        for j, proxy in enumerate(self.proxies.values()):
+            own = dict(proxy.model.named_parameters())
+            with torch.no_grad():
+                for n in self.names:
+                    own[n].copy_(self.weights[n][j])
+            for n in self.names:
+                state = self.optimizer.state.get(self.weights[n])
+                if state:
+                    proxy.optimizer.state[own[n]] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][j].clone(),
+                                                     "exp_avg_sq": state["exp_avg_sq"][j].clone()}
 
 
-def stack(proxies: dict[int, Proxy]) -> Stack:
-    """The proxies' weights and Adam states stacked along a new leading axis."""
-    ks = sorted(proxies)
-    models = [dict(proxies[k].model.named_parameters()) for k in ks]
-    names = list(models[0])
-    params = {n: torch.stack([m[n].detach() for m in models]).requires_grad_() for n in names}
-    optimizer = torch.optim.Adam([params[n] for n in names])
+def _stacked_adam(proxies: list[Proxy], names: list[str], weights: dict[str, torch.Tensor]) -> torch.optim.Adam:
+    """One Adam over the stacked weights, with the proxies' settings and moments (Adam is elementwise,
+    so this is K independent Adams with one step count: every proxy takes the same steps)."""
+    optimizer = torch.optim.Adam([weights[n] for n in names])
     # the proxies' settings (lr, betas, eps, ...), not what their LR schedule added (initial_lr)
-    optimizer.param_groups[0].update({key: v for key, v in proxies[ks[0]].optimizer.param_groups[0].items()
+    optimizer.param_groups[0].update({key: v for key, v in proxies[0].optimizer.param_groups[0].items()
                                       if key in optimizer.defaults})
-    states = [proxies[k].optimizer.state_dict()["state"] for k in ks]
+    states = [proxy.optimizer.state_dict()["state"] for proxy in proxies]
     for i, n in enumerate(names):
         if i in states[0]:
-            optimizer.state[params[n]] = {"step": states[0][i]["step"].clone(),
-                                          **{key: torch.stack([s[i][key] for s in states])
-                                             for key in ("exp_avg", "exp_avg_sq")}}
-    return Stack(ks, names, params, optimizer, _vmappable(proxies[ks[0]].model))
+            optimizer.state[weights[n]] = {"step": states[0][i]["step"].clone(),
+                                           **{key: torch.stack([s[i][key] for s in states])
+                                              for key in ("exp_avg", "exp_avg_sq")}}
+    return optimizer
 
 
-def unstack(s: Stack, proxies: dict[int, Proxy]) -> None:
-    """Write the stacked weights and Adam states back into each proxy."""
-    for j, k in enumerate(s.ks):
-        own = dict(proxies[k].model.named_parameters())
-        with torch.no_grad():
-            for n in s.names:
-                own[n].copy_(s.params[n][j])
-        for n in s.names:
-            state = s.optimizer.state.get(s.params[n])
-            if state:
-                proxies[k].optimizer.state[own[n]] = {"step": state["step"].clone(), "exp_avg": state["exp_avg"][j].clone(),
-                                                      "exp_avg_sq": state["exp_avg_sq"][j].clone()}
-
-
-def train_steps(s: Stack, proxies: dict[int, Proxy], images: torch.Tensor, shards: dict[int, torch.Tensor],
-                steps: int, noise_schedule, params: Params, mitigations: Mitigations, counts: RoundCounts,
-                desc: str = "train", on_curve=None) -> None:
-    """training.train_steps for every stacked proxy at once: each step draws every proxy's batch
-    from its shard and generator, runs one batched forward and backward, and steps each proxy;
-    `on_curve(k, row)` receives proxy k's curve point every LOG_EVERY steps."""
-    cfg = params.train
-    batches = {k: _batches(shards[k], cfg.batch_size, proxies[k].generator) for k in s.ks}
-    logs = {k: _CurveLog(proxies[k].generator.device) for k in s.ks}
-    s.module.train()
-    bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
-    for i in bar:
-        drawn = [_draw(proxies[k], k, next(batches[k]), images, noise_schedule, mitigations) for k in s.ks]
-        losses = _forward(s, drawn, cfg.mixed_precision)
-        keeps, step_losses = _backward(s, drawn, losses, mitigations, desc)
-        _clip_each(s, cfg.grad_clip)
-        _step_each(s, proxies)
-        for j, k in enumerate(s.ks):
-            pos, _, t, _ = drawn[j]
-            mitigations.observe(k, Step(pos, t, losses[j].detach(), keeps[j]))
-            counts.add(pos, keeps[j])
-            logs[k].add(step_losses[j], keeps[j], proxies[k].step)
-            if logs[k].n == LOG_EVERY or i == steps - 1:
-                row = {"step": proxies[k].step, **logs[k].read(desc), **mitigations.curve(k)}
-                bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")
-                if on_curve:
-                    on_curve(k, row)
-    bar.close()
-
-
-def _draw(proxy: Proxy, k: int, pos: torch.Tensor, images: torch.Tensor, noise_schedule, mitigations: Mitigations):
-    """Proxy k's step input, drawn from its generator in training.train_steps' order: (positions,
-    noisy images, timesteps, noise)."""
-    gen = proxy.generator
-    x0 = mitigations.transform(k, images[pos], pos, gen)
-    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
-    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=gen.device)
-    return pos, noise_schedule.add_noise(x0, noise, t), t, noise
-
-
-def _forward(s: Stack, drawn: list, precision: str) -> torch.Tensor:
-    """Per-sample losses of every proxy, (K, batch): one vmapped UNet forward."""
-    xt, t, noise = (torch.stack([d[i] for d in drawn]) for i in (1, 2, 3))
-    device = xt.device
-    amp = torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
-
-    def one(params, x, timesteps):
-        return functional_call(s.module, params, (x, timesteps)).sample
-
-    with amp:
-        pred = vmap(one, randomness="different")(s.params, xt, t)  # different: each proxy its own dropout
-    return (pred.float() - noise).pow(2).mean(dim=(2, 3, 4))
-
-
-def _backward(s: Stack, drawn: list, losses: torch.Tensor, mitigations: Mitigations, desc: str):
-    """Each proxy's loss (the mean over its kept samples, training._backward's) and one backward of
-    their sum: proxy k's parameters get exactly its own loss's gradient."""
-    keeps, step_losses = [], []
-    for j, k in enumerate(s.ks):
-        keep = mitigations.keep(k, losses[j].detach(), drawn[j][2])
-        if keep is None:
-            keeps.append(torch.ones_like(losses[j], dtype=torch.bool))
-            step_losses.append(losses[j].mean())
-        else:
-            keeps.append(keep)
-            step_losses.append(masked_loss(losses[j], keep))
-    total = torch.stack(step_losses).sum()
-    if not _finite(total):
-        raise FloatingPointError(f"{desc}: loss is not finite; the last complete round is kept (a re-run resumes "
-                                 "from it): lower train.lr, or use fp32")
-    total.backward()
-    return keeps, [x.detach() for x in step_losses]
-
-
-def _clip_each(s: Stack, max_norm: float) -> None:
+def _clip_each(grads: list[torch.Tensor | None], max_norm: float) -> None:
     """torch.nn.utils.clip_grad_norm_ per proxy: each proxy's gradient scaled by its own total norm."""
-    grads = [s.params[n].grad for n in s.names if s.params[n].grad is not None]
+    grads = [g for g in grads if g is not None]
     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads], dim=1).norm(dim=1)
     coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(coef.view(-1, *[1] * (g.dim() - 1)))
-
-
-def _step_each(s: Stack, proxies: dict[int, Proxy]) -> None:
-    """training._optimizer_step for every proxy: one Adam step on the stack at the proxies' common
-    learning rate, then each proxy's schedule, EMA and step count."""
-    lr = proxies[s.ks[0]].optimizer.param_groups[0]["lr"]  # every proxy's schedule is at the same step
-    for group in s.optimizer.param_groups:
-        group["lr"] = lr
-    s.optimizer.step()
-    s.optimizer.zero_grad(set_to_none=True)
-    # views that require grad, so that EMAModel blends them (it copies parameters that do not)
-    per_proxy = list(zip(*(s.params[n].unbind(0) for n in s.names)))
-    for j, k in enumerate(s.ks):
-        proxy = proxies[k]
-        with warnings.catch_warnings():  # the schedule's own optimizer does not step here: the stack's did
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
-            proxy.lr_schedule.step()
-        proxy.ema.step(per_proxy[j])
-        proxy.step += 1

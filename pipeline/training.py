@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,38 +81,63 @@ def _batches(shard: torch.Tensor, batch_size: int, generator: torch.Generator):
         buffer = buffer[batch_size:]
 
 
-def train_steps(proxy: Proxy, k: int, images: torch.Tensor, shard: torch.Tensor, steps: int,
-                noise_schedule: DDPMScheduler, params: Params, mitigations: Mitigations,
-                counts: RoundCounts, desc: str = "train", on_curve=None, on_step=None) -> None:
-    """Train proxy k `steps` optimizer steps on images[shard]; `counts` collects draws and skips;
-    `on_curve(row)` receives a curve point every LOG_EVERY steps, `on_step(steps done)` is called
-    after every step. images, shard, counts and the mitigations' state are on the proxy's device: a
-    step never waits for the host, which reads back only the curve points."""
-    model, gen, cfg = proxy.model, proxy.generator, params.train
-    model.train()
-    batches = _batches(shard, cfg.batch_size, gen)
-    log = _CurveLog(gen.device)
+@dataclass(frozen=True)
+class Batch:
+    """One proxy's input to one optimizer step."""
+    positions: torch.Tensor  # training-set positions
+    xt: torch.Tensor         # noisy images
+    t: torch.Tensor          # timesteps
+    noise: torch.Tensor      # the noise added, the model's target
+
+
+def draw(proxy: Proxy, k: int, positions: torch.Tensor, images: torch.Tensor, noise_schedule: DDPMScheduler,
+         mitigations: Mitigations) -> Batch:
+    """Proxy k's step input, from its own generator: augmentation, then noise, then timesteps."""
+    gen = proxy.generator
+    x0 = mitigations.transform(k, images[positions], positions, gen)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+    t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=gen.device)
+    return Batch(positions, noise_schedule.add_noise(x0, noise, t), t, noise)
+
+
+def train_steps(group, images: torch.Tensor, shards: dict[int, torch.Tensor], steps: int,
+                noise_schedule: DDPMScheduler, params: Params, mitigations: Mitigations, counts: RoundCounts,
+                desc: str = "train", on_curve=None, on_step=None) -> None:
+    """The training step, `steps` times, for the proxies of `group` (OneProxy, or stacked.Stacked:
+    several proxies in one vmapped forward and backward): draw, forward, keep mask, masked loss,
+    backward, clip, update, EMA, counts. Proxy k trains on images[shards[k]]; `counts` collects draws
+    and skips; `on_curve(k, row)` receives a curve point every LOG_EVERY steps, `on_step(steps done)`
+    is called after every step. images, shards, counts and the mitigations' state are on the
+    proxies' device: a step never waits for the host, which reads back only the curve points."""
+    proxies = group.proxies
+    streams = {k: _batches(shards[k], params.train.batch_size, proxy.generator) for k, proxy in proxies.items()}
+    logs = {k: _CurveLog(proxy.generator.device) for k, proxy in proxies.items()}
+    group.train()
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
     for i in bar:
-        pos = next(batches)
-        x0 = mitigations.transform(k, images[pos], pos, gen)
-        noise = torch.randn(x0.shape, generator=gen, device=gen.device)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen,
-                          device=gen.device)
-        losses, keep, loss = _checked_backward(proxy, noise_schedule.add_noise(x0, noise, t), t, noise, params,
-                                               lambda losses, t_: mitigations.keep(k, losses, t_), desc)
-        mitigations.observe(k, Step(pos, t, losses, keep))
-        counts.add(pos, keep)
-        _optimizer_step(proxy, cfg.grad_clip)
+        batches = {k: draw(proxy, k, next(streams[k]), images, noise_schedule, mitigations)
+                   for k, proxy in proxies.items()}
+        results = group.forward_backward(batches, mitigations.keep, desc)
+        for k, (losses, keep, _) in results.items():
+            mitigations.observe(k, Step(batches[k].positions, batches[k].t, losses, keep))
+            counts.add(batches[k].positions, keep)
+        group.update(params.train.grad_clip)
         if on_step:
             on_step(i + 1)
-        log.add(loss, keep, proxy.step)
-        if log.n == LOG_EVERY or i == steps - 1:
-            row = {"step": proxy.step, **log.read(desc), **mitigations.curve(k)}
-            bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")
-            if on_curve:
-                on_curve(row)
+        for k, (_, keep, loss) in results.items():
+            logs[k].add(loss, keep, proxies[k].step)
+            if logs[k].n == LOG_EVERY or i == steps - 1:
+                row = {"step": proxies[k].step, **logs[k].read(desc), **mitigations.curve(k)}
+                bar.set_postfix(loss=f"{row['loss']:.4f}", kept=f"{row['kept']:.2f}")
+                if on_curve:
+                    on_curve(k, row)
     bar.close()
+
+
+def diverged(desc: str, step: int | str, loss="not finite") -> FloatingPointError:
+    """The error a non-finite training loss stops the run with (the stage prints it in one line)."""
+    return FloatingPointError(f"{desc}: loss is {loss} at step {step}; the last complete round is kept "
+                              "(a re-run resumes from it): lower train.lr, or use fp32")
 
 
 class _CurveLog:
@@ -134,43 +160,69 @@ class _CurveLog:
     def read(self, desc: str) -> dict[str, float]:
         loss, kept, bad = torch.cat([self.sums / self.n, self.first_bad[None]]).tolist()
         if bad >= 0:
-            raise FloatingPointError(f"{desc}: loss is not finite at step {int(bad)}; the last complete round "
-                                     "is kept (a re-run resumes from it): lower train.lr, or use fp32")
+            raise diverged(desc, int(bad))
         self.sums.zero_()
         self.n = 0
         return {"loss": loss, "kept": kept}
 
 
-def _finite(x: torch.Tensor) -> bool:
+def finite(x: torch.Tensor) -> bool:
     """Whether x is finite, asked only on the CPU (free there); on an accelerator the question would
     stall the step, so it is taken as yes and _CurveLog catches a non-finite loss a few steps later."""
     return x.device.type != "cpu" or bool(torch.isfinite(x).all())
 
 
-def _optimizer_step(proxy: Proxy, grad_clip: float) -> None:
+def advance(proxy: Proxy, weights) -> None:
+    """What follows every proxy's update: its LR schedule, its EMA of `weights`, its step count."""
+    with warnings.catch_warnings():  # a stacked proxy's own optimizer does not step: the stack's did
+        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+        proxy.lr_schedule.step()
+    proxy.ema.step(weights)
+    proxy.step += 1
+
+
+def update(proxy: Proxy, grad_clip: float) -> None:
+    """Clip the gradient, step the optimizer (through the fp16 loss scaler), then `advance`."""
     proxy.scaler.unscale_(proxy.optimizer)
     torch.nn.utils.clip_grad_norm_(proxy.model.parameters(), grad_clip)
     proxy.scaler.step(proxy.optimizer)
     proxy.scaler.update()
-    proxy.lr_schedule.step()
     proxy.optimizer.zero_grad(set_to_none=True)
-    proxy.ema.step(proxy.model.parameters())
-    proxy.step += 1
+    advance(proxy, proxy.model.parameters())
 
 
-def _checked_backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn, desc: str):
-    """_backward, with an out-of-memory error or a non-finite loss turned into a message naming the
-    step (the stage keeps the last complete round)."""
-    try:
-        losses, keep, loss = _backward(proxy, xt, t, noise, params, keep_fn)
-    except torch.OutOfMemoryError:
-        raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {params.train.batch_size}); "
-                          "lower train.batch_size or raise train.grad_accum; the last complete round is kept "
-                          "and a re-run resumes from it") from None
-    if not _finite(loss):
-        raise FloatingPointError(f"{desc}: loss is {loss.item()} at step {proxy.step + 1}; the last complete "
-                                 "round is kept (a re-run resumes from it): lower train.lr, or use fp32")
-    return losses, keep, loss
+class OneProxy:
+    """A group of one proxy for train_steps: its own forward and backward, in train.grad_accum
+    micro-batches."""
+
+    def __init__(self, k: int, proxy: Proxy, params: Params):
+        self.proxies, self.params = {k: proxy}, params
+
+    def train(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.model.train()
+
+    def forward_backward(self, batches: dict[int, Batch], keep_fn, desc: str) -> dict[int, tuple]:
+        """{k: (per-sample losses, keep mask, step loss)}; an out-of-memory error or a non-finite loss
+        becomes a message naming the step (the stage keeps the last complete round)."""
+        (k, proxy), = self.proxies.items()
+        b, cfg = batches[k], self.params.train
+        try:
+            losses, keep, loss = backward(proxy, b.xt, b.t, b.noise, self.params, lambda l, t: keep_fn(k, l, t))
+        except torch.OutOfMemoryError:
+            raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {cfg.batch_size}); lower "
+                              "train.batch_size or raise train.grad_accum; the last complete round is kept and a "
+                              "re-run resumes from it") from None
+        if not finite(loss):
+            raise diverged(desc, proxy.step + 1, loss.item())
+        return {k: (losses, keep, loss)}
+
+    def update(self, grad_clip: float) -> None:
+        for proxy in self.proxies.values():
+            update(proxy, grad_clip)
+
+    def finish(self) -> None:
+        """Nothing to write back: the proxy trained in place."""
 
 
 def masked_loss(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -179,34 +231,37 @@ def masked_loss(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     return (losses * keep).sum() / keep.sum().clamp(min=1)
 
 
+def kept_loss(losses: torch.Tensor, keep: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The keep mask (None from the mitigations: every sample) and the step's loss over it."""
+    if keep is None:
+        return torch.ones_like(losses, dtype=torch.bool), losses.mean()
+    return keep, masked_loss(losses, keep)
+
+
 AUTOCAST = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, t: None):
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
+
+
+def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, t: None):
     """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
     (same gradient, less activation memory). `keep_fn(losses, t)` is the mitigations' keep mask
     (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
     kept samples, as one full batch would give."""
     cfg, model = params.train, proxy.model
     device = next(model.parameters()).device
-    amp = torch.autocast(device.type, dtype=AUTOCAST.get(cfg.mixed_precision, torch.float32),
-                         enabled=cfg.mixed_precision != "fp32")
 
     def forward(sl):
-        with amp:
+        with autocast(device, cfg.mixed_precision):
             pred = model(xt[sl].to(device), t[sl].to(device)).sample
         return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3))
 
-    def mask(losses, sl):
-        keep = keep_fn(losses.detach(), t[sl])
-        return (torch.ones_like(losses, dtype=torch.bool), False) if keep is None else (keep, True)
-
-    everything = slice(None)
     if cfg.grad_accum == 1:
-        losses = forward(everything)
-        keep, masked = mask(losses, everything)
-        loss = masked_loss(losses, keep) if masked else losses.mean()
-        if _finite(loss):
+        losses = forward(slice(None))
+        keep, loss = kept_loss(losses, keep_fn(losses.detach(), t))
+        if finite(loss):
             proxy.scaler.scale(loss).backward()
         return losses, keep, loss
     # The kept count of the whole batch is known only after the last micro-batch: back-propagate
@@ -215,8 +270,8 @@ def _backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses,
     for idx in torch.arange(len(t)).tensor_split(cfg.grad_accum):
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
         losses = forward(sl)
-        keep, _ = mask(losses, sl)
-        if _finite(losses):
+        keep, _ = kept_loss(losses, keep_fn(losses.detach(), t[sl]))
+        if finite(losses):
             proxy.scaler.scale((losses * keep).sum()).backward()
         parts.append(losses.detach())
         keeps.append(keep)

@@ -86,11 +86,11 @@ def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
 def test_a_non_finite_loss_on_a_gpu_is_caught_at_the_next_curve_point():
     from pipeline.mitigation import Mitigations
     from pipeline.models import build_scheduler, build_unet
-    from pipeline.training import RoundCounts, new_proxy, train_steps
+    from pipeline.training import OneProxy, RoundCounts, new_proxy, train_steps
 
     p = parse_params({**TINY, "train": {**TINY["train"], "device": "cuda"}})
     proxy = new_proxy(build_unet(p.model, 8, 1, 0), p, 1, "cuda")
     images = torch.full((12, 1, 8, 8), float("nan"), device="cuda")
     with pytest.raises(FloatingPointError, match="loss is not finite at step 1"):
-        train_steps(proxy, 0, images, torch.arange(12, device="cuda"), 3, build_scheduler(p.model), p,
+        train_steps(OneProxy(0, proxy, p), images, {0: torch.arange(12, device="cuda")}, 3, build_scheduler(p.model), p,
                     Mitigations((), p, 12, (0,), "cuda"), RoundCounts.zeros(12, "cuda"))

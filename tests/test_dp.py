@@ -13,7 +13,7 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.mitigation.dp import epsilon, make_private
 from pipeline.models import build_scheduler, build_unet
-from pipeline.training import _backward, _optimizer_step, load_proxy, new_proxy, save_proxy
+from pipeline.training import backward, load_proxy, new_proxy, save_proxy, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -51,8 +51,8 @@ def _step(p, private) -> tuple[torch.Tensor, torch.Tensor]:
     adam.register_step_pre_hook(lambda opt, args, kwargs: seen.append(
         torch.cat([q.grad.detach().flatten() for q in proxy.model.parameters()])))
     before = torch.cat([q.detach().flatten() for q in proxy.model.parameters()])
-    _backward(proxy, xt, t, noise, p)
-    _optimizer_step(proxy, p.train.grad_clip)
+    backward(proxy, xt, t, noise, p)
+    update(proxy, p.train.grad_clip)
     return torch.cat([q.detach().flatten() for q in proxy.model.parameters()]) - before, seen[0]
 
 
@@ -78,7 +78,7 @@ def test_without_noise_or_clipping_a_private_step_is_the_plain_step():
 def test_each_samples_gradient_is_clipped_to_max_grad_norm():
     p = _params()
     proxy, (xt, t, noise) = _proxy_and_batch(p, (0.0, 1e-3))
-    _backward(proxy, xt, t, noise, p)
+    backward(proxy, xt, t, noise, p)
     params = list(proxy.model.parameters())
     per_sample = torch.cat([q.grad_sample.flatten(1) for q in params], dim=1)  # [batch, weights]
     plain = torch.cat([q.grad.flatten() for q in params])
@@ -156,14 +156,14 @@ def test_a_private_proxy_resumes_where_it_stopped(tmp_path):
     p = _params()
     a, (xt, t, noise) = _proxy_and_batch(p, (1.0, 1.0))
     for _ in range(2):
-        _backward(a, xt, t, noise, p)
-        _optimizer_step(a, p.train.grad_clip)
+        backward(a, xt, t, noise, p)
+        update(a, p.train.grad_clip)
     save_proxy(a, tmp_path / "proxy.safetensors")
     b, _ = _proxy_and_batch(p, (1.0, 1.0))
     load_proxy(b, tmp_path / "proxy.safetensors")
     assert b.optimizer.state_dict()["state"]  # Adam's moments came back
     for proxy in (a, b):
-        _backward(proxy, xt, t, noise, p)
-        _optimizer_step(proxy, p.train.grad_clip)
+        backward(proxy, xt, t, noise, p)
+        update(proxy, p.train.grad_clip)
     for q, r in zip(a.model.parameters(), b.model.parameters()):
         assert torch.equal(q, r)

@@ -85,7 +85,7 @@ def test_each_proxy_is_clipped_by_its_own_norm():
     params = {n: torch.zeros_like(g, requires_grad=True) for n, g in grads.items()}
     for n, g in grads.items():
         params[n].grad = g.clone()
-    stacked._clip_each(stacked.Stack([0, 1, 2], ["a", "b"], params, None, None), 1.0)
+    stacked._clip_each([params["a"].grad, params["b"].grad], 1.0)
     for j in range(3):
         own = [torch.zeros_like(grads[n][j], requires_grad=True) for n in ("a", "b")]
         for p, n in zip(own, ("a", "b")):

@@ -7,7 +7,7 @@ from pipeline.config import parse_params
 from pipeline.models import build_scheduler, build_unet
 from pipeline.mitigation import Mitigations
 from pipeline.mitigation.agc import keep_mask
-from pipeline.training import RoundCounts, _backward, load_proxy, new_proxy, save_proxy, train_steps
+from pipeline.training import OneProxy, RoundCounts, backward, load_proxy, new_proxy, save_proxy, train_steps
 from tiny import tiny
 
 TINY = tiny(data={'train_size': 16}, agc={'tau': 0.9})
@@ -40,7 +40,7 @@ def test_accumulated_micro_batches_give_the_full_batch_gradient(use_agc):
                 plain = (proxy.model(xt, t).sample - noise).pow(2).mean(dim=(1, 2, 3))
             bank = torch.full((10,), plain.median().item() / p.agc.tau)
         keep_fn = (lambda losses, t_: keep_mask(losses, t_, bank, p.agc.tau)) if use_agc else (lambda losses, t_: None)
-        losses, keep, loss = _backward(proxy, xt, t, noise, p, keep_fn)
+        losses, keep, loss = backward(proxy, xt, t, noise, p, keep_fn)
         grads.append(torch.cat([q.grad.flatten() for q in proxy.model.parameters()]))
         kept.append((keep.clone(), loss.item(), losses.clone()))
     assert torch.equal(kept[0][0], kept[1][0])
@@ -57,7 +57,8 @@ def test_mixed_precision_trains_and_its_loss_scale_survives_a_checkpoint(precisi
     p, proxy, sched = _setup(mixed_precision=precision)
     images = torch.rand((16, 1, 8, 8)) * 2 - 1
     before = [q.detach().clone() for q in proxy.model.parameters()]
-    train_steps(proxy, 0, images, torch.arange(16), 3, sched, p, Mitigations((), p, 16, (0,)), RoundCounts.zeros(16))
+    train_steps(OneProxy(0, proxy, p), images, {0: torch.arange(16)}, 3, sched, p, Mitigations((), p, 16, (0,)),
+                RoundCounts.zeros(16))
     assert all(torch.isfinite(q).all() for q in proxy.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, proxy.model.parameters()))
     assert proxy.scaler.is_enabled() == (precision == "fp16")
@@ -72,12 +73,13 @@ def test_a_non_finite_loss_names_round_proxy_and_step():
     p, proxy, sched = _setup()
     images = torch.zeros((16, 1, 8, 8))
     agc = Mitigations(("agc",), p, 16, (0,))
-    train_steps(proxy, 0, images, torch.arange(16), 2, sched, p, agc, RoundCounts.zeros(16))
+    train_steps(OneProxy(0, proxy, p), images, {0: torch.arange(16)}, 2, sched, p, agc, RoundCounts.zeros(16))
     bank = agc.items[0].bank[0].clone()
     images[:] = float("nan")
     counts = RoundCounts.zeros(16)
     with pytest.raises(FloatingPointError, match=r"round 2/4 proxy 3/4: loss is nan at step 3"):
-        train_steps(proxy, 0, images, torch.arange(16), 2, sched, p, agc, counts, desc="round 2/4 proxy 3/4")
+        train_steps(OneProxy(0, proxy, p), images, {0: torch.arange(16)}, 2, sched, p, agc, counts,
+                    desc="round 2/4 proxy 3/4")
     assert proxy.step == 2  # the failed step changed nothing: not the step count, the bank or the counts
     assert torch.equal(agc.items[0].bank[0], bank) and counts.drawn.sum() == 0
 
