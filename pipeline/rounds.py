@@ -5,12 +5,10 @@ A round, as `run` reads: every proxy trains on its shard (`train_proxies`); the 
 averaged, weighted by shard size (`average_proxies`); with K > 1 the samples are scored under the
 proxies' end-of-round weights (the loss table) and the mitigations act on it, MSR moving samples
 between shards (`end_round`); the average is loaded back into every proxy and the whole state is
-saved (`checkpoint`), so a killed run resumes from its last complete round. `finish` writes the
+saved (`save_state`), so a killed run resumes from its last complete round. `finish` writes the
 models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -19,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from pipeline import ensemble, mitigation, seeds, stacked
+from pipeline import checkpoint, ensemble, mitigation, seeds, stacked
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
@@ -30,7 +28,7 @@ from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
 from pipeline.seeds import derived_seed
-from pipeline.training import OneProxy, Proxy, RoundCounts, load_proxy, new_proxy, save_proxy, train_steps
+from pipeline.training import OneProxy, Proxy, RoundCounts, new_proxy, train_steps
 
 
 @dataclass(frozen=True)
@@ -74,60 +72,6 @@ class Hooks:
     """Where the loop reports to (MLflow in the stages); the defaults do nothing."""
     def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None: ...
     def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
-
-
-def _fingerprint(p: Params, plan: Plan, train: ImageSet, shard: np.ndarray, init, device: torch.device) -> str:
-    """What a saved state must match to be resumed: params, data, shards, the initial weights
-    (model.init_from names them, but the files behind the name can change) and the device type."""
-    h = hashlib.sha256()
-    # not train.launcher: the weights do not depend on the process count, so a run may resume under another.
-    # The device type, not train.device: `auto` means another device on another machine, and a CPU
-    # generator's state cannot be loaded into a CUDA one (nor would the draws be the same).
-    h.update(json.dumps(p.model_dump(exclude={"eval": True, "tracking": True, "train": {"launcher", "device"}}),
-                        sort_keys=True).encode())
-    h.update(device.type.encode())
-    h.update(repr(plan).encode())
-    h.update(train.images.tobytes())
-    h.update(shard.tobytes())
-    for key, tensor in init.state_dict().items():
-        h.update(key.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _save_state(state_dir: Path, proxies: dict[int, Proxy], mitigations: Mitigations, info: dict, shard,
-                ranks: Ranks) -> None:
-    """Write to a fresh directory, then swap it in: a kill at any moment leaves one complete state.
-    Each rank writes its own proxies (several machines need the run directory on shared storage)."""
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
-    if ranks.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    ranks.barrier()
-    for k, proxy in proxies.items():
-        save_proxy(proxy, tmp / f"proxy_{k}.safetensors", mitigations.state(k))
-    ranks.barrier()
-    if ranks.is_main:
-        save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
-                  str(tmp / "samples.safetensors"))
-        write_json(tmp / "state.json", info)
-        old = state_dir.with_name(state_dir.name + ".old")
-        if state_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            state_dir.rename(old)
-        tmp.rename(state_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    ranks.barrier()
-
-
-def _load_state(state_dir: Path, fingerprint: str):
-    for d in (state_dir, state_dir.with_name(state_dir.name + ".old")):
-        f = d / "state.json"
-        if f.is_file():
-            info = json.loads(f.read_text())
-            if info.get("fingerprint") == fingerprint:
-                return d, info
-    return None, None
 
 
 class _Profile:
@@ -221,7 +165,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
             write_json(round_dir / "round.json", metrics)
             r.hooks.round_done(rnd, metrics, round_dir)
         progress.next_round = rnd + 1
-        checkpoint(r, progress)
+        save_state(r, progress)
     return finish(r, progress)
 
 
@@ -236,29 +180,27 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     for k, proxy in proxies.items():
         mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
+    run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
     return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
-               mitigations, out_dir, state_dir, _fingerprint(params, plan, train, shard, init, ranks.device),
-               init.state_dict(),
+               mitigations, out_dir, state_dir, run_fingerprint, init.state_dict(),
                dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks)
 
 
 def _resume(r: Run, shard: np.ndarray) -> Progress:
     """The saved progress when a state of this very run exists, else a fresh start (and no rounds
     of an earlier run left behind)."""
-    resume_dir, info = _load_state(r.state_dir, r.fingerprint)
-    if resume_dir is None:
+    folder, info = checkpoint.find(r.state_dir, r.fingerprint, r.ranks)
+    if folder is None:
         if r.ranks.is_main:
             shutil.rmtree(r.out_dir / "rounds", ignore_errors=True)
         r.ranks.barrier()
         return Progress(shard)
-    for k, proxy in r.proxies.items():
-        r.mitigations.load_state(load_proxy(proxy, resume_dir / f"proxy_{k}.safetensors"), k)
-    saved = load_file(str(resume_dir / "samples.safetensors"))
-    r.mitigations.load_state(saved, None)
+    shard = checkpoint.restore(folder, r.proxies, r.mitigations)
+    done = info["round"] + 1
     if r.ranks.is_main:
-        print(f"resuming {r.out_dir} after round {info['round']} of {r.plan.rounds}")
+        print(f"resuming {r.out_dir} after round {done} of {r.plan.rounds}")
     r.ranks.barrier()
-    return Progress(saved["shard"].numpy().copy(), info["round"] + 1, info["seconds"], info["history"])
+    return Progress(shard, done, info["seconds"], info["history"])
 
 
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
@@ -370,12 +312,12 @@ def _write_loss_table(r: Run, rnd: int, shard, drawn, skipped, skip_rate, losses
                ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
 
 
-def checkpoint(r: Run, progress: Progress) -> None:
-    """The whole state after a complete round: every proxy (weights, EMA, optimizer, schedule,
-    generator, its mitigations' state), the shards and the per-sample mitigation state."""
-    _save_state(r.state_dir, r.proxies, r.mitigations,
-                {"fingerprint": r.fingerprint, "round": progress.next_round - 1, "seconds": progress.seconds,
-                 "history": progress.history}, progress.shard, r.ranks)
+def save_state(r: Run, progress: Progress) -> None:
+    """The whole state after a complete round (pipeline/checkpoint.py): every proxy (weights, EMA,
+    optimizer, schedule, generator, its mitigations' state), the shards and the per-sample state."""
+    checkpoint.save(r.state_dir, r.proxies, r.mitigations,
+                     {"fingerprint": r.fingerprint, "round": progress.next_round - 1, "seconds": progress.seconds,
+                      "history": progress.history}, progress.shard, r.ranks)
 
 
 def finish(r: Run, progress: Progress) -> dict:

@@ -2,26 +2,22 @@
 proxy; the mitigations act through their hooks (pipeline/mitigation).
 
 A proxy keeps to itself what IET does not average: optimizer state, LR schedule, random generator
-(a mitigation's per-proxy state, such as AGC's bank, lives with the mitigation). Its checkpoint is
-one safetensors file plus JSON metadata (no pickle)."""
+(a mitigation's per-proxy state, such as AGC's bank, lives with the mitigation). Its checkpoint
+format is pipeline/checkpoint.py's."""
 from __future__ import annotations
 
 import copy
-import json
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from pipeline.config import Params
 from pipeline.mitigation import Mitigations, Step
-from pipeline.io import atomic_path
 
 LOG_EVERY = 10  # steps between curve points: per-step logging would dominate small runs
 
@@ -281,54 +277,3 @@ def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, 
         if p.grad is not None:
             p.grad.div_(kept.to(p.grad.device))
     return losses, keep, (losses * keep).sum() / kept
-
-
-# ---- checkpoints: safetensors for tensors, JSON for the rest ----
-
-def proxy_tensors(proxy: Proxy, extra: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {f"model.{k}": v for k, v in proxy.model.state_dict().items()}
-    out.update({f"ema.{i}": p for i, p in enumerate(proxy.ema.shadow_params)})
-    for i, state in proxy.optimizer.state_dict()["state"].items():
-        for k, v in state.items():
-            out[f"optim.{i}.{k}"] = torch.as_tensor(v)
-    out["generator"] = proxy.generator.get_state()
-    out.update({f"extra.{k}": v for k, v in extra.items()})
-    return {k: v.detach().cpu().contiguous() for k, v in out.items()}
-
-
-def save_proxy(proxy: Proxy, path: str | Path, extra: dict[str, torch.Tensor] | None = None) -> None:
-    """`extra`: tensors that belong with this proxy (its mitigations' state); load_proxy returns them."""
-    meta = {"step": proxy.step, "ema_step": proxy.ema.optimization_step, "scaler": proxy.scaler.state_dict(),
-            "lr_schedule": proxy.lr_schedule.state_dict(),
-            "param_groups": [{k: v for k, v in g.items() if k != "params"}
-                             for g in proxy.optimizer.state_dict()["param_groups"]]}
-    with atomic_path(path) as tmp:
-        save_file(proxy_tensors(proxy, extra or {}), str(tmp), metadata={"meta": json.dumps(meta, default=str)})
-
-
-def load_proxy(proxy: Proxy, path: str | Path) -> dict[str, torch.Tensor]:
-    from safetensors import safe_open
-
-    tensors = load_file(str(path))
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads(f.metadata()["meta"])
-    proxy.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    for i, p in enumerate(proxy.ema.shadow_params):
-        p.data.copy_(tensors[f"ema.{i}"])
-    opt = proxy.optimizer.state_dict()
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
-    opt["state"] = state
-    opt["param_groups"] = [{**g, **saved} for g, saved in zip(opt["param_groups"], meta["param_groups"])]
-    proxy.optimizer.load_state_dict(opt)
-    sched = {k: v for k, v in meta["lr_schedule"].items() if k != "lr_lambdas"}
-    proxy.lr_schedule.load_state_dict({**proxy.lr_schedule.state_dict(), **sched})
-    proxy.generator.set_state(tensors["generator"])
-    proxy.step = meta["step"]
-    if meta.get("scaler"):
-        proxy.scaler.load_state_dict(meta["scaler"])
-    proxy.ema.optimization_step = meta["ema_step"]
-    return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}

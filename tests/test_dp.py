@@ -13,7 +13,8 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.mitigation.dp import epsilon, make_private
 from pipeline.models import build_scheduler, build_unet
-from pipeline.training import backward, load_proxy, new_proxy, save_proxy, update
+from pipeline.checkpoint import load_proxy, save_proxy
+from pipeline.training import backward, new_proxy, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -69,7 +69,7 @@ def test_sigkill_mid_round_then_restart_gives_the_same_weights(tmp_path):
     proc, log = _start(tmp_path)
     assert proc.wait(300) == 0
     log.seek(0)
-    assert "after round 1 of 6" in log.read()  # resumed, not started over
+    assert "after round 2 of 6" in log.read()  # resumed, not started over
     _assert_same_run(tmp_path / "reference", tmp_path / "out")
     assert not (tmp_path / "state").exists()
 
@@ -107,7 +107,7 @@ def test_dvc_repro_after_a_sigkill_resumes_the_iet_stage(project):
 
     again = _run(["dvc", "repro", "iet"], repo, env)
     done = re.search(r"resuming runs/iet after round (\d) of 4", again)
-    assert done and int(done[1]) < 3, again
+    assert done and 1 <= int(done[1]) < 4, again
     assert sorted(p.name for p in (repo / "runs/iet/rounds").iterdir()) == [f"round_{r:02d}" for r in range(4)]
     assert "Data and pipelines are up to date" in _run(["dvc", "status", "iet"], repo, env)
     assert not (repo / "runs/.resume/iet").exists()

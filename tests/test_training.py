@@ -7,7 +7,8 @@ from pipeline.config import parse_params
 from pipeline.models import build_scheduler, build_unet
 from pipeline.mitigation import Mitigations
 from pipeline.mitigation.agc import keep_mask
-from pipeline.training import OneProxy, RoundCounts, backward, load_proxy, new_proxy, save_proxy, train_steps
+from pipeline.checkpoint import load_proxy, save_proxy
+from pipeline.training import OneProxy, RoundCounts, backward, new_proxy, train_steps
 from tiny import tiny
 
 TINY = tiny(data={'train_size': 16}, agc={'tau': 0.9})
