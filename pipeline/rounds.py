@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipeline import checkpoint, ensemble, mitigation, seeds, stacked
+from pipeline.loss_table import LossTable
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
@@ -72,39 +73,6 @@ class Hooks:
     """Where the loop reports to (MLflow in the stages); the defaults do nothing."""
     def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None: ...
     def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
-
-
-class _Profile:
-    """The round's loss table, losses[i, k] = loss of sample i under proxy k's end-of-round weights
-    (NaN where not scored), filled as needed. Every sample is scored under its own proxy; under the
-    other proxies only the rows redistribution reads (msr.profile: candidates), or every sample
-    (msr.profile: all, K times the cost). A forward without gradients costs about a third of a
-    training step, so a pair costs about (1 + rows read x (K-1) / N) / 3 local epochs.
-    Each rank scores under its own proxies; the columns are then shared, so every rank holds the
-    same table and makes the same (collective) calls."""
-
-    def __init__(self, run: "Run", seed: int):
-        self.proxies, self.images, self.noise_schedule, self.ranks = run.proxies, run.images, run.noise_schedule, run.ranks
-        self.pairs, self.seed = run.params.msr.profile_timesteps, seed
-        self.losses = np.full((len(run.images), run.plan.shards), np.nan)
-
-    def score(self, wanted: np.ndarray) -> None:
-        """Score the NaN cells of losses where `wanted` (n x K) is true."""
-        todo = wanted & np.isnan(self.losses)
-        for k, proxy in self.proxies.items():
-            positions = np.flatnonzero(todo[:, k])
-            if len(positions):
-                self.losses[positions, k] = ensemble.profile_losses(
-                    proxy.model, self.images, positions, self.noise_schedule, self.pairs, self.seed).numpy()
-        for k in range(self.losses.shape[1]):
-            self.losses[:, k] = self.ranks.share_column(self.losses[:, k], self.ranks.owner(k))
-
-    def rows(self, positions: np.ndarray) -> np.ndarray:
-        """redistribute's score function: the rows of `positions` under every proxy."""
-        wanted = np.zeros(self.losses.shape, dtype=bool)
-        wanted[positions] = True
-        self.score(wanted)
-        return self.losses[positions]
 
 
 def _cell(x: float) -> float | str:
@@ -283,7 +251,8 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
     metrics = {"moved": 0}
     if r.plan.shards > 1:
         t0 = time.perf_counter()
-        profile = _Profile(r, derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
+        profile = LossTable(r.proxies, r.images, r.noise_schedule, r.ranks, r.plan.shards, r.params.msr.profile_timesteps,
+                            derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
         profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
                       else progress.shard[:, None] == np.arange(r.plan.shards))
         end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline import ensemble
+from pipeline import ensemble, loss_table
 from pipeline.mitigation import msr
 from pipeline.config import MSRConfig
 
@@ -122,15 +122,15 @@ def test_profile_draws_depend_only_on_the_sample_so_any_subset_scores_the_same()
     from pipeline.models import build_scheduler, build_unet
     cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=100)
     sched = build_scheduler(cfg)
-    n = ensemble.PROFILE_CHUNK + 20  # two generator chunks
+    n = loss_table.PROFILE_CHUNK + 20  # two generator chunks
     images = torch.rand(n, 1, 8, 8) * 2 - 1
     model = build_unet(cfg, 8, 1, seed=0)
-    everything = ensemble.profile_losses(model, images, np.arange(n), sched, pairs=3, seed=5)
-    subset = np.array([n - 1, 3, ensemble.PROFILE_CHUNK, 7])
-    part = ensemble.profile_losses(model, images, subset, sched, pairs=3, seed=5, batch_size=5)
+    everything = loss_table.profile_losses(model, images, np.arange(n), sched, pairs=3, seed=5)
+    subset = np.array([n - 1, 3, loss_table.PROFILE_CHUNK, 7])
+    part = loss_table.profile_losses(model, images, subset, sched, pairs=3, seed=5, batch_size=5)
     torch.testing.assert_close(part, everything[subset])
     assert everything.shape == (n,) and torch.all(everything > 0)
-    other_seed = ensemble.profile_losses(model, images, subset, sched, pairs=3, seed=6)
+    other_seed = loss_table.profile_losses(model, images, subset, sched, pairs=3, seed=6)
     assert not torch.allclose(part, other_seed)
 
 
