@@ -52,6 +52,19 @@ def fail_open_runs(status: str = "FAILED") -> None:
     _TRACKERS.clear()
 
 
+def pause_parents() -> None:
+    """After a stage succeeded: its pipeline's parent run, if still RUNNING, becomes SCHEDULED (more
+    stages to come; the report finishes it). So the parent is RUNNING only while a stage runs, and
+    a later stage that dies before it can say so (a crash at import, SIGKILL) leaves no run RUNNING."""
+    for tracker in _TRACKERS:
+        try:
+            if tracker.client.get_run(tracker.parent_id).info.status == "RUNNING":
+                tracker.client.update_run(tracker.parent_id, status="SCHEDULED")
+        except MlflowException:
+            pass  # the stage's work is done and saved; a store that fails now fails the next stage's check
+    _TRACKERS.clear()
+
+
 class Tracker:
     def __init__(self, params: Params):
         self.params = params
@@ -84,7 +97,7 @@ class Tracker:
         found = self.client.search_runs([self.experiment_id], f"tags.`{PARENT_KEY}` = '{key}'",
                                         max_results=1, order_by=["attributes.start_time DESC"])
         if found:
-            if found[0].info.status in ("FAILED", "KILLED"):  # an earlier stage of this execution failed
+            if found[0].info.status in ("FAILED", "KILLED", "SCHEDULED"):  # an earlier stage ended, or failed
                 self.client.update_run(found[0].info.run_id, status="RUNNING")
             return found[0].info.run_id
         tags = {PARENT_KEY: key, "git_commit": commit}
@@ -95,8 +108,14 @@ class Tracker:
         return run.info.run_id
 
     def child(self, name: str, parent: str | None = None) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=name,
-                                     tags={"mlflow.parentRunId": parent or self.parent_id})
+        """A new nested run `name`. A run of that name under the same parent still RUNNING is an
+        attempt that was killed before it could close it (SIGKILL): it is marked KILLED."""
+        parent = parent or self.parent_id
+        stale = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                        f"attributes.run_name = '{name}' and attributes.status = 'RUNNING'")
+        for run in stale:
+            self.client.set_terminated(run.info.run_id, "KILLED")
+        run = self.client.create_run(self.experiment_id, run_name=name, tags={"mlflow.parentRunId": parent})
         self.open_runs.append(run.info.run_id)
         return run.info.run_id
 

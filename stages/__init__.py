@@ -29,7 +29,7 @@ def stage(fn):
                 from pipeline.store import check_tracking
 
                 check_tracking(load_params(kwargs["params_path"]).tracking)
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except BaseException as err:
             _close_runs("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
             if isinstance(err, (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError)):
@@ -38,7 +38,15 @@ def stage(fn):
                 raise click.ClickException(f"MLflow tracking failed ({err.message}); "
                                            "check tracking.uri / MLFLOW_TRACKING_URI") from None
             raise
+        _pause_parents()
+        return result
     return wrapper
+
+
+def _pause_parents() -> None:
+    tracking = sys.modules.get("pipeline.tracking")
+    if tracking is not None:
+        tracking.pause_parents()
 
 
 def _close_runs(status: str) -> None:

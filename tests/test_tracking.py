@@ -59,9 +59,21 @@ def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store
     runs = _runs(store, "fail")
     again = [r for r in runs if PARENT_KEY in r.data.tags]
     assert [r.info.run_id for r in again] == [parent.info.run_id]  # the same execution, not a second parent
-    assert again[0].info.status == "RUNNING"  # open for evaluate and report, which finishes it
+    assert again[0].info.status == "SCHEDULED"  # no stage runs now; evaluate reopens it, the report finishes it
     trained = sorted(r.info.status for r in runs if r.info.run_name == "baseline")
     assert trained == ["FAILED", "FINISHED"]  # the failed attempt stays marked, the rerun is complete
+
+
+def test_a_killed_attempts_run_is_marked_killed_when_the_stage_runs_again(store, tmp_path):
+    """SIGKILL leaves the attempt's run RUNNING (nothing in the process can close it); the next
+    attempt of the same stage under the same parent closes it as KILLED."""
+    p = parse_params({**TINY, "tracking": {"uri": store, "experiment": "killed"}})
+    killed = Tracker(p).child("iet")  # never finished: the process died
+    other = Tracker(p).child("baseline")  # another stage's run is left alone
+    again = Tracker(p)
+    rerun = again.child("iet")
+    status = {r.info.run_id: r.info.status for r in _runs(store, "killed")}
+    assert status[killed] == "KILLED" and status[other] == "RUNNING" and status[rerun] == "RUNNING"
 
 
 def test_training_runs_record_their_data_and_system_metrics(store, tmp_path, monkeypatch):
