@@ -11,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 from pipeline.config import ConfigError, TrackingConfig
+from pipeline.io import local_path
 
 
 class StoreError(Exception):
@@ -27,23 +28,49 @@ def fail_fast_http() -> None:
 
 def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None:
     """Stop early, naming the URI, when the tracking store cannot be used: an HTTP server that does
-    not answer, or (when reading) a SQLite file that does not exist, which MLflow would otherwise
-    create empty and then report the model as missing."""
+    not answer; a SQLite file that does not exist when reading (MLflow would create it empty and
+    then report the model as missing) or whose folder cannot hold it when writing; a file store,
+    which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set, in a folder that cannot be made.
+    Other schemes (postgresql://, databricks, ...) are left to MLflow."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        try:
-            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
-        except urllib.error.HTTPError:
-            pass  # the server answered; whatever it said, it is there
-        except (urllib.error.URLError, OSError, socket.timeout) as err:
-            reason = getattr(err, "reason", err)
-            raise StoreError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it or "
-                                "set tracking.uri / MLFLOW_TRACKING_URI / --tracking-uri") from None
-    elif parsed.scheme == "sqlite" and must_exist:
+        _check_server(uri, timeout)
+    elif parsed.scheme == "sqlite":
         path = uri[len("sqlite:///"):]
-        if path and path != ":memory:" and not Path(path).is_file():
+        if not path or path == ":memory:":
+            return
+        if must_exist and not Path(path).is_file():
             raise StoreError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
-                                "or give the right tracking URI")
+                             "or give the right tracking URI")
+        _check_folder(Path(path).parent, uri)
+    elif parsed.scheme in ("file", "") or len(parsed.scheme) == 1:  # a path; one letter: a Windows drive
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise StoreError(f"tracking URI {uri} is a file store, which MLflow 3 refuses unless "
+                             "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///<path>/mlflow.db instead")
+        folder = local_path(uri)
+        if must_exist and not folder.is_dir():
+            raise StoreError(f"no MLflow store at {folder} (tracking URI {uri})")
+        _check_folder(folder if folder.exists() else folder.parent, uri)
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        pass  # the server answered; whatever it said, it is there
+    except (urllib.error.URLError, OSError, socket.timeout) as err:
+        reason = getattr(err, "reason", err)
+        raise StoreError(f"MLflow tracking server {uri} cannot be reached ({reason}); start it or "
+                         "set tracking.uri / MLFLOW_TRACKING_URI / --tracking-uri") from None
+
+
+def _check_folder(folder: Path, uri: str) -> None:
+    """The folder a local store lives in must exist and be writable: MLflow would fail at the first
+    write, which for the report stage is after training and evaluation."""
+    if not folder.is_dir():
+        raise StoreError(f"folder {folder} of tracking URI {uri} does not exist; create it or fix tracking.uri")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise StoreError(f"folder {folder} of tracking URI {uri} is not writable")
 
 
 def repo_root() -> Path:
