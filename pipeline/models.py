@@ -3,6 +3,7 @@ project's saved-model layout (diffusers DDPMPipeline directories). Pretrained mo
 are pipeline/pretrained.py; sampling is pipeline/sampling.py."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -42,10 +43,39 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path)
     apply_umask(path)
 
 
+class UnreadableModel(FileNotFoundError):
+    """A saved model whose files are there but cannot be read (truncated, overwritten). A
+    FileNotFoundError, so that every command and stage that says a missing model in one line says
+    this one too."""
+
+
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     path = Path(path)
     if not (path / "unet").is_dir():
         raise FileNotFoundError(f"{path}: not a saved diffusion model (no unet/ inside)")
-    unet = UNet2DModel.from_pretrained(str(path / "unet"))
-    scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    try:
+        unet = UNet2DModel.from_pretrained(str(path / "unet"))
+        scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
+    except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, ... with long tracebacks
+        raise UnreadableModel(f"{_unreadable_file(path) or path}: cannot be read as part of a saved model "
+                              f"({type(err).__name__}); write it again (dvc repro, or fetch the model again)") from None
     return unet, scheduler
+
+
+def _unreadable_file(path: Path) -> Path | None:
+    """The first file of a saved model that does not parse, to name it."""
+    from safetensors import safe_open
+
+    for file in sorted(path.rglob("*.json")):
+        try:
+            json.loads(file.read_text())
+        except (OSError, ValueError):
+            return file
+    for file in sorted(path.rglob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    f.get_slice(key)
+        except Exception:  # safetensors' own error type, or an OSError
+            return file
+    return None
