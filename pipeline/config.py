@@ -130,7 +130,13 @@ class IETConfig(_Group):
 class AGCConfig(_Group):
     enabled: bool = True
     tau: float = 0.5
-    bank_decay: float = Field(0.8, ge=0, lt=1)
+    bank_decay: float = Field(0.8, ge=0, lt=1)           # the official bank's decay
+    reference: Literal["official", "pooled"] = "official"  # ref(t): the official bank, or pooled bins (method.md)
+    bins: int = Field(20, ge=1)                           # pooled: timestep bins
+    pooled_decay: float = Field(0.9, ge=0, lt=1)          # pooled: each bin's EMA decay (short memory)
+    score: Literal["draw", "image"] = "draw"              # skip on the draw's relative loss, or the image's EMA of it
+    image_decay: float = Field(0.8, ge=0, lt=1)           # image: EMA decay over the image's own draws
+    min_draws: int = Field(3, ge=1)                       # image: draws before an image can be skipped
 
     @field_validator("tau")
     @classmethod

@@ -108,7 +108,7 @@ class Stacked:
         losses = (pred.float() - noise).pow(2).mean(dim=(2, 3, 4))
         results = {}
         for j, k in enumerate(self.proxies):
-            keep, loss = kept_loss(losses[j], keep_fn(k, losses[j].detach(), t[j]))
+            keep, loss = kept_loss(losses[j], keep_fn(k, losses[j].detach(), t[j], batches[k].positions))
             results[k] = (losses[j].detach(), keep, loss)
         total = torch.stack([loss for _, _, loss in results.values()]).sum()
         if not finite(total):

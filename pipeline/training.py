@@ -204,7 +204,8 @@ class OneProxy:
         (k, proxy), = self.proxies.items()
         b, cfg = batches[k], self.params.train
         try:
-            losses, keep, loss = backward(proxy, b.xt, b.t, b.noise, self.params, lambda l, t: keep_fn(k, l, t))
+            losses, keep, loss = backward(proxy, b.xt, b.t, b.noise, self.params,
+                                          lambda l, sl: keep_fn(k, l, b.t[sl], b.positions[sl]))
         except torch.OutOfMemoryError:
             raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {cfg.batch_size}); lower "
                               "train.batch_size or raise train.grad_accum; the last complete round is kept and a "
@@ -241,10 +242,10 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
 
 
-def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, t: None):
+def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, sl: None):
     """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
-    (same gradient, less activation memory). `keep_fn(losses, t)` is the mitigations' keep mask
-    (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
+    (same gradient, less activation memory). `keep_fn(losses, sl)` is the mitigations' keep mask of
+    the batch's slice `sl` (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
     kept samples, as one full batch would give."""
     cfg, model = params.train, proxy.model
     device = next(model.parameters()).device
@@ -256,7 +257,7 @@ def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, 
 
     if cfg.grad_accum == 1:
         losses = forward(slice(None))
-        keep, loss = kept_loss(losses, keep_fn(losses.detach(), t))
+        keep, loss = kept_loss(losses, keep_fn(losses.detach(), slice(None)))
         if finite(loss):
             proxy.scaler.scale(loss).backward()
         return losses, keep, loss
@@ -266,7 +267,7 @@ def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, 
     for idx in torch.arange(len(t)).tensor_split(cfg.grad_accum):
         sl = slice(int(idx[0]), int(idx[-1]) + 1)
         losses = forward(sl)
-        keep, _ = kept_loss(losses, keep_fn(losses.detach(), t[sl]))
+        keep, _ = kept_loss(losses, keep_fn(losses.detach(), sl))
         if finite(losses):
             proxy.scaler.scale((losses * keep).sum()).backward()
         parts.append(losses.detach())

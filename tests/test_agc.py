@@ -1,4 +1,5 @@
 """AGC against a direct transcription of the official per-sample loop."""
+import pytest
 import torch
 
 from pipeline.mitigation import agc
@@ -24,7 +25,7 @@ def test_mask_loss_and_bank_match_the_official_loop_with_repeated_timesteps():
     t = torch.tensor([1, 3, 1, 5, 1, 7, 5, 3, 9, 9, 9, 9])
     losses = torch.rand(len(t), generator=g, dtype=torch.float64) * 0.3
     for tau in (0.5, 0.8, 1.0):
-        keep = agc.keep_mask(losses, t, bank, tau)
+        keep = agc.keep_mask(losses, bank[t], tau)
         loss = masked_loss(losses, keep)
         new_bank = agc.update_bank(bank, t, losses, 0.8)
         ref_keep, ref_loss, ref_bank = official(losses, t, bank, tau, 0.8)
@@ -36,7 +37,7 @@ def test_mask_loss_and_bank_match_the_official_loop_with_repeated_timesteps():
 
 def test_all_skipped_batch_gives_zero_loss_and_zero_gradient():
     losses = torch.tensor([0.1, 0.2], requires_grad=True)
-    keep = agc.keep_mask(losses.detach(), torch.tensor([0, 1]), torch.tensor([1.0, 1.0]), 0.5)
+    keep = agc.keep_mask(losses.detach(), torch.tensor([1.0, 1.0]), 0.5)
     assert not keep.any()
     loss = masked_loss(losses, keep)
     loss.backward()
@@ -48,3 +49,101 @@ def test_skipped_samples_get_no_gradient_kept_ones_the_renormalised_mean():
     keep = torch.tensor([False, True, True])
     masked_loss(losses, keep).backward()
     assert torch.equal(losses.grad, torch.tensor([0.0, 0.5, 0.5]))
+
+
+# ---------------------------------------------------------------- AGC variants (method.md)
+
+def test_the_pooled_reference_equals_an_explicit_loop_with_repeated_bins_and_bias_correction():
+    T, B, d = 100, 10, 0.9
+    ref = agc.PooledReference(T, "cpu", B, d)
+    m, n = [0.0] * B, [0] * B
+    g = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        t = torch.randint(0, T, (16,), generator=g)
+        t[:4] = 37  # one bin drawn several times in a batch
+        losses = torch.rand(16, generator=g, dtype=torch.float64).float()
+        ref.update(t, losses)
+        for ti, li in zip(t.tolist(), losses.tolist()):  # batch order, as the official bank's loop
+            b = ti * B // T
+            m[b] = d * m[b] + (1 - d) * li
+            n[b] += 1
+    expected = torch.tensor([m[t * B // T] / (1 - d ** n[t * B // T]) if n[t * B // T] else 0.0 for t in range(T)])
+    torch.testing.assert_close(ref(torch.arange(T)), expected, rtol=1e-5, atol=1e-7)
+    assert min(n) == 0 or max(n) > 1  # repeated bins were exercised
+    one = agc.PooledReference(T, "cpu", B, d)
+    one.update(torch.tensor([5]), torch.tensor([0.3]))
+    assert one(torch.tensor([5])).item() == pytest.approx(0.3)  # bias-corrected: one draw reads as itself
+
+
+def test_the_image_score_equals_its_per_draw_recursion():
+    d, m, tau = 0.8, 3, 0.5
+    score = agc.ImageScore(6, "cpu", d, m)
+    s, n = [0.0] * 6, [0] * 6
+    g = torch.Generator().manual_seed(2)
+    for _ in range(8):
+        positions = torch.randperm(6, generator=g)[:4]
+        ratio = torch.rand(4, generator=g) * 1.2
+        ratio[0] = float("inf")  # no reference yet: no evidence, the score stays
+        keep = score.keep(positions, tau)
+        for j, i in enumerate(positions.tolist()):
+            corrected = s[i] / (1 - d ** max(n[i], 1))
+            assert bool(keep[j]) == (n[i] < m or corrected >= tau)
+        score.update(positions, ratio)
+        for j, i in enumerate(positions.tolist()):
+            if j > 0:
+                s[i], n[i] = d * s[i] + (1 - d) * float(ratio[j]), n[i] + 1
+    torch.testing.assert_close(score.score, torch.tensor(s), rtol=1e-5, atol=1e-6)
+    assert score.draws.tolist() == n and max(n) >= m
+
+
+def test_variants_of_agc_are_named_by_what_differs_from_the_official_one():
+    from pipeline import mitigation
+
+    assert mitigation.variant_name(4, mitigation.FULL_METHOD, {"agc.reference": "official", "agc.score": "draw"}) == "IET-AGC+"
+    assert mitigation.variant_name(4, mitigation.FULL_METHOD,
+                                   {"agc.reference": "pooled", "agc.score": "image"}) == "IET-AGC+ [pooled, image]"
+    assert mitigation.variant_name(1, ("agc",), {"agc.reference": "pooled"}) == "AGC [pooled]"
+
+
+def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_path):
+    """IET-AGC+ with the pooled reference and the image score: it skips, and its per-proxy and
+    per-sample state survives a resume (the weights equal an uninterrupted run's)."""
+    import copy
+
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from pipeline import rounds
+    from pipeline.config import parse_params
+    from pipeline.data import ImageSet
+    from pipeline.ensemble import split_shards
+    from test_pinned import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw["agc"].update(reference="pooled", score="image", bins=5, min_draws=2)
+    p = parse_params(raw)
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
+                     ids=np.arange(100, 112))
+
+    class Stop(Exception):
+        pass
+
+    class StopAfterRound1(rounds.Hooks):
+        def round_done(self, rnd, metrics, round_dir):
+            if rnd == 1:
+                raise Stop
+
+    def run(where, hooks=None):
+        summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), where / "out",
+                             where / "state", hooks=hooks)
+        return summary, load_file(str(where / "out/model/unet/diffusion_pytorch_model.safetensors"))
+
+    with pytest.raises(Stop):
+        run(tmp_path / "resumed", StopAfterRound1())
+    _, resumed = run(tmp_path / "resumed")
+    summary, straight = run(tmp_path / "straight")
+    assert summary["variant"] == "IET-AGC+ [pooled, image]"
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    kept = np.genfromtxt(tmp_path / "straight/out/curves.csv", delimiter=",", names=True)["kept"]
+    assert kept.min() < 1.0  # the image score skipped some draws

@@ -75,7 +75,7 @@ def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
     agc, taa = r.mitigations.built["agc"], r.mitigations.built["taa"]
     assert r.images.device.type == want
     assert {proxy.generator.device.type for proxy in r.proxies.values()} == {want}
-    assert {b.device.type for b in agc.bank.values()} == {want} and taa.strength.device.type == want
+    assert {r.bank.device.type for r in agc.refs.values()} == {want} and taa.strength.device.type == want
     counts = rounds.train_proxies(r, rounds.Progress(shard), 0)
     assert counts.drawn.device.type == want and int(counts.drawn.sum()) == 2 * plan.steps_per_round * 8
     assert all(torch.isfinite(q).all() for q in r.proxies[0].model.parameters())

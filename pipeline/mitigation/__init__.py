@@ -28,6 +28,7 @@ class Entry:
     requires: tuple[str, ...] = ()  # mitigations it reads; off without them
     min_shards: int = 1             # off below this many IET shards
     shows: tuple[str, str] = ()     # (symbol, key of its group) that variant names show: DP-SGD (sigma=1.0)
+    options: tuple[str, ...] = ()   # keys of its group whose non-default values variant names show: AGC [pooled]
 
     def load(self) -> type[Mitigation]:
         module, cls = self.hooks.split(":")
@@ -35,7 +36,7 @@ class Entry:
 
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in (
-    Entry("agc", "AGC", "pipeline.mitigation.agc:AGC"),
+    Entry("agc", "AGC", "pipeline.mitigation.agc:AGC", options=("reference", "score")),
     Entry("msr", "MSR", "pipeline.mitigation.msr:MSR", requires=("agc",), min_shards=2),
     Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",)),
     Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
@@ -70,8 +71,12 @@ def enabled_in_logged(flat: Mapping[str, str]) -> dict[str, bool]:
 
 def shown(params) -> dict[str, object]:
     """The settings variant names show, 'group.key' -> value, from a Params object."""
-    return {f"{name}.{e.shows[1]}": getattr(getattr(params, name), e.shows[1]) for name, e in REGISTRY.items()
-            if e.shows}
+    return {key: getattr(getattr(params, key.split(".")[0]), key.split(".")[1]) for key in shown_keys()}
+
+
+def shown_keys() -> list[str]:
+    """Every 'group.key' a variant name can show (its entry's `shows` and `options`)."""
+    return [f"{name}.{key}" for name, e in REGISTRY.items() for key in ((e.shows[1],) if e.shows else ()) + e.options]
 
 
 def _label(name: str, settings: Mapping[str, object]) -> str:
@@ -88,6 +93,14 @@ def _label(name: str, settings: Mapping[str, object]) -> str:
     return f"{e.label} ({e.shows[0]}={value})"
 
 
+def _options(names: tuple[str, ...], settings: Mapping[str, object]) -> str:
+    """' [pooled, image]': the active mitigations' options that differ from their defaults."""
+    defaults = Params()
+    changed = [str(settings[key]) for name in names for key in (f"{name}.{o}" for o in REGISTRY[name].options)
+               if key in settings and str(settings[key]) != str(getattr(getattr(defaults, name), key.split(".")[1]))]
+    return f" [{', '.join(changed)}]" if changed else ""
+
+
 def variant_name(shards: int, names: tuple[str, ...], settings: Mapping[str, object] | None = None) -> str:
     """'IET' with K > 1 shards, then the mitigations' labels: IET-AGC, IET-AGC+MSR, IET-AGC+ (all
     of FULL_METHOD), AGC (one shard), IET-augment, DP-SGD (sigma=1.0), ... `settings` ('group.key' ->
@@ -96,7 +109,8 @@ def variant_name(shards: int, names: tuple[str, ...], settings: Mapping[str, obj
     labels = "+".join(_label(n, settings or {}) for n in names if not (full and n in FULL_METHOD))
     if full:
         labels = "AGC+" + (f" with {labels}" if labels else "")
-    return "-".join(part for part in ("IET" if shards > 1 else "", labels) if part) or "plain"
+    return ("-".join(part for part in ("IET" if shards > 1 else "", labels) if part) or "plain") + _options(
+        names, settings or {})
 
 
 def logged_variant(flat: Mapping[str, str], model: str) -> str:
@@ -122,7 +136,7 @@ class Mitigations:
         for name in names:
             entry = REGISTRY[name]
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
-                          torch.device(device), params.train.batch_size)
+                          torch.device(device), params.train.batch_size, params.train.warmup_steps)
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())
@@ -136,8 +150,8 @@ class Mitigations:
             x0 = m.transform(k, x0, positions, generator)
         return x0
 
-    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | None:
-        masks = [mask for m in self.items if (mask := m.keep(k, losses, timesteps)) is not None]
+    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        masks = [mask for m in self.items if (mask := m.keep(k, losses, timesteps, positions)) is not None]
         if not masks:
             return None
         out = masks[0]

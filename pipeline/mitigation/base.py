@@ -24,6 +24,7 @@ class Context:
     # never waits for the host (state() may return it there; load_state gets CPU tensors)
     device: torch.device = torch.device("cpu")
     batch_size: int = 1          # train.batch_size: samples of one optimizer step
+    warmup_steps: int = 0        # of each proxy's LR schedule
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,8 @@ class Mitigation:
         """The batch proxy k trains on, from the clean images x0 (before noise is added)."""
         return x0
 
-    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor | None:
-        """Which samples may contribute to the gradient; None: all."""
+    def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
+        """Which samples (at training-set `positions`) may contribute to the gradient; None: all."""
         return None
 
     def observe(self, k: int, step: Step) -> None:
