@@ -174,6 +174,13 @@ class AugmentConfig(Transforms):
     strength: float = Field(0.5, ge=0, le=1)
 
 
+class AmbientConfig(_Group):
+    """Ambient high-noise training (Shah, Kalavasis, Klivans, Daras, ICML 2025): above timestep t_n
+    the model learns only from one fixed noisy copy of each image (pipeline/mitigation/ambient.py)."""
+    enabled: bool = False
+    timestep: int = Field(500, ge=0)  # t_n: at and below it the clean image, above it only x_{t_n}
+
+
 class DPConfig(_Group):
     """DP-SGD (Abadi et al. 2016) through Opacus: each sample's gradient clipped to max_grad_norm, Gaussian
     noise of sd noise_multiplier x max_grad_norm added to their sum (pipeline/mitigation/dp.py)."""
@@ -236,6 +243,7 @@ class Params(_Group):
     msr: MSRConfig = MSRConfig()
     taa: TAAConfig = TAAConfig()
     augment: AugmentConfig = AugmentConfig()
+    ambient: AmbientConfig = AmbientConfig()
     dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -259,6 +267,12 @@ class Params(_Group):
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
                 f"({self.model.num_train_timesteps}): DDIM samples a subset of the training timesteps")
+        if self.ambient.enabled and self.ambient.timestep >= self.model.num_train_timesteps - 1:
+            raise ValueError(f"ambient.timestep ({self.ambient.timestep}) must be below model.num_train_timesteps - 1 "
+                             f"({self.model.num_train_timesteps - 1}): above it there must be timesteps to learn from x_tn")
+        if self.agc.enabled and self.agc.reference == "pooled" and self.agc.bins > self.model.num_train_timesteps:
+            raise ValueError(f"agc.bins ({self.agc.bins}) must not exceed model.num_train_timesteps "
+                             f"({self.model.num_train_timesteps})")
         if self.dp.enabled:
             self._dp_fits()
         if self.train.stack_proxies == "true" and (why := self.stacking_refused()):

@@ -98,14 +98,14 @@ class Stacked:
         """{k: (per-sample losses, keep mask, step loss)}, each proxy's loss the mean over its kept
         samples (training.backward's); one backward of their sum: proxy k's weights get exactly its
         own loss's gradient."""
-        xt, t, noise = (torch.stack([getattr(batches[k], name) for k in self.proxies]) for name in ("xt", "t", "noise"))
+        xt, t, target = (torch.stack([getattr(batches[k], name) for k in self.proxies]) for name in ("xt", "t", "target"))
 
         def one(weights, x, timesteps):
             return functional_call(self.module, weights, (x, timesteps)).sample
 
         with autocast(xt.device, self.params.train.mixed_precision):
             pred = vmap(one, randomness="different")(self.weights, xt, t)  # different: each proxy its own dropout
-        losses = (pred.float() - noise).pow(2).mean(dim=(2, 3, 4))
+        losses = (pred.float() - target).pow(2).mean(dim=(2, 3, 4))
         results = {}
         for j, k in enumerate(self.proxies):
             keep, loss = kept_loss(losses[j], keep_fn(k, losses[j].detach(), t[j], batches[k].positions))

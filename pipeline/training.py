@@ -82,18 +82,19 @@ class Batch:
     """One proxy's input to one optimizer step."""
     positions: torch.Tensor  # training-set positions
     xt: torch.Tensor         # noisy images
+    target: torch.Tensor     # what the prediction is regressed on: the noise added (plain DDPM), or a mitigation's
     t: torch.Tensor          # timesteps
-    noise: torch.Tensor      # the noise added, the model's target
 
 
 def draw(proxy: Proxy, k: int, positions: torch.Tensor, images: torch.Tensor, noise_schedule: DDPMScheduler,
          mitigations: Mitigations) -> Batch:
-    """Proxy k's step input, from its own generator: augmentation, then noise, then timesteps."""
+    """Proxy k's step input, from its own generator: augmentation, then noise, then timesteps; the
+    objective (noisy input and target) is the mitigations' (plain DDPM unless one sets it)."""
     gen = proxy.generator
     x0 = mitigations.transform(k, images[positions], positions, gen)
     noise = torch.randn(x0.shape, generator=gen, device=gen.device)
     t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=gen.device)
-    return Batch(positions, noise_schedule.add_noise(x0, noise, t), t, noise)
+    return Batch(positions, *mitigations.noised(k, x0, positions, t, noise, noise_schedule), t=t)
 
 
 def train_steps(group, images: torch.Tensor, shards: dict[int, torch.Tensor], steps: int,
@@ -204,7 +205,7 @@ class OneProxy:
         (k, proxy), = self.proxies.items()
         b, cfg = batches[k], self.params.train
         try:
-            losses, keep, loss = backward(proxy, b.xt, b.t, b.noise, self.params,
+            losses, keep, loss = backward(proxy, b.xt, b.t, b.target, self.params,
                                           lambda l, sl: keep_fn(k, l, b.t[sl], b.positions[sl]))
         except torch.OutOfMemoryError:
             raise MemoryError(f"{desc}: out of memory at step {proxy.step + 1} (batch {cfg.batch_size}); lower "
@@ -242,7 +243,7 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
 
 
-def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, sl: None):
+def backward(proxy: Proxy, xt, t, target, params: Params, keep_fn=lambda losses, sl: None):
     """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
     (same gradient, less activation memory). `keep_fn(losses, sl)` is the mitigations' keep mask of
     the batch's slice `sl` (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
@@ -253,7 +254,7 @@ def backward(proxy: Proxy, xt, t, noise, params: Params, keep_fn=lambda losses, 
     def forward(sl):
         with autocast(device, cfg.mixed_precision):
             pred = model(xt[sl].to(device), t[sl].to(device)).sample
-        return (pred.float() - noise[sl].to(device)).pow(2).mean(dim=(1, 2, 3))
+        return (pred.float() - target[sl].to(device)).pow(2).mean(dim=(1, 2, 3))
 
     if cfg.grad_accum == 1:
         losses = forward(slice(None))

@@ -18,6 +18,7 @@ import torch
 
 from pipeline.config import Params
 from pipeline.mitigation.base import Context, Mitigation, RoundEnd, Step
+from pipeline.seeds import AMBIENT, derived_seed
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",)),
     Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
     Entry("dp", "DP-SGD", "pipeline.mitigation.dp:DPSGD", shows=("sigma", "noise_multiplier")),
+    Entry("ambient", "ambient", "pipeline.mitigation.ambient:Ambient", shows=("t_n", "timestep")),
 )}
 # the paper's name for IET with all three of its parts (P2: IET-AGC+)
 FULL_METHOD = ("agc", "msr", "taa")
@@ -136,7 +138,8 @@ class Mitigations:
         for name in names:
             entry = REGISTRY[name]
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
-                          torch.device(device), params.train.batch_size, params.train.warmup_steps)
+                          torch.device(device), params.train.batch_size, params.train.warmup_steps,
+                          derived_seed(params.seeds.train, AMBIENT))
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())
@@ -149,6 +152,13 @@ class Mitigations:
         for m in self.items:
             x0 = m.transform(k, x0, positions, generator)
         return x0
+
+    def noised(self, k: int, x0: torch.Tensor, positions, timesteps, noise, schedule) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x_t, target) of the one mitigation that sets the objective, else the plain DDPM one."""
+        for m in self.items:
+            if (out := m.noised(k, x0, positions, timesteps, noise, schedule)) is not None:
+                return out
+        return schedule.add_noise(x0, noise, timesteps), noise
 
     def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         masks = [mask for m in self.items if (mask := m.keep(k, losses, timesteps, positions)) is not None]

@@ -25,6 +25,7 @@ class Context:
     device: torch.device = torch.device("cpu")
     batch_size: int = 1          # train.batch_size: samples of one optimizer step
     warmup_steps: int = 0        # of each proxy's LR schedule
+    seed: int = 0                # for a mitigation's own fixed draws (seeds.train's AMBIENT stream)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,14 @@ class Mitigation:
     def transform(self, k: int, x0: torch.Tensor, positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch proxy k trains on, from the clean images x0 (before noise is added)."""
         return x0
+
+    def noised(self, k: int, x0: torch.Tensor, positions: torch.Tensor, timesteps: torch.Tensor, noise: torch.Tensor,
+               schedule) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The training objective: the noisy input x_t and the target the model's prediction is
+        regressed on, per-sample loss mean((pred - target)^2). None: the plain DDPM objective,
+        x_t = schedule.add_noise(x0, noise, t) and target noise. At most one active mitigation
+        may change it."""
+        return None
 
     def keep(self, k: int, losses: torch.Tensor, timesteps: torch.Tensor, positions: torch.Tensor) -> torch.Tensor | None:
         """Which samples (at training-set `positions`) may contribute to the gradient; None: all."""

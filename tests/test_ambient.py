@@ -1,0 +1,77 @@
+"""Ambient high-noise training (pipeline/mitigation/ambient.py) against its formulas: the loss it
+trains is the ambient loss of method.md, its minimiser above t_n is the posterior mean of the clean
+image (a Gaussian toy where that is known in closed form), and below t_n it is the plain objective."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.mitigation.ambient import ambient_objective
+from pipeline.models import build_scheduler
+from tiny import arch
+
+ABAR = build_scheduler(arch(num_train_timesteps=1000)).alphas_cumprod
+T_N = 400
+
+
+def _draw(n, t, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randn(n, 1, 2, 2, generator=g) * scale
+    eta, noise = torch.randn(x0.shape, generator=g), torch.randn(x0.shape, generator=g)
+    return x0, eta, noise, torch.full((n,), t)
+
+
+def test_the_loss_it_trains_is_the_ambient_loss_of_method_md():
+    x0, eta, noise, t = _draw(64, 700)
+    xt, target = ambient_objective(x0, eta, t, noise, ABAR, T_N)
+    pred = torch.randn(xt.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    a, n = ABAR.double()[700], ABAR.double()[T_N]
+    x_n = n.sqrt() * x0.double() + (1 - n).sqrt() * eta.double()
+    assert torch.allclose(xt.double(), (a / n).sqrt() * x_n + (1 - a / n).sqrt() * noise.double(), atol=1e-6)
+    x0_hat = (xt.double() - (1 - a).sqrt() * pred) / a.sqrt()
+    c1, c2 = n.sqrt() * (1 - a / n) / (1 - a), (a / n).sqrt() * (1 - n) / (1 - a)
+    ambient = (c1 * x0_hat + c2 * xt.double() - x_n).pow(2)
+    scale = (c1 * (1 - a).sqrt() / a.sqrt()) ** 2  # the same loss in epsilon units
+    torch.testing.assert_close(ambient, scale * (pred - target.double()).pow(2), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("t", [450, 700, 950])
+def test_its_minimiser_above_t_n_is_the_posterior_mean_of_the_clean_image(t):
+    """x0 ~ N(0, v): E[x0 | x_t] = a v x_t / (a^2 v + s^2), so the best prediction is linear,
+    pred = beta x_t, with beta = s / (a^2 v + s^2) -- what the plain epsilon target gives. The least
+    squares fit of the ambient target on x_t must find it, though x0 is never shown."""
+    v = 0.25
+    x0, eta, noise, steps = _draw(200_000, t, seed=t, scale=v ** 0.5)
+    xt, target = ambient_objective(x0, eta, steps, noise, ABAR, T_N)
+    x, y = xt.flatten().double(), target.flatten().double()
+    beta = float((x * y).sum() / (x * x).sum())
+    a2 = float(ABAR[t])
+    assert beta == pytest.approx((1 - a2) ** 0.5 / (a2 * v + 1 - a2), rel=0.02)
+
+
+def test_at_and_below_t_n_it_is_the_plain_ddpm_objective():
+    x0, eta, noise, _ = _draw(8, 0)
+    t = torch.tensor([0, 10, 200, T_N, 0, 1, 399, T_N])
+    xt, target = ambient_objective(x0, eta, t, noise, ABAR, T_N)
+    sched = build_scheduler(arch(num_train_timesteps=1000))
+    torch.testing.assert_close(xt, sched.add_noise(x0, noise, t), rtol=1e-5, atol=1e-6)
+    assert torch.equal(target, noise)
+
+
+def test_a_tiny_ambient_run_trains_and_is_named_with_its_level(tmp_path):
+    from pipeline import rounds
+    from pipeline.config import parse_params
+    from pipeline.data import ImageSet
+    from pipeline.ensemble import split_shards
+    from test_pinned import TINY
+
+    raw = copy.deepcopy(TINY)
+    raw.update(agc={"enabled": False}, ambient={"enabled": True, "timestep": 4}, iet={**TINY["iet"], "shards": 1})
+    p = parse_params(raw)
+    g = np.random.default_rng(0)
+    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
+                     ids=np.arange(100, 112))
+    summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 1, 0), tmp_path / "out",
+                         tmp_path / "state")
+    assert summary["variant"] == "ambient (t_n=4.0)" and summary["ambient"] is True

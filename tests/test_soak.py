@@ -1,0 +1,90 @@
+"""Soak: a bounded fault loop on tiny params, not in the default suite (`pytest -m slow
+tests/test_soak.py`; SOAK_N=<iterations>, default 6). Each iteration changes agc.tau, starts
+`dvc repro iet`, kills DVC and its stage at a random moment, sometimes truncates a random file under
+runs/.resume/, and runs `dvc repro iet` again. Each time: the run completes with no manual step,
+its weights equal an uninterrupted run's bit for bit (same machine), and the MLflow store holds no
+RUNNING run. The seed of the faults is printed, so a failure can be replayed (SOAK_SEED)."""
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+
+from test_e2e import TINY, _run
+from tiny import project_copy
+
+pytestmark = pytest.mark.slow
+TAUS = ("0.6", "0.9")
+SOAK = {**TINY, "iet": {"shards": 2, "rounds": 4, "local_epochs": 24}}  # rounds of about a second: time to kill
+
+
+def _weights(repo):
+    return load_file(str(repo / "runs/iet/model/unet/diffusion_pytorch_model.safetensors"))
+
+
+def _set_tau(repo, tau: str) -> None:
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["agc"]["tau"] = float(tau)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def _kill_during_training(repo, env, rng) -> str:
+    """`dvc repro iet` killed with its stage (SIGKILL to the process group) at a random moment of
+    its training; returns what was done."""
+    proc = subprocess.Popen(["dvc", "repro", "iet"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not (repo / "runs/.resume/iet").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0, 3))
+    finished = proc.poll() is not None
+    if not finished:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(30)
+    return "finished before the kill" if finished else "killed"
+
+
+def _truncate_one(repo, rng) -> str:
+    files = sorted(p for p in (repo / "runs/.resume").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    if not files or rng.random() < 0.5:
+        return "nothing truncated"
+    victim = rng.choice(files)
+    data = victim.read_bytes()
+    victim.write_bytes(data[: rng.randrange(len(data))])
+    return f"truncated {victim.relative_to(repo)}"
+
+
+def _running_runs(repo) -> list[str]:
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    return [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_killed_and_corrupted_runs_recover_to_the_uninterrupted_weights(tmp_path):
+    n, seed = int(os.environ.get("SOAK_N", "6")), int(os.environ.get("SOAK_SEED", time.time_ns() % 10**6))
+    print(f"soak: {n} iterations, SOAK_SEED={seed}")
+    rng = random.Random(seed)
+    reference_repo, env = project_copy(tmp_path / "reference", SOAK)
+    env = {**env, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    references = {}
+    for tau in TAUS:
+        _set_tau(reference_repo, tau)
+        _run(["dvc", "repro", "iet"], reference_repo, env)
+        references[tau] = _weights(reference_repo)
+    repo, _ = project_copy(tmp_path / "repo", SOAK)
+    for i in range(n):
+        tau = TAUS[i % len(TAUS)]
+        _set_tau(repo, tau)
+        what = [_kill_during_training(repo, env, rng), _truncate_one(repo, rng)]
+        out = _run(["dvc", "repro", "iet"], repo, env)
+        weights = _weights(repo)
+        print(f"  {i + 1}: tau {tau}, {', '.join(what)}; " + ("resumed" if "resuming" in out else "trained"))
+        assert all(torch.equal(weights[k], references[tau][k]) for k in weights), (i, what)
+        assert not (repo / "runs/.resume/iet").exists()
+        assert _running_runs(repo) == [], (i, what)
