@@ -293,15 +293,23 @@ class Params(_Group):
                 raise ValueError(message)
 
 
+def _received(e: dict) -> str:
+    """' (got <value>)' for an error about one value (`-S agc.tau=abc` must show the abc); nothing
+    for an unknown key, a message that already names it, or a group's own check, whose input is the
+    whole group and whose message names the values it compares."""
+    if e["type"] == "extra_forbidden" or "(got " in e["msg"] or (e["type"] == "value_error"
+                                                                  and isinstance(e["input"], dict)):
+        return ""
+    text = repr(e["input"])
+    return f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] in ("literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            msg = f"{msg} (got {e['input']!r})"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        msg += _received(e)
         lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
     return "\n".join(lines)
 

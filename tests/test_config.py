@@ -114,3 +114,32 @@ def test_a_duplicated_key_is_an_error_naming_file_and_key(tmp_path):
     path.write_text(text)
     with pytest.raises(ConfigError, match=r"dup.yaml: line \d+: key 'tau' appears twice"):
         load_params(path)
+
+
+# ---------------------------------------------------------------- issue 25: refused before anything is deleted
+
+@pytest.mark.parametrize("override, named", [
+    ({"agc": {"tau": "abc"}}, "agc.tau: Input should be a valid number, unable to parse string as a number (got 'abc')"),
+    ({"iet": {"shards": 2.5}}, "iet.shards: Input should be a valid integer, got a number with a fractional part (got 2.5)"),
+    ({"agc": {"enabled": "maybe"}}, "agc.enabled: Input should be a valid boolean, unable to interpret input (got 'maybe')"),
+    ({"model": {"block_out_channels": ["a"]}}, "model.block_out_channels.0: Input should be a valid integer, "
+                                               "unable to parse string as an integer (got 'a')"),
+    ({"data": 5}, "data: Input should be a valid dictionary or instance of DataConfig (got 5)"),
+    ({"tracking": {"uri": 5}}, "tracking.uri: Input should be a valid string (got 5)"),
+    ({"train": {"lr": "x" * 200}}, "train.lr: Input should be a valid number, unable to parse string as a number "
+                                   f"(got '{'x' * 76}...)"),
+])
+def test_every_message_names_the_field_and_the_value_received(override, named):
+    with pytest.raises(ConfigError) as err:
+        parse_params(override)
+    assert str(err.value) == f"params: {named}"
+
+
+def test_a_value_set_by_dvc_exp_run_is_named_with_what_it_got(tmp_path):
+    # `dvc exp run -S agc.tau=abc` writes the string into params.yaml before the validate stage reads it
+    text = open("params.yaml").read().replace("  tau: 0.5\n", "  tau: abc\n")
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape("agc.tau: Input should be a valid number, unable to parse "
+                                                    "string as a number (got 'abc')")):
+        load_params(path)
