@@ -14,7 +14,9 @@ class ConfigError(ValueError):
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN are never what a parameter file means, and fail only later (an infinite
+    # iet.local_epochs overflows the step count, an infinite train.lr diverges)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch both accept this range

@@ -143,3 +143,14 @@ def test_a_value_set_by_dvc_exp_run_is_named_with_what_it_got(tmp_path):
     with pytest.raises(ConfigError, match=re.escape("agc.tau: Input should be a valid number, unable to parse "
                                                     "string as a number (got 'abc')")):
         load_params(path)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"train": {"lr": float("inf")}}, "train.lr"),
+    ({"iet": {"local_epochs": float("inf")}}, "iet.local_epochs"),  # was an OverflowError in the step count
+    ({"taa": {"margin": float("nan")}}, "taa.margin"),
+    ({"dp": {"noise_multiplier": float("inf")}}, "dp.noise_multiplier"),
+])
+def test_an_infinite_or_nan_number_is_refused(override, key):
+    with pytest.raises(ConfigError, match=re.escape(f"{key}: Input should be a finite number (got")):
+        parse_params(override)
