@@ -190,6 +190,14 @@ class EvalConfig(_Group):
     sscd: bool = False  # SSCD copy detection (optional extra)
     sscd_quantile: float = Field(0.99, gt=0, lt=1)  # held-out quantile that sets the SSCD threshold
 
+    @field_validator("curve_samples")
+    @classmethod
+    def _curve_samples(cls, v):
+        # each point's Frechet distance takes a covariance, and its KID pairs of samples
+        if v == 1:
+            raise ValueError("must be 0 (no curve) or at least 2: a Frechet distance and a KID need two samples")
+        return v
+
     @field_validator("inception", mode="before")
     @classmethod
     def _inception(cls, v):

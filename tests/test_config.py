@@ -145,6 +145,21 @@ def test_a_value_set_by_dvc_exp_run_is_named_with_what_it_got(tmp_path):
         load_params(path)
 
 
+def test_one_curve_sample_the_frechet_distance_cannot_take_is_refused():
+    import numpy as np
+    from pipeline import metrics
+
+    with pytest.raises(ConfigError, match=re.escape("eval.curve_samples: must be 0 (no curve) or at least 2")) as err:
+        parse_params({"eval": {"curve_samples": 1}})
+    assert "(got 1)" in str(err.value)
+    assert parse_params({"eval": {"curve_samples": 0}}) and parse_params({"eval": {"curve_samples": 2}})
+    rng = np.random.default_rng(0)
+    pool = rng.normal(size=(50, 8))
+    assert np.isfinite(metrics.frechet_distance(rng.normal(size=(2, 8)), pool))  # the smallest accepted works
+    with pytest.raises(np.linalg.LinAlgError), np.errstate(all="ignore"):  # the refused one fails, late
+        metrics.frechet_distance(rng.normal(size=(1, 8)), pool)
+
+
 @pytest.mark.parametrize("override, key", [
     ({"train": {"lr": float("inf")}}, "train.lr"),
     ({"iet": {"local_epochs": float("inf")}}, "iet.local_epochs"),  # was an OverflowError in the step count
