@@ -76,16 +76,28 @@ class ModelConfig(_Group):
     @field_validator("block_out_channels")
     @classmethod
     def _widths(cls, v):
-        if not v or any(c < 8 or c % 8 for c in v):
-            raise ValueError("must be a non-empty list of multiples of 8 (GroupNorm uses 8 groups)")
+        if not v or any(c < 1 for c in v):
+            raise ValueError("must be a non-empty list of positive widths")
         return v
 
     @model_validator(mode="after")
     def _groups_divide_widths(self):
-        if any(c % self.norm_groups for c in self.block_out_channels):
+        # GroupNorm splits a width into norm_groups equal parts; nothing else limits the widths.
+        # A pretrained model (init_from) brings its own architecture, and these keys are ignored.
+        if self.init_from is None and any(c % self.norm_groups for c in self.block_out_channels):
             raise ValueError(f"model.norm_groups ({self.norm_groups}) must divide every width of "
-                             f"model.block_out_channels {list(self.block_out_channels)}")
+                             f"model.block_out_channels {list(self.block_out_channels)} (GroupNorm's groups)")
         return self
+
+    def attention_levels(self, resolution: int) -> list[bool]:
+        """Per level, from the highest resolution down: whether its down and up blocks get
+        self-attention (level i works at resolution / 2**i)."""
+        return [resolution // 2 ** i in self.attention_resolutions for i in range(len(self.block_out_channels))]
+
+    def attention_widths(self, resolution: int) -> list[int]:
+        """The width of every block with self-attention, the mid block's (the last level's) included."""
+        levels = zip(self.block_out_channels, self.attention_levels(resolution))
+        return [c for c, attn in levels if attn] + list(self.block_out_channels[-1:]) * self.attention
 
 
 class TrainConfig(_Group):
@@ -249,16 +261,9 @@ class Params(_Group):
         if self.iet.shards > self.data.train_samples:
             raise ValueError(f"iet.shards ({self.iet.shards}) must not exceed the training samples "
                              f"({self.data.train_samples}: data.train_size and data.duplicates' extra copies)")
-        factor = 2 ** (len(self.model.block_out_channels) - 1)
         # a pretrained model brings its own architecture; models.initial_unet checks its resolution
-        if self.model.init_from is None and self.data.resolution % factor:
-            raise ValueError(
-                f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
-                f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
-        levels = [self.data.resolution // 2 ** i for i in range(len(self.model.block_out_channels))]
-        if self.model.init_from is None and set(self.model.attention_resolutions) - set(levels):
-            raise ValueError(f"model.attention_resolutions {list(self.model.attention_resolutions)} must be among "
-                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
+        if self.model.init_from is None:
+            self._architecture_fits()
         if self.eval.ddim_steps > self.model.num_train_timesteps:
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
@@ -268,6 +273,24 @@ class Params(_Group):
         if self.train.stack_proxies == "true" and (why := self.stacking_refused()):
             raise ValueError(f"train.stack_proxies cannot be true with {why}: use auto or false")
         return self
+
+    def _architecture_fits(self) -> None:
+        """What diffusers' UNet2DModel needs of data.resolution and the model keys to build."""
+        m, resolution = self.model, self.data.resolution
+        factor = 2 ** (len(m.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"data.resolution ({resolution}) must be a multiple of {factor} for "
+                             f"{len(m.block_out_channels)} UNet levels (model.block_out_channels)")
+        levels = [resolution // 2 ** i for i in range(len(m.block_out_channels))]
+        if set(m.attention_resolutions) - set(levels):
+            raise ValueError(f"model.attention_resolutions {list(m.attention_resolutions)} must be among "
+                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
+        # an attention layer has width // attention_head_dim heads: none (a ZeroDivisionError) below one
+        narrowest = min(m.attention_widths(resolution), default=m.attention_head_dim)
+        if m.attention_head_dim is not None and narrowest < m.attention_head_dim:
+            raise ValueError(f"model.attention_head_dim ({m.attention_head_dim}) must not exceed the width of "
+                             f"any level with attention (the narrowest is {narrowest}): it would get no head; "
+                             "use a smaller value or null (one head over all channels)")
 
     def stacking_refused(self) -> str | None:
         """Why the proxies cannot train stacked (pipeline/stacked.py), or None when they can."""

@@ -160,6 +160,55 @@ def test_one_curve_sample_the_frechet_distance_cannot_take_is_refused():
         metrics.frechet_distance(rng.normal(size=(1, 8)), pool)
 
 
+def _builds(model: dict, resolution: int) -> bool:
+    """Whether diffusers builds this UNet and runs a forward and backward pass through it."""
+    import torch
+    from pipeline.config import ModelConfig
+    from pipeline.models import build_unet
+
+    fields = {**ModelConfig().model_dump(), "num_train_timesteps": 10, **model}
+    try:
+        unet = build_unet(ModelConfig.model_construct(**fields), resolution, 1, seed=0)
+        unet(torch.randn(2, 1, resolution, resolution), torch.tensor([1, 5])).sample.square().mean().backward()
+        return True
+    except (ValueError, ZeroDivisionError, RuntimeError):
+        return False
+
+
+@pytest.mark.parametrize("model, resolution", [
+    ({"block_out_channels": [12, 16], "norm_groups": 4}, 8),  # the issue's case: refused as "multiples of 8"
+    ({"block_out_channels": [12, 16], "norm_groups": 8}, 8),
+    ({"block_out_channels": [4, 8], "norm_groups": 4, "attention_head_dim": 4}, 8),
+    ({"block_out_channels": [6, 6], "norm_groups": 3, "attention_head_dim": 3}, 8),
+    ({"block_out_channels": [12, 16], "norm_groups": 4, "attention_resolutions": [8], "attention_head_dim": 8}, 8),
+    ({"block_out_channels": [8, 16], "attention_head_dim": 16}, 8),
+    ({"block_out_channels": [8, 16], "attention_head_dim": 32}, 8),
+    ({"block_out_channels": [8, 16], "attention_head_dim": 16, "attention_resolutions": [8]}, 8),
+    ({"block_out_channels": [8, 16], "attention_head_dim": 64, "attention": False}, 8),
+    ({"block_out_channels": [8, 16], "attention_head_dim": None}, 8),
+])
+def test_the_model_keys_are_refused_exactly_when_diffusers_cannot_build_the_unet(model, resolution):
+    try:
+        parse_params({"data": {"resolution": resolution}, "model": {**model, "num_train_timesteps": 10},
+                      "eval": {"ddim_steps": 10}})
+        accepted = True
+    except ConfigError as err:
+        assert "model." in str(err) and "multiples of 8" not in str(err)
+        accepted = False
+    assert accepted == _builds(model, resolution)
+
+
+def test_a_width_that_is_not_positive_is_refused_with_the_widths_received():
+    with pytest.raises(ConfigError, match=re.escape("model.block_out_channels: must be a non-empty list of positive "
+                                                    "widths (got [0, 8])")):
+        parse_params({"model": {"block_out_channels": [0, 8]}})
+
+
+def test_the_model_keys_are_not_checked_when_init_from_brings_its_own_architecture():
+    assert parse_params({"model": {"block_out_channels": [12, 16], "attention_head_dim": 64,
+                                   "init_from": "/any/model"}})
+
+
 @pytest.mark.parametrize("override, key", [
     ({"train": {"lr": float("inf")}}, "train.lr"),
     ({"iet": {"local_epochs": float("inf")}}, "iet.local_epochs"),  # was an OverflowError in the step count
