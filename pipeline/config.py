@@ -264,6 +264,7 @@ class Params(_Group):
         # a pretrained model brings its own architecture; models.initial_unet checks its resolution
         if self.model.init_from is None:
             self._architecture_fits()
+        self._shifts_fit()
         if self.eval.ddim_steps > self.model.num_train_timesteps:
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
@@ -291,6 +292,16 @@ class Params(_Group):
             raise ValueError(f"model.attention_head_dim ({m.attention_head_dim}) must not exceed the width of "
                              f"any level with attention (the narrowest is {narrowest}): it would get no head; "
                              "use a smaller value or null (one head over all channels)")
+
+    def _shifts_fit(self) -> None:
+        """augment() translates by up to max_shift pixels at strength 1, filling with background: a
+        shift of the whole image or more moves every pixel out and leaves a blank sample."""
+        for name in ("taa", "augment"):
+            group = getattr(self, name)
+            if group.enabled and group.max_shift >= self.data.resolution:
+                raise ValueError(f"{name}.max_shift ({group.max_shift}) must be less than data.resolution "
+                                 f"({self.data.resolution}), at most {self.data.resolution - 1}: a larger shift "
+                                 "moves the whole image out of the frame and trains on blank samples")
 
     def stacking_refused(self) -> str | None:
         """Why the proxies cannot train stacked (pipeline/stacked.py), or None when they can."""

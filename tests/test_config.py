@@ -160,6 +160,34 @@ def test_one_curve_sample_the_frechet_distance_cannot_take_is_refused():
         metrics.frechet_distance(rng.normal(size=(1, 8)), pool)
 
 
+SMALL = {"data": {"resolution": 8}, "model": {"block_out_channels": [8, 16]}}
+
+
+@pytest.mark.parametrize("group", ["taa", "augment"])
+def test_a_shift_that_moves_the_whole_image_out_of_the_frame_is_refused(group):
+    with pytest.raises(ConfigError, match=re.escape(f"{group}.max_shift (20) must be less than data.resolution "
+                                                    "(8), at most 7")):
+        parse_params({**SMALL, group: {"enabled": True, "max_shift": 20}})
+    assert parse_params({**SMALL, group: {"enabled": True, "max_shift": 7}})
+    assert parse_params({**SMALL, group: {"enabled": False, "max_shift": 20}})  # a value nothing reads
+
+
+def test_the_largest_accepted_shift_never_blanks_a_sample_and_the_refused_one_does():
+    import torch
+    from pipeline.config import TAAConfig
+    from pipeline.mitigation.taa import augment
+
+    x = torch.ones(2000, 1, 8, 8)  # every pixel foreground: a blank output is all background (-1)
+    strength = torch.ones(len(x))
+
+    def blanked(shift):  # the group alone: it does not know the resolution, so it takes any shift
+        out = augment(x, strength, TAAConfig(max_shift=shift, jitter=0.0), torch.Generator().manual_seed(0))
+        return float((out == -1).flatten(1).all(1).float().mean())
+
+    assert blanked(7) == 0.0
+    assert blanked(8) > 0.1 and blanked(20) > 0.8  # the issue's case: 86% of samples blank
+
+
 def _builds(model: dict, resolution: int) -> bool:
     """Whether diffusers builds this UNet and runs a forward and backward pass through it."""
     import torch
