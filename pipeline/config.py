@@ -20,6 +20,9 @@ class _Group(BaseModel):
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch both accept this range
+# images in the sources of a fixed size (fashion-mnist: the Debian package's, at data.path null);
+# tests/test_data.py checks them against the files
+SOURCE_SIZES = {"mnist5k": 5000, "digits": 1797, "fashion-mnist": 70000}
 
 
 class Seeds(_Group):
@@ -53,6 +56,12 @@ class DataConfig(_Group):
         if self.duplicates.images > self.train_size:
             raise ValueError(f"data.duplicates.images ({self.duplicates.images}) must not exceed data.train_size "
                              f"({self.train_size})")
+        size = SOURCE_SIZES.get(self.source) if self.source != "fashion-mnist" or self.path is None else None
+        if size is not None and self.train_size + self.heldout_size > size:
+            # the same message as prepare's (pipeline/data.py), which counts the images of any source
+            raise ValueError(f"data.train_size ({self.train_size}) + data.heldout_size ({self.heldout_size}) = "
+                             f"{self.train_size + self.heldout_size} images needed, but data.source "
+                             f"'{self.source}' has only {size}")
         return self
 
     @property

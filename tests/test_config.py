@@ -246,3 +246,21 @@ def test_the_model_keys_are_not_checked_when_init_from_brings_its_own_architectu
 def test_an_infinite_or_nan_number_is_refused(override, key):
     with pytest.raises(ConfigError, match=re.escape(f"{key}: Input should be a finite number (got")):
         parse_params(override)
+
+
+@pytest.mark.parametrize("data, refused", [
+    ({"source": "digits", "train_size": 1000, "heldout_size": 1000}, "2000 images needed, but data.source 'digits' "
+                                                                     "has only 1797"),
+    ({"source": "mnist5k", "train_size": 4745, "heldout_size": 256}, "5001 images needed, but data.source 'mnist5k' "
+                                                                     "has only 5000"),
+    ({"source": "mnist5k", "train_size": 4744, "heldout_size": 256}, None),
+    ({"source": "fashion-mnist", "train_size": 70000, "heldout_size": 2}, "has only 70000"),
+    ({"source": "fashion-mnist", "path": "/own/idx", "train_size": 70000, "heldout_size": 2}, None),  # any size
+])
+def test_a_built_in_source_too_small_for_the_sizes_is_refused_before_prepare(data, refused):
+    raw = {"data": {**data, "duplicates": {"images": 0}}}
+    if refused is None:
+        assert parse_params(raw)
+        return
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        parse_params(raw)

@@ -1,13 +1,14 @@
 import gzip
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import data
-from pipeline.config import DataConfig
+from pipeline.config import SOURCE_SIZES, DataConfig
 from pipeline.data import DataError, ImageSet, load_source, prepare_splits
 from pipeline.duplicates import duplicate_groups
 
@@ -143,9 +144,18 @@ def test_the_duplicated_images_are_a_seeded_choice():
     assert chosen(3) != chosen(4)
 
 
-def test_too_few_images_names_the_sizes():
-    with pytest.raises(DataError, match=r"data\.train_size \(1000\).*data\.heldout_size \(1000\).*1797"):
-        splits_of(source="digits", train_size=1000, heldout_size=1000)
+def test_too_few_images_names_the_sizes(tmp_path):
+    # a source of any size (folder, npz) is counted here; the built-in ones already by the config
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (30, 4, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"data\.train_size \(20\).*data\.heldout_size \(20\).*has only 30"):
+        splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=20, heldout_size=20, resolution=4)
+
+
+@pytest.mark.parametrize("source", sorted(SOURCE_SIZES))
+def test_the_config_knows_the_size_of_each_built_in_source(source):
+    if source == "fashion-mnist" and not Path(data.FASHION_DIR).is_dir():
+        pytest.skip(f"{data.FASHION_DIR}: Fashion-MNIST is not installed")
+    assert len(load_source(DataConfig(source=source))[0]) == SOURCE_SIZES[source]
 
 
 def test_small_class_is_topped_up_from_the_others(tmp_path):
