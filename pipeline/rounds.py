@@ -108,8 +108,9 @@ def _save_state(state_dir: Path, proxies: dict[int, Proxy], mitigations: Mitigat
         save_proxy(proxy, tmp / f"proxy_{k}.safetensors", mitigations.state(k))
     ranks.barrier()
     if ranks.is_main:
-        save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
-                  str(tmp / "samples.safetensors"))
+        with atomic_path(tmp / "samples.safetensors") as path:  # which gives it the umask's mode, not 0600
+            save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
+                      str(path))
         write_json(tmp / "state.json", info)
         old = state_dir.with_name(state_dir.name + ".old")
         if state_dir.exists():
