@@ -14,10 +14,15 @@ class ConfigError(ValueError):
 
 
 class _Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # inf and NaN are never what a parameter file means, and fail only later (an infinite
+    # iet.local_epochs overflows the step count, an infinite train.lr diverges)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch both accept this range
+# images in the sources of a fixed size (fashion-mnist: the Debian package's, at data.path null);
+# tests/test_data.py checks them against the files
+SOURCE_SIZES = {"mnist5k": 5000, "digits": 1797, "fashion-mnist": 70000}
 
 
 class Seeds(_Group):
@@ -51,6 +56,12 @@ class DataConfig(_Group):
         if self.duplicates.images > self.train_size:
             raise ValueError(f"data.duplicates.images ({self.duplicates.images}) must not exceed data.train_size "
                              f"({self.train_size})")
+        size = SOURCE_SIZES.get(self.source) if self.source != "fashion-mnist" or self.path is None else None
+        if size is not None and self.train_size + self.heldout_size > size:
+            # the same message as prepare's (pipeline/data.py), which counts the images of any source
+            raise ValueError(f"data.train_size ({self.train_size}) + data.heldout_size ({self.heldout_size}) = "
+                             f"{self.train_size + self.heldout_size} images needed, but data.source "
+                             f"'{self.source}' has only {size}")
         return self
 
     @property
@@ -74,16 +85,28 @@ class ModelConfig(_Group):
     @field_validator("block_out_channels")
     @classmethod
     def _widths(cls, v):
-        if not v or any(c < 8 or c % 8 for c in v):
-            raise ValueError("must be a non-empty list of multiples of 8 (GroupNorm uses 8 groups)")
+        if not v or any(c < 1 for c in v):
+            raise ValueError("must be a non-empty list of positive widths")
         return v
 
     @model_validator(mode="after")
     def _groups_divide_widths(self):
-        if any(c % self.norm_groups for c in self.block_out_channels):
+        # GroupNorm splits a width into norm_groups equal parts; nothing else limits the widths.
+        # A pretrained model (init_from) brings its own architecture, and these keys are ignored.
+        if self.init_from is None and any(c % self.norm_groups for c in self.block_out_channels):
             raise ValueError(f"model.norm_groups ({self.norm_groups}) must divide every width of "
-                             f"model.block_out_channels {list(self.block_out_channels)}")
+                             f"model.block_out_channels {list(self.block_out_channels)} (GroupNorm's groups)")
         return self
+
+    def attention_levels(self, resolution: int) -> list[bool]:
+        """Per level, from the highest resolution down: whether its down and up blocks get
+        self-attention (level i works at resolution / 2**i)."""
+        return [resolution // 2 ** i in self.attention_resolutions for i in range(len(self.block_out_channels))]
+
+    def attention_widths(self, resolution: int) -> list[int]:
+        """The width of every block with self-attention, the mid block's (the last level's) included."""
+        levels = zip(self.block_out_channels, self.attention_levels(resolution))
+        return [c for c, attn in levels if attn] + list(self.block_out_channels[-1:]) * self.attention
 
 
 class TrainConfig(_Group):
@@ -201,6 +224,14 @@ class EvalConfig(_Group):
     sscd: bool = False  # SSCD copy detection (optional extra)
     sscd_quantile: float = Field(0.99, gt=0, lt=1)  # held-out quantile that sets the SSCD threshold
 
+    @field_validator("curve_samples")
+    @classmethod
+    def _curve_samples(cls, v):
+        # each point's Frechet distance takes a covariance, and its KID pairs of samples
+        if v == 1:
+            raise ValueError("must be 0 (no curve) or at least 2: a Frechet distance and a KID need two samples")
+        return v
+
     @field_validator("inception", mode="before")
     @classmethod
     def _inception(cls, v):
@@ -253,16 +284,10 @@ class Params(_Group):
         if self.iet.shards > self.data.train_samples:
             raise ValueError(f"iet.shards ({self.iet.shards}) must not exceed the training samples "
                              f"({self.data.train_samples}: data.train_size and data.duplicates' extra copies)")
-        factor = 2 ** (len(self.model.block_out_channels) - 1)
         # a pretrained model brings its own architecture; models.initial_unet checks its resolution
-        if self.model.init_from is None and self.data.resolution % factor:
-            raise ValueError(
-                f"data.resolution ({self.data.resolution}) must be a multiple of {factor} for "
-                f"{len(self.model.block_out_channels)} UNet levels (model.block_out_channels)")
-        levels = [self.data.resolution // 2 ** i for i in range(len(self.model.block_out_channels))]
-        if self.model.init_from is None and set(self.model.attention_resolutions) - set(levels):
-            raise ValueError(f"model.attention_resolutions {list(self.model.attention_resolutions)} must be among "
-                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
+        if self.model.init_from is None:
+            self._architecture_fits()
+        self._shifts_fit()
         if self.eval.ddim_steps > self.model.num_train_timesteps:
             raise ValueError(
                 f"eval.ddim_steps ({self.eval.ddim_steps}) must be between 1 and model.num_train_timesteps "
@@ -278,6 +303,34 @@ class Params(_Group):
         if self.train.stack_proxies == "true" and (why := self.stacking_refused()):
             raise ValueError(f"train.stack_proxies cannot be true with {why}: use auto or false")
         return self
+
+    def _architecture_fits(self) -> None:
+        """What diffusers' UNet2DModel needs of data.resolution and the model keys to build."""
+        m, resolution = self.model, self.data.resolution
+        factor = 2 ** (len(m.block_out_channels) - 1)
+        if resolution % factor:
+            raise ValueError(f"data.resolution ({resolution}) must be a multiple of {factor} for "
+                             f"{len(m.block_out_channels)} UNet levels (model.block_out_channels)")
+        levels = [resolution // 2 ** i for i in range(len(m.block_out_channels))]
+        if set(m.attention_resolutions) - set(levels):
+            raise ValueError(f"model.attention_resolutions {list(m.attention_resolutions)} must be among "
+                             f"the UNet's resolutions {levels} (data.resolution halved at each level)")
+        # an attention layer has width // attention_head_dim heads: none (a ZeroDivisionError) below one
+        narrowest = min(m.attention_widths(resolution), default=m.attention_head_dim)
+        if m.attention_head_dim is not None and narrowest < m.attention_head_dim:
+            raise ValueError(f"model.attention_head_dim ({m.attention_head_dim}) must not exceed the width of "
+                             f"any level with attention (the narrowest is {narrowest}): it would get no head; "
+                             "use a smaller value or null (one head over all channels)")
+
+    def _shifts_fit(self) -> None:
+        """augment() translates by up to max_shift pixels at strength 1, filling with background: a
+        shift of the whole image or more moves every pixel out and leaves a blank sample."""
+        for name in ("taa", "augment"):
+            group = getattr(self, name)
+            if group.enabled and group.max_shift >= self.data.resolution:
+                raise ValueError(f"{name}.max_shift ({group.max_shift}) must be less than data.resolution "
+                                 f"({self.data.resolution}), at most {self.data.resolution - 1}: a larger shift "
+                                 "moves the whole image out of the frame and trains on blank samples")
 
     def stacking_refused(self) -> str | None:
         """Why the proxies cannot train stacked (pipeline/stacked.py), or None when they can."""
@@ -313,15 +366,23 @@ class Params(_Group):
                 raise ValueError(message)
 
 
+def _received(e: dict) -> str:
+    """' (got <value>)' for an error about one value (`-S agc.tau=abc` must show the abc); nothing
+    for an unknown key, a message that already names it, or a group's own check, whose input is the
+    whole group and whose message names the values it compares."""
+    if e["type"] == "extra_forbidden" or "(got " in e["msg"] or (e["type"] == "value_error"
+                                                                  and isinstance(e["input"], dict)):
+        return ""
+    text = repr(e["input"])
+    return f" (got {text if len(text) <= 80 else text[:77] + '...'})"
+
+
 def _format(err: ValidationError, source: str) -> str:
     lines = []
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-        elif e["type"] in ("literal_error", "greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-            msg = f"{msg} (got {e['input']!r})"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
+        msg += _received(e)
         lines.append(f"{source}: {key}: {msg}" if key else f"{source}: {msg}")
     return "\n".join(lines)
 

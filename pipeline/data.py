@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import importlib.resources
 import zipfile
 import zlib
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from pipeline.io import atomic_path
 from pipeline.seeds import DUPLICATES
 
 POOL_CAP = 20000  # plenty for a small feature classifier; bounds memory on large sources
+GROUP_CHUNK = 4096  # source images converted at a time to find exact duplicates
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
@@ -92,6 +95,8 @@ class Splits:
     pool: ImageSet     # everything but heldout (train included), capped, for a feature classifier
     # per training sample, the id of the image it is a copy of (its own id unless data.duplicates added it)
     copy_of: np.ndarray
+    # the source's own exact duplicates: how many groups, and which split each went to (for info.json)
+    source_duplicates: dict
 
 
 # ---------------------------------------------------------------- sources
@@ -293,14 +298,35 @@ def _balanced_choice(rng: np.random.Generator, candidates: np.ndarray, labels: n
     return np.concatenate(picks)
 
 
-def prepare_splits(cfg: DataConfig, seed: int) -> Splits:
-    images, labels = load_source(cfg)
-    n = len(images)
-    if cfg.train_size + cfg.heldout_size > n:
-        raise DataError(f"data.train_size ({cfg.train_size}) + data.heldout_size ({cfg.heldout_size}) = "
-                        f"{cfg.train_size + cfg.heldout_size} images needed, but data.source "
-                        f"'{cfg.source}' has only {n}")
-    rng = np.random.default_rng(seed)
+def group_by_key(keys: Iterable[bytes]) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each item, numbered in order of first appearance; first position of each group):
+    items with equal keys form one group."""
+    first: dict[bytes, int] = {}
+    group = np.fromiter((first.setdefault(key, len(first)) for key in keys), dtype=np.int64)
+    firsts = np.full(len(first), -1, dtype=np.int64)
+    firsts[group[::-1]] = np.arange(len(group) - 1, -1, -1)  # reversed: the last write is the first position
+    return group, firsts
+
+
+def _converted(images: np.ndarray, cfg: DataConfig) -> np.ndarray:
+    """Source images as the splits hold them: data.resolution and data.channels."""
+    return np.ascontiguousarray(_to_channels(_resize(images, cfg.resolution), cfg.channels))
+
+
+def source_groups(images: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
+    """group_by_key over the source's images as converted: images equal only after the resize are one
+    training image too. Converted a chunk at a time and keyed by SHA-256, so that a large source never
+    exists converted all at once (equal digests of different images are not a practical concern)."""
+    def digests():
+        for start in range(0, len(images), GROUP_CHUNK):
+            chunk = _converted(images[start:start + GROUP_CHUNK], cfg)
+            yield from (hashlib.sha256(row.tobytes()).digest() for row in chunk.reshape(len(chunk), -1))
+    return group_by_key(digests())
+
+
+def _deal(rng: np.random.Generator, labels: np.ndarray, cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Held-out, train and pool as sorted indices into `labels` (one per unit to deal: a distinct image)."""
+    n = len(labels)
     heldout = np.sort(rng.choice(n, cfg.heldout_size, replace=False))
     rest = np.setdiff1d(np.arange(n), heldout)
     train = np.sort(_balanced_choice(rng, rest, labels[rest], cfg.train_size))
@@ -308,14 +334,46 @@ def prepare_splits(cfg: DataConfig, seed: int) -> Splits:
     if len(pool) > POOL_CAP:  # keep all of train in the pool, fill the rest at random
         others = np.setdiff1d(rest, train)
         pool = np.union1d(train, rng.choice(others, max(POOL_CAP - len(train), 0), replace=False))
+    return heldout, train, pool
+
+
+def prepare_splits(cfg: DataConfig, seed: int) -> Splits:
+    """The seeded split, dealt by distinct image: each group of exact duplicates in the source goes
+    whole to one side, so no held-out image is a copy of a training one and no pool image of a
+    held-out one. A training group keeps all its copies (the source's duplicates are training data,
+    reported by prepare and scored de-duplicated); a held-out group gives one image, a reference
+    counts each unseen image once. Without duplicates, the draws are those of a split by image."""
+    images, labels = load_source(cfg)
+    group, firsts = source_groups(images, cfg)
+    n, distinct = len(images), len(firsts)
+    if cfg.train_size + cfg.heldout_size > distinct:
+        have = f"{n}" if distinct == n else f"{distinct} distinct images ({n} with their exact duplicates)"
+        raise DataError(f"data.train_size ({cfg.train_size}) + data.heldout_size ({cfg.heldout_size}) = "
+                        f"{cfg.train_size + cfg.heldout_size} images needed, but data.source "
+                        f"'{cfg.source}' has only {have}")
+    heldout_g, train_g, pool_g = _deal(np.random.default_rng(seed), labels[firsts], cfg)
 
     def take(ids: np.ndarray) -> ImageSet:
         # Convert only the images a split keeps: large sources are mostly left out of every split.
-        x = _to_channels(_resize(images[ids], cfg.resolution), cfg.channels)
-        return ImageSet(np.ascontiguousarray(x), labels[ids].copy(), ids.astype(np.int64))
+        return ImageSet(_converted(images[ids], cfg), labels[ids].copy(), ids.astype(np.int64))
 
-    train_set, copy_of = add_duplicates(take(train), cfg.duplicates, seed, first_id=n)
-    return Splits(train=train_set, heldout=take(heldout), pool=take(pool), copy_of=copy_of)
+    def every_copy(groups: np.ndarray) -> np.ndarray:
+        return np.flatnonzero(np.isin(group, groups))
+
+    train_set, copy_of = add_duplicates(take(every_copy(train_g)), cfg.duplicates, seed, first_id=n)
+    return Splits(train=train_set, heldout=take(firsts[heldout_g]), pool=take(every_copy(pool_g)), copy_of=copy_of,
+                  source_duplicates=_where_duplicates_went(group, heldout_g, train_g, pool_g))
+
+
+def _where_duplicates_went(group: np.ndarray, heldout: np.ndarray, train: np.ndarray, pool: np.ndarray) -> dict:
+    """Groups of two or more equal source images, their images, and how many groups each split got:
+    train (every copy, in the pool too), heldout (one image each), pool only, or none (the pool cap)."""
+    sizes = np.bincount(group)
+    dup = np.flatnonzero(sizes > 1)
+    placed = {"train": np.isin(dup, train), "heldout": np.isin(dup, heldout)}
+    placed["pool_only"] = np.isin(dup, pool) & ~placed["train"]
+    placed["none"] = ~(placed["train"] | placed["heldout"] | placed["pool_only"])
+    return {"groups": len(dup), "images": int(sizes[dup].sum()), **{k: int(v.sum()) for k, v in placed.items()}}
 
 
 def add_duplicates(train: ImageSet, dup: Duplicates, seed: int, first_id: int) -> tuple[ImageSet, np.ndarray]:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import metrics
+from pipeline.data import group_by_key
 
 # metric names, for the lead to register
 DUPLICATE_GROUPS = "duplicate_groups"
@@ -51,14 +52,8 @@ def duplicate_groups(images: np.ndarray) -> DuplicateGroups:
     collision can merge two different images.
     """
     flat = np.ascontiguousarray(images).reshape(len(images), -1)
-    first: dict[bytes, int] = {}
-    group = np.empty(len(flat), dtype=np.int64)
-    for i, row in enumerate(flat):
-        group[i] = first.setdefault(row.tobytes(), len(first))
-    representatives = np.full(len(first), -1, dtype=np.int64)
-    # reversed, so the last write of each group is its first position
-    representatives[group[::-1]] = np.arange(len(flat) - 1, -1, -1)
-    return DuplicateGroups(group, representatives, np.bincount(group, minlength=len(first)))
+    group, representatives = group_by_key(row.tobytes() for row in flat)
+    return DuplicateGroups(group, representatives, np.bincount(group, minlength=len(representatives)))
 
 
 def dedup_memorization_scores(samples: torch.Tensor, train: torch.Tensor, groups: DuplicateGroups,

@@ -15,8 +15,7 @@ from pipeline.io import apply_umask
 
 def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> UNet2DModel:
     torch.manual_seed(seed)
-    # level i works at resolution / 2**i; the up blocks list the levels from the lowest resolution
-    attn = [resolution // 2 ** i in cfg.attention_resolutions for i in range(len(cfg.block_out_channels))]
+    attn = cfg.attention_levels(resolution)  # the up blocks list the levels from the lowest resolution
     return UNet2DModel(
         sample_size=resolution,
         in_channels=channels,

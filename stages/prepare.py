@@ -23,9 +23,15 @@ def main(params_path, out):
     # taken against one image per group (evaluate logs the same counts to MLflow)
     dup = duplicate_groups(splits.train.images).summary()
     added = _added_duplicates(splits, f"{out}/copy_of.csv") if p.data.duplicates.images else {}
+    src = splits.source_duplicates  # the source's own, each group dealt whole to one side of the split
     write_json(f"{out}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
-                                    "channels": p.data.channels, "train_duplicates": dup, **added})
+                                    "channels": p.data.channels, "train_duplicates": dup, "source_duplicates": src,
+                                    **added})
     click.echo(f"prepared {info} from {p.data.source} at {p.data.resolution}px")
+    if src["groups"]:
+        click.echo(f"the source holds {src['groups']} groups of exact duplicates ({src['images']} images), none split: "
+                   f"{src['train']} in train (every copy), {src['heldout']} held out (one image each), "
+                   f"{src['pool_only']} in the pool only, {src['none']} in no split")
     if dup["duplicate_groups"]:
         click.echo(f"the training set holds exact duplicates: {dup['duplicate_groups']} images occur more than "
                    f"once ({dup['duplicated_samples']} samples; the largest group has {dup['largest_group']}); "

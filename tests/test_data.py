@@ -1,13 +1,14 @@
 import gzip
 import hashlib
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pipeline import data
-from pipeline.config import DataConfig
+from pipeline.config import SOURCE_SIZES, DataConfig
 from pipeline.data import DataError, ImageSet, load_source, prepare_splits
 from pipeline.duplicates import duplicate_groups
 
@@ -84,15 +85,18 @@ def test_resolution_and_channel_conversion():
 
 def test_rgb_to_grey_uses_luminance(tmp_path):
     images = np.zeros((4, 8, 8, 3), np.uint8)
-    images[..., 1] = 200  # pure green
+    green = 200 + 10 * np.arange(4)  # pure green, one level per image (equal images would count once)
+    images[..., 1] = green[:, None, None]
     np.savez(tmp_path / "g.npz", images=images)
     s = splits_of(source="npz", path=str(tmp_path / "g.npz"), train_size=2, heldout_size=2, resolution=8)
-    assert s.train.images.shape == (2, 1, 8, 8) and np.all(s.train.images == round(0.587 * 200))
+    assert s.train.images.shape == (2, 1, 8, 8)
+    assert np.all(s.train.images == np.rint(0.587 * green[s.train.ids])[:, None, None, None])
 
 
 def test_downsampling_averages_instead_of_skipping_thin_lines(tmp_path):
     images = np.zeros((4, 16, 16), np.uint8)
     images[:, :, ::4] = 255  # one-pixel lines that a plain bilinear or nearest resize would miss
+    images[:, 0, 1] = [0, 60, 120, 180]  # four distinct images
     np.savez(tmp_path / "lines.npz", images=images)
     s = splits_of(source="npz", path=str(tmp_path / "lines.npz"), train_size=2, heldout_size=2, resolution=4)
     assert 30 < s.train.images.min() and s.train.images.max() < 100  # about 255 / 4 everywhere
@@ -143,14 +147,30 @@ def test_the_duplicated_images_are_a_seeded_choice():
     assert chosen(3) != chosen(4)
 
 
-def test_too_few_images_names_the_sizes():
-    with pytest.raises(DataError, match=r"data\.train_size \(1000\).*data\.heldout_size \(1000\).*1797"):
-        splits_of(source="digits", train_size=1000, heldout_size=1000)
+def test_too_few_images_names_the_sizes(tmp_path):
+    # a source of any size (folder, npz) is counted here; the built-in ones already by the config
+    np.savez(tmp_path / "d.npz", images=np.random.default_rng(0).integers(0, 256, (30, 4, 4), dtype=np.uint8))
+    with pytest.raises(DataError, match=r"data\.train_size \(20\).*data\.heldout_size \(20\).*has only 30"):
+        splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=20, heldout_size=20, resolution=4)
+
+
+@pytest.mark.parametrize("source", sorted(SOURCE_SIZES))
+def test_the_config_knows_the_size_of_each_built_in_source(source):
+    if source == "fashion-mnist" and not Path(data.FASHION_DIR).is_dir():
+        pytest.skip(f"{data.FASHION_DIR}: Fashion-MNIST is not installed")
+    assert len(load_source(DataConfig(source=source))[0]) == SOURCE_SIZES[source]
+
+
+def distinct_images(n: int, size: int = 4) -> np.ndarray:
+    """n different grey images (random ones could repeat; the split would count those once)."""
+    images = np.zeros((n, size * size), np.uint8)
+    images[:, :2] = np.stack([np.arange(n) // 256, np.arange(n) % 256], axis=1)
+    return images.reshape(n, size, size)
 
 
 def test_small_class_is_topped_up_from_the_others(tmp_path):
     labels = np.array([0] * 3 + [1] * 40 + [2] * 40)
-    np.savez(tmp_path / "d.npz", images=np.zeros((len(labels), 4, 4), np.uint8), labels=labels)
+    np.savez(tmp_path / "d.npz", images=distinct_images(len(labels)), labels=labels)
     s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=2, resolution=4)
     counts = np.bincount(s.train.labels, minlength=3)
     assert counts.sum() == 30 and counts[0] <= 3 and abs(counts[1] - counts[2]) <= 1
@@ -158,7 +178,7 @@ def test_small_class_is_topped_up_from_the_others(tmp_path):
 
 def test_pool_is_capped_but_keeps_train(tmp_path, monkeypatch):
     monkeypatch.setattr(data, "POOL_CAP", 40)
-    np.savez(tmp_path / "d.npz", images=np.zeros((200, 4, 4), np.uint8))
+    np.savez(tmp_path / "d.npz", images=distinct_images(200))
     s = splits_of(source="npz", path=str(tmp_path / "d.npz"), train_size=30, heldout_size=20, resolution=4)
     assert len(s.pool) == 40 and set(s.train.ids) <= set(s.pool.ids)
     assert not set(s.pool.ids) & set(s.heldout.ids)
@@ -267,7 +287,7 @@ def test_folder_with_class_subfolders_and_nested_dirs(tmp_path):
 
 def test_folder_without_subfolders_is_unlabelled(tmp_path):
     for i in range(4):
-        save_image(tmp_path / f"{i}.png", size=(30, 10))
+        save_image(tmp_path / f"{i}.png", size=(30, 10), color=(255, 40 * i, 0))
     s = prepare_splits(DataConfig(duplicates={"images": 0}, source="folder", path=str(tmp_path), train_size=2, heldout_size=2,
                                   resolution=4), 0)
     assert s.train.images.shape == (2, 1, 4, 4) and np.all(s.train.labels == -1)
