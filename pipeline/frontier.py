@@ -114,7 +114,9 @@ class KID:
     samples, weighted by how often each was drawn: a sample paired with its own copy would add
     k(x, x) and bias the estimate upward, so the bootstrap distribution is centred on the estimate
     itself. The reference term is computed once per reference; a checkpoint's kernel matrix once
-    per checkpoint, so a resample costs one quadratic form."""
+    per checkpoint, so a resample costs one quadratic form. That matrix is n x n doubles: right
+    for curve checkpoints (hundreds to a few thousand samples), not for a 65,536-sample final
+    evaluation (34 GB), which would need subsets (metrics.kernel_inception_distance)."""
 
     def __init__(self, reference: np.ndarray):
         self.reference = np.asarray(reference, np.float64)
@@ -440,8 +442,8 @@ def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0,
     point = matched_difference([f.frontier for f in model.point], [f.frontier for f in baseline.point], floor)
     rng = np.random.default_rng(seed)
     count = len(model.replicates[0])
-    if len(baseline.replicates[0]) != count:
-        raise ValueError("model and baseline were resampled a different number of times")
+    if count < 1 or len(baseline.replicates[0]) != count:
+        raise ValueError("model and baseline need the same number of resamples, at least one")
     draws = [matched_difference(_replicate(model, b, rng), _replicate(baseline, b, rng), floor) for b in range(count)]
     matched = _percentile_interval(point.matched, np.array([d.matched for d in draws]), level)
     area = _percentile_interval(point.area, np.array([d.area for d in draws]), level)
