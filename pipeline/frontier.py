@@ -1,0 +1,472 @@
+"""The memorization-quality frontier (method.md, "Matched quality"; issue 22).
+
+Memorization and quality both grow with training, so a model that copies less may only be an
+earlier point of the baseline's own curve, which stopping the baseline early would give too. This
+module compares what a user who may stop at any point of training can get from each model:
+
+1. Fits along training progress (`fit_run`): each run's memorization ratio and quality at its
+   checkpoints are fitted monotone over training order by isotonic regression (memorization
+   non-decreasing, quality improving: lower is better, as KID and FD), so that one noisy checkpoint
+   does not decide the answer.
+2. The frontier of a run (`Frontier`): at each quality level q, the least fitted memorization of
+   the fitted curve (checkpoints joined linearly in training order) at quality q or better.
+3. The comparison of a model with the baseline over the quality range both reach
+   (`matched_difference`): the mean of model frontier - baseline frontier at the baseline's
+   checkpoints in that range ("matched"), and the mean difference over the whole range ("area").
+   Where neither copies anything anywhere in that range it is "not comparable", never 0 - 0.
+4. 95% percentile bootstrap intervals (`resample`, `compare`): each checkpoint's generated samples
+   resampled with replacement (memorization and quality from the same resample), refitted; seeds
+   resampled too when a model has several.
+5. A verdict (`verdict`): better, worse, indistinguishable, not comparable.
+
+Quality is any `QualityFn`: indices into a checkpoint's samples (a resample) -> a float, lower is
+better. `KID`, `FD` and `FDInfinity` make one from a checkpoint's feature vectors against fixed
+reference features: the unbiased KID of Binkowski et al. 2018, the Frechet distance, and the
+Frechet distance extrapolated to infinitely many samples (Chong & Forsyth 2020); FD at a fixed,
+small sample count is biased upward, and by an amount that depends on the sample count.
+
+pipeline/matched.py (the first-crossing reading of one model point on the baseline's curve) stays
+as it was; this module is meant to replace it as the headline.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import isotonic_regression
+
+from pipeline.metrics import frechet_distance
+
+QualityFn = Callable[[np.ndarray], float]  # sample indices (with repeats) -> quality, lower is better
+Measure = Callable[[np.ndarray], QualityFn]  # a checkpoint's features -> its QualityFn
+
+BETTER, WORSE, INDISTINGUISHABLE, NOT_COMPARABLE = "better", "worse", "indistinguishable", "not comparable"
+NO_COMMON_RANGE = "no common quality range"  # one model's best quality is worse than the other's worst
+NO_COMPARABLE_QUALITY = "no comparable quality"  # neither copies anything in the common range: 0 - 0
+NO_QUALITY = "quality not finite"  # a measure gave NaN or inf at some checkpoint
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One checkpoint of one run: its training progress (any increasing scale: fraction of the
+    run, optimizer steps; only the order is used), whether each generated sample is memorized
+    (memorization ratio = mean), and what measures their quality: either per-sample `features`
+    (a `Measure` such as KID(reference) turns them into a QualityFn) or a `quality` callable."""
+    progress: float
+    memorized: np.ndarray
+    features: np.ndarray | None = None
+    quality: QualityFn | None = None
+
+    def __post_init__(self):
+        memorized = np.asarray(self.memorized, bool)
+        if memorized.ndim != 1 or len(memorized) < 2:
+            raise ValueError("memorized must be one flag per sample, at least two samples")
+        if (self.features is None) == (self.quality is None):
+            raise ValueError("give a checkpoint either features or a quality callable")
+        if self.features is not None and len(self.features) != len(memorized):
+            raise ValueError(f"{len(self.features)} feature rows for {len(memorized)} samples")
+        object.__setattr__(self, "memorized", memorized)
+
+    def quality_fn(self, measure: Measure | None) -> QualityFn:
+        if self.quality is not None:
+            return self.quality
+        if measure is None:
+            raise ValueError("checkpoints given as features need a measure (KID, FD, FDInfinity)")
+        return measure(np.asarray(self.features, np.float64))
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run (one seed) of a model: its checkpoints, kept in training order."""
+    checkpoints: tuple[Checkpoint, ...]
+
+    def __post_init__(self):
+        ordered = tuple(sorted(self.checkpoints, key=lambda c: c.progress))
+        if len(ordered) < 1 or len({c.progress for c in ordered}) != len(ordered):
+            raise ValueError("a run needs checkpoints with distinct progress values")
+        object.__setattr__(self, "checkpoints", ordered)
+
+
+# --- quality measures ---------------------------------------------------------------------------
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """k(x, y) = (x.y / d + 1)^3, the KID kernel (Binkowski et al. 2018, "Demystifying MMD GANs")."""
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def _kernel_row_means(x: np.ndarray, y: np.ndarray, block: int = 2048) -> np.ndarray:
+    """Mean of k(x_i, y_j) over j for every i, in blocks of y: a large reference set never needs
+    its whole kernel matrix in memory."""
+    total = np.zeros(len(x))
+    for start in range(0, len(y), block):
+        total += polynomial_kernel(x, y[start:start + block]).sum(1)
+    return total / len(y)
+
+
+class KID:
+    """Unbiased KID (Binkowski et al. 2018): MMD^2 with the cubic polynomial kernel, each within-set
+    mean over pairs of distinct samples (the U-statistic), the cross term over all pairs.
+
+    On a resample (indices with repeats) the within-set mean is over pairs of distinct original
+    samples, weighted by how often each was drawn: a sample paired with its own copy would add
+    k(x, x) and bias the estimate upward, so the bootstrap distribution is centred on the estimate
+    itself. The reference term is computed once per reference; a checkpoint's kernel matrix once
+    per checkpoint, so a resample costs one quadratic form. That matrix is n x n doubles: right
+    for curve checkpoints (hundreds to a few thousand samples), not for a 65,536-sample final
+    evaluation (34 GB), which would need subsets (metrics.kernel_inception_distance)."""
+
+    def __init__(self, reference: np.ndarray):
+        self.reference = np.asarray(reference, np.float64)
+        if len(self.reference) < 2:
+            raise ValueError("KID needs at least two reference samples")
+        y, r = self.reference, len(self.reference)
+        self_kernel = (np.einsum("ij,ij->i", y, y) / y.shape[1] + 1.0) ** 3  # k(y_i, y_i), left out
+        self._within_reference = (_kernel_row_means(y, y).sum() * r - self_kernel.sum()) / (r * (r - 1))
+
+    def __call__(self, features: np.ndarray) -> QualityFn:
+        x = np.asarray(features, np.float64)
+        k_xx = polynomial_kernel(x, x)
+        cross = _kernel_row_means(x, self.reference)
+        diagonal = np.diag(k_xx).copy()
+
+        def quality(indices: np.ndarray) -> float:
+            w = np.bincount(indices, minlength=len(x)).astype(np.float64)
+            pairs = w.sum() ** 2 - w @ w  # ordered pairs of distinct original samples
+            if pairs <= 0:
+                return float("nan")
+            within = (w @ k_xx @ w - diagonal @ (w * w)) / pairs
+            return float(within + self._within_reference - 2.0 * (w @ cross) / w.sum())
+        return quality
+
+
+def kid(features: np.ndarray, reference: np.ndarray) -> float:
+    """The unbiased KID of `features` against `reference` (see KID)."""
+    return KID(reference)(features)(np.arange(len(features)))
+
+
+def fd_infinity(features: np.ndarray, reference: np.ndarray, fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0),
+                repeats: int = 2, rng: np.random.Generator | None = None) -> float:
+    """FD extrapolated to infinitely many samples (Chong & Forsyth 2020, "Effectively Unbiased FID
+    and Inception Score and where to find them"): FD of random subsets of several sizes N against
+    the fixed reference, a least-squares line FD = a + b / N, and its intercept a. FD's bias is
+    close to linear in 1/N, so a is the FD free of the sample count; its variance is larger
+    than that of the FD of all samples. Subsets of size < len(features) are drawn `repeats` times."""
+    x = np.asarray(features, np.float64)
+    rng = np.random.default_rng(0) if rng is None else rng
+    sizes = np.unique(np.round(np.asarray(fractions) * len(x)).astype(int))
+    sizes = sizes[(sizes >= 2) & (sizes <= len(x))]
+    if len(sizes) < 2:
+        raise ValueError(f"FD at {len(x)} samples gives fewer than two subset sizes to extrapolate from")
+    inverse, fd = [], []
+    for size in sizes:
+        for _ in range(1 if size == len(x) else repeats):  # the full set is the same every time
+            inverse.append(1.0 / size)
+            fd.append(frechet_distance(x[rng.choice(len(x), size, replace=False)], reference))
+    _, intercept = np.polyfit(inverse, fd, 1)
+    return float(intercept)
+
+
+@dataclass(frozen=True)
+class FD:
+    """The Frechet distance (pipeline.metrics.frechet_distance) of a resample against fixed
+    reference features. Biased upward at small sample counts: use it at equal counts only. On a
+    bootstrap resample (about 63% distinct samples) it is biased a little further, so its bootstrap
+    distribution sits above the estimate; the comparison uses quality only to order and match
+    checkpoints, which a shift shared by every checkpoint of both models does not change. KID's
+    bootstrap distribution is centred on its estimate (see KID)."""
+    reference: np.ndarray
+
+    def __call__(self, features: np.ndarray) -> QualityFn:
+        return lambda indices: frechet_distance(features[indices], self.reference)
+
+
+@dataclass(frozen=True)
+class FDInfinity:
+    """fd_infinity of a resample against fixed reference features; `seed` makes the subset draws
+    reproducible (one generator per checkpoint, drawn in a fixed order). On a bootstrap resample
+    the extrapolation reaches the FD of the checkpoint's own samples, the bootstrap's population,
+    not of the model's: like FD's (see FD), its bootstrap distribution sits that 1 / n bias above
+    the estimate."""
+    reference: np.ndarray
+    fractions: Sequence[float] = (0.2, 0.4, 0.6, 0.8, 1.0)
+    repeats: int = 2
+    seed: int = 0
+
+    def __call__(self, features: np.ndarray) -> QualityFn:
+        rng = np.random.default_rng(self.seed)
+        return lambda indices: fd_infinity(features[indices], self.reference, self.fractions, self.repeats, rng)
+
+
+# --- fits and frontiers -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Frontier:
+    """The least memorization a user can get at quality q or better by stopping one run early:
+    the run's fitted curve, its checkpoints in training order joined by straight lines (stopping
+    between two checkpoints), read at the first point where it reaches quality q.
+
+    Both fits are monotone (quality non-increasing, memorization non-decreasing in training order),
+    so the first point reaching q is also the least-memorizing one: frontier(q) is non-increasing
+    in q (more memorization is needed for better quality), memorization[0] for every q worse than
+    the first checkpoint, undefined (NaN) for q better than the last. Where the quality fit is flat
+    over several checkpoints the frontier jumps at that level (the first of them reaches it).
+    Linear, not a step function at the checkpoints: a step would read a model whose checkpoint
+    lands just short of the baseline's quality at its next checkpoint, a bias of half a
+    checkpoint's memorization increment against whichever model is read between checkpoints
+    (tests/test_frontier.py: a step called 29 of 100 null pairs worse or better, this 6 of 100)."""
+    quality: np.ndarray
+    memorization: np.ndarray
+
+    def __post_init__(self):
+        # "the first point reaching q" is the least-memorizing one only on monotone curves: refuse
+        # raw, unfitted values (NaN, a failed measurement, passes and makes the comparison NaN)
+        if np.any(np.diff(self.quality) > 0) or np.any(np.diff(self.memorization) < 0):
+            raise ValueError("a frontier needs quality non-increasing and memorization non-decreasing "
+                             "in training order: fit them first (fit_run)")
+
+    @property
+    def best(self) -> float:
+        return float(self.quality[-1])
+
+    @property
+    def worst(self) -> float:
+        return float(self.quality[0])
+
+    def __call__(self, q, left: bool = False) -> np.ndarray:
+        """frontier(q); left=True: its limit from better qualities (q - 0), where a flat stretch of
+        the quality fit makes it jump."""
+        q = np.asarray(q, np.float64)
+        # the first checkpoint at quality q or better (left: strictly better); -quality is sorted
+        i = np.searchsorted(-self.quality, -q, side="right" if left else "left")
+        if len(self.quality) == 1:
+            return np.where(i == 0, self.memorization[0], np.nan)
+        j = np.clip(i, 1, len(self.quality) - 1)  # the segment (j - 1, j) reaching q
+        qa, qb, ma, mb = self.quality[j - 1], self.quality[j], self.memorization[j - 1], self.memorization[j]
+        with np.errstate(invalid="ignore", divide="ignore"):  # qa == qb only where i is 0 or past the end
+            value = ma + (qa - q) / (qa - qb) * (mb - ma)
+        value = np.where(i == 0, self.memorization[0], value)
+        return np.where(i >= len(self.quality), np.nan, value)
+
+    def mean_over(self, best: float, worst: float) -> float:
+        """The mean of frontier(q) over q in [best, worst], exactly: it is linear between the
+        fitted quality levels, so the trapezoid rule on those levels (right value at a piece's
+        start, left limit at its end) integrates it."""
+        if worst <= best:
+            return float(self(best))
+        inner = self.quality[(self.quality > best) & (self.quality < worst)]
+        q = np.unique(np.concatenate([[best, worst], inner]))
+        pieces = np.diff(q) * (self(q[:-1]) + self(q[1:], left=True)) / 2.0
+        return float(pieces.sum() / (worst - best))
+
+
+@dataclass(frozen=True)
+class Fit:
+    """One run's isotonic fits in training order, with the values they were fitted to (a report
+    can show how far the data are from monotone)."""
+    memorization: np.ndarray
+    quality: np.ndarray
+    raw_memorization: np.ndarray
+    raw_quality: np.ndarray
+
+    @property
+    def frontier(self) -> Frontier:
+        return Frontier(self.quality, self.memorization)
+
+
+def fit_run(memorization, quality, samples=None) -> Fit:
+    """Memorization ratios fitted non-decreasing and qualities non-increasing (improving, lower is
+    better) over a run's checkpoints in training order, by isotonic regression: the least-squares
+    monotone fit, pool adjacent violators (Ayer et al. 1955; Barlow et al. 1972, "Statistical
+    Inference under Order Restrictions"; scipy.optimize.isotonic_regression). One noisy checkpoint
+    is pooled with its neighbours instead of deciding the frontier alone: it still moves the fit's
+    mean by its share, no more.
+
+    Memorization is weighted by each checkpoint's sample count (`samples`), so a pooled block's
+    value is the memorization ratio of all its samples; quality unweighted. This is a fit, not
+    the data: where the data clearly are not monotone (FD dips and rises again when a model starts
+    copying, or memorization falls when a mitigation acts late) the fit is still monotone, the
+    violating stretch pooled into a plateau at its mean; the raw values are kept in the Fit."""
+    mem, qual = np.asarray(memorization, np.float64), np.asarray(quality, np.float64)
+    weights = None if samples is None else np.asarray(samples, np.float64)
+    fitted_mem = isotonic_regression(mem, weights=weights, increasing=True).x
+    fitted_qual = isotonic_regression(qual, increasing=False).x
+    return Fit(fitted_mem, fitted_qual, mem, qual)
+
+
+# --- comparison ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Matched:
+    """model - baseline memorization at matched quality over the quality range all their runs reach,
+    [best, worst]; `matched`: mean over the baseline's fitted checkpoint qualities in the range,
+    `area`: mean over the whole range (the area between the frontiers / the range's width). Both
+    NaN, and `reason` set, when not comparable. `baseline_copies`: the baseline's frontier at
+    `best`, the most it copies in the range."""
+    matched: float
+    area: float
+    best: float
+    worst: float
+    baseline_copies: float
+    reason: str | None = None
+
+
+def _mean_frontier(frontiers: Sequence[Frontier], q) -> np.ndarray:
+    """A model's frontier over seeds: the mean of its runs' frontiers (the expected memorization of
+    a run, of a seed drawn at random, stopped at quality q)."""
+    return np.mean([f(q) for f in frontiers], axis=0)
+
+
+def matched_difference(model: Sequence[Frontier], baseline: Sequence[Frontier], floor: float = 0.0) -> Matched:
+    """Compare a model's frontiers (one per run) with the baseline's over the quality range every
+    run reaches. Not comparable (never 0 - 0): when that range is empty, or when neither frontier
+    exceeds `floor` anywhere in it (both are largest at its best end). A model that copies where
+    the baseline does not is compared: that is a real "worse". `floor`: memorization that means
+    nothing, e.g. the held-out reference's memorization ratio (real images never trained on)."""
+    frontiers = (*model, *baseline)
+    best, worst = max(f.best for f in frontiers), min(f.worst for f in frontiers)
+    if not all(np.isfinite(f.quality).all() for f in frontiers):  # a measure failed on a resample
+        return Matched(np.nan, np.nan, np.nan, np.nan, np.nan, NO_QUALITY)
+    if best > worst:
+        return Matched(np.nan, np.nan, best, worst, np.nan, NO_COMMON_RANGE)
+    copies = float(_mean_frontier(baseline, best))
+    if max(copies, float(_mean_frontier(model, best))) <= floor:
+        return Matched(np.nan, np.nan, best, worst, copies, NO_COMPARABLE_QUALITY)
+    levels = np.concatenate([f.quality for f in baseline])
+    levels = levels[(levels >= best) & (levels <= worst)]
+    if not len(levels):  # the range lies between two baseline checkpoints
+        levels = np.array([best])
+    matched = float(np.mean(_mean_frontier(model, levels) - _mean_frontier(baseline, levels)))
+    area = float(np.mean([f.mean_over(best, worst) for f in model])
+                 - np.mean([f.mean_over(best, worst) for f in baseline]))
+    return Matched(matched, area, best, worst, copies)
+
+
+# --- bootstrap and verdict ----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Resampled:
+    """A model's runs fitted on all their samples (`point`, one Fit per run) and on each bootstrap
+    resample (`replicates[run][b]`)."""
+    point: tuple[Fit, ...]
+    replicates: tuple[tuple[Fit, ...], ...]
+
+
+def _checkpoint_values(checkpoint: Checkpoint, measure: Measure | None, resamples: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """[resamples + 1, 2]: (memorization ratio, quality) on all samples, then on each resample
+    with replacement. Both come from the same resampled indices: a resample with more copies in
+    it may also look better or worse, and that dependence must stay in the intervals."""
+    quality = checkpoint.quality_fn(measure)  # built here and dropped after: one kernel at a time
+    n = len(checkpoint.memorized)
+    draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(resamples)]
+    return np.array([(checkpoint.memorized[i].mean(), quality(i)) for i in draws])
+
+
+def resample(runs: Sequence[Run], measure: Measure | None = None, resamples: int = 200,
+             seed: int | np.random.SeedSequence = 0) -> Resampled:
+    """Measure and fit every run of one model on its samples and on `resamples` bootstrap
+    resamples of each checkpoint's samples (Efron & Tibshirani 1993), seeded."""
+    if not runs:
+        raise ValueError("a model needs at least one run")
+    rng = np.random.default_rng(seed)
+    point, replicates = [], []
+    for run in runs:
+        values = np.stack([_checkpoint_values(c, measure, resamples, rng) for c in run.checkpoints], 1)
+        samples = [len(c.memorized) for c in run.checkpoints]
+        fits = [fit_run(v[:, 0], v[:, 1], samples) for v in values]
+        point.append(fits[0])
+        replicates.append(tuple(fits[1:]))
+    return Resampled(tuple(point), tuple(replicates))
+
+
+def _replicate(model: Resampled, b: int, rng: np.random.Generator) -> list[Frontier]:
+    """Replicate b's frontiers: the runs (seeds) drawn with replacement, independently of the other
+    model's draw (seeds of different models are separate training runs: pairing them by index
+    would assume a shared seed correlates them, and independent draws allow different seed
+    counts); the j-th run drawn takes its sample resample (b + j), so a seed drawn twice gets two
+    different ones. With S seeds this understates the seed variance by (S - 1) / S."""
+    runs, count = len(model.replicates), len(model.replicates[0])
+    return [model.replicates[s][(b + j) % count].frontier for j, s in enumerate(rng.integers(0, runs, runs))]
+
+
+@dataclass(frozen=True)
+class Interval:
+    estimate: float  # on all samples and seeds
+    low: float
+    high: float
+
+
+def _percentile_interval(estimate: float, values: np.ndarray, level: float) -> Interval:
+    """The percentile bootstrap interval (Efron & Tibshirani 1993) over the finite replicates."""
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return Interval(estimate, np.nan, np.nan)
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(values, [tail, 1.0 - tail])
+    return Interval(estimate, float(low), float(high))
+
+
+def verdict(interval: Interval, comparable: bool = True) -> str:
+    """better: the interval of model - baseline lies below 0; worse: above; indistinguishable:
+    it contains 0; not comparable: no comparable quality (matched_difference)."""
+    if not comparable or not np.isfinite(interval.low):
+        return NOT_COMPARABLE
+    if interval.high < 0:
+        return BETTER
+    return WORSE if interval.low > 0 else INDISTINGUISHABLE
+
+
+@dataclass(frozen=True)
+class FrontierComparison:
+    """One model against the baseline: `verdict` on `matched` (memorization at matched quality),
+    `area_verdict` on `area` (the mean difference over the common quality range), both model -
+    baseline with their intervals; `point` the comparison on all samples; `undefined` how many
+    of the `resamples` replicates were not comparable (left out of the intervals)."""
+    verdict: str
+    area_verdict: str
+    matched: Interval
+    area: Interval
+    point: Matched
+    resamples: int
+    undefined: int
+
+
+def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0, level: float = 0.95,
+                      seed: int | np.random.SeedSequence = 0) -> FrontierComparison:
+    """matched_difference on all samples, and its bootstrap intervals (the seeds' draw seeded).
+    Replicates that are not comparable are left out of the intervals and counted in `undefined`:
+    a report should show that count, as many of them mean the common range itself is fragile."""
+    point = matched_difference([f.frontier for f in model.point], [f.frontier for f in baseline.point], floor)
+    rng = np.random.default_rng(seed)
+    count = len(model.replicates[0])
+    if count < 1 or len(baseline.replicates[0]) != count:
+        raise ValueError("model and baseline need the same number of resamples, at least one")
+    draws = [matched_difference(_replicate(model, b, rng), _replicate(baseline, b, rng), floor) for b in range(count)]
+    matched = _percentile_interval(point.matched, np.array([d.matched for d in draws]), level)
+    area = _percentile_interval(point.area, np.array([d.area for d in draws]), level)
+    comparable = point.reason is None
+    return FrontierComparison(verdict(matched, comparable), verdict(area, comparable), matched, area, point,
+                              count, sum(d.reason is not None for d in draws))
+
+
+def compare_models(models: Mapping[str, Sequence[Run]], baseline: Sequence[Run], measure: Measure | None = None,
+                   resamples: int = 200, floor: float = 0.0, level: float = 0.95,
+                   seed: int = 0) -> dict[str, FrontierComparison]:
+    """Every model against the baseline (resampled once). Each model's random draws are seeded by
+    `seed` and its name, so adding or reordering models changes no other model's result."""
+    base = resample(baseline, measure, resamples, np.random.SeedSequence([seed, 0]))
+    out = {}
+    for name, runs in models.items():
+        key = int.from_bytes(name.encode(), "little")  # stable across processes, unlike hash()
+        seeds = np.random.SeedSequence([seed, 1, key]).spawn(2)
+        out[name] = compare_resampled(resample(runs, measure, resamples, seeds[0]), base, floor, level, seeds[1])
+    return out
+
+
+def compare(model: Sequence[Run], baseline: Sequence[Run], measure: Measure | None = None, resamples: int = 200,
+            floor: float = 0.0, level: float = 0.95, seed: int = 0) -> FrontierComparison:
+    """One model against the baseline: compare_models of it alone."""
+    return compare_models({"model": model}, baseline, measure, resamples, floor, level, seed)["model"]

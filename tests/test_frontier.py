@@ -1,0 +1,269 @@
+"""The memorization-quality frontier protocol (pipeline/frontier.py, issue 22) on synthetic runs with
+a known answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their
+definitions, and the verdicts for a model that copies less at equal quality, another seed of the
+baseline itself, one that only trains less, and one whose curve crosses the baseline's."""
+import numpy as np
+import pytest
+
+from pipeline import frontier as F
+from pipeline.metrics import frechet_distance, kernel_inception_distance
+
+DIM = 8
+PROGRESS = np.linspace(0.1, 1.0, 10)  # ten checkpoints, a fraction of the run each
+REFERENCE = np.random.default_rng(12345).normal(size=(800, DIM))  # "real" features: N(0, I)
+KID_OF_REFERENCE = F.KID(REFERENCE)  # one reference term for every test
+
+
+def copies(slope=0.3, offset=0.1):
+    return lambda t: np.clip(offset + slope * t, 0.0, 1.0)
+
+
+def kid_run(rng, memorization, progress=PROGRESS, n=240):
+    """A run whose samples are N(shift(t) e_1, I) (quality improves with training as the shift shrinks)
+    and memorized with probability memorization(t): the same generator for every model, so equal
+    progress means equal quality in distribution."""
+    checkpoints = []
+    for t in progress:
+        features = rng.normal(size=(n, DIM))
+        features[:, 0] += 1.5 * (1.1 - t)
+        checkpoints.append(F.Checkpoint(t, rng.random(n) < memorization(t), features=features))
+    return F.Run(tuple(checkpoints))
+
+
+def scalar_run(rng, memorization, progress=PROGRESS, n=240):
+    """The same with a scalar per-sample quality score through the `quality` callable: its mean over
+    a resample, linear in progress (10 * (1.1 - t), noise sd 1 per sample)."""
+    checkpoints = []
+    for t in progress:
+        score = 10.0 * (1.1 - t) + rng.normal(size=n)
+        checkpoints.append(F.Checkpoint(t, rng.random(n) < memorization(t),
+                                        quality=lambda i, s=score: float(s[i].mean())))
+    return F.Run(tuple(checkpoints))
+
+
+# --- frontiers and fits by hand -----------------------------------------------------------------
+
+def hand_frontier():
+    # training order: quality 10 -> 6 -> 6 -> 2 (flat between the 2nd and 3rd), memorization rising
+    return F.Frontier(np.array([10.0, 6.0, 6.0, 2.0]), np.array([0.0, 0.2, 0.3, 0.5]))
+
+
+def test_frontier_is_the_first_point_of_the_fitted_curve_at_that_quality():
+    f = hand_frontier()
+    assert f(12.0) == 0.0 and f(10.0) == 0.0                 # worse than the first checkpoint: stop there
+    assert f(8.0) == pytest.approx(0.1)                      # halfway between checkpoints 1 and 2
+    assert f(6.0) == pytest.approx(0.2)                      # the first of the flat stretch reaches 6
+    assert f(6.0, left=True) == pytest.approx(0.3)           # just better than 6 needs the last of it
+    assert f(4.0) == pytest.approx(0.4) and f(2.0) == pytest.approx(0.5)
+    assert np.isnan(f(1.0))                                  # better than the run ever gets
+    assert (f.best, f.worst) == (2.0, 10.0)
+    # the area: [2, 6] from 0.5 to 0.3, [6, 10] from 0.2 to 0.0, so (1.6 + 0.4) / 8
+    assert f.mean_over(2.0, 10.0) == pytest.approx(0.25)
+    assert f.mean_over(7.0, 9.0) == pytest.approx(np.mean([f(7.0), f(9.0)]))  # one linear piece
+
+
+def test_fits_are_monotone_and_keep_the_totals():
+    fit = F.fit_run([0.1, 0.3, 0.2, 0.4], [9.0, 5.0, 7.0, 1.0])
+    assert fit.memorization == pytest.approx([0.1, 0.25, 0.25, 0.4])  # the violation pooled
+    assert fit.quality == pytest.approx([9.0, 6.0, 6.0, 1.0])
+    assert fit.raw_quality == pytest.approx([9.0, 5.0, 7.0, 1.0])
+    weighted = F.fit_run([0.3, 0.2], [2.0, 1.0], samples=[100, 300])  # pooled ratio of all 400 samples
+    assert weighted.memorization == pytest.approx([0.225, 0.225])
+    with pytest.raises(ValueError, match="fit them first"):
+        F.Frontier(np.array([9.0, 5.0, 7.0, 1.0]), np.array([0.1, 0.3, 0.2, 0.4]))
+
+
+def test_one_outlier_checkpoint_moves_the_answer_by_its_share_only():
+    """(vi) One late checkpoint of a model identical to the baseline reports memorization 0 (say a
+    broken evaluation). Read without the fit (least raw memorization at quality q or better), it
+    sets the model's frontier to 0 at every quality worse than its own: -0.15 on the mean. Fitted,
+    it is pooled with its neighbours, which keeps the sum, so the mean moves by its size / 10."""
+    quality = 10.0 - np.arange(10.0)
+    memorization = 0.05 + 0.04 * np.arange(10.0)
+    glitched = memorization.copy()
+    glitched[7] = 0.0
+    baseline = [F.fit_run(memorization, quality).frontier]
+    clean = F.matched_difference([F.fit_run(memorization, quality).frontier], baseline)
+    fitted = F.matched_difference([F.fit_run(glitched, quality).frontier], baseline)
+    raw = np.mean([glitched[quality <= q].min() - m for q, m in zip(quality, memorization)])
+    assert clean.matched == pytest.approx(0.0, abs=1e-12)
+    assert fitted.matched == pytest.approx(-memorization[7] / 10)
+    assert raw == pytest.approx(-0.152) and abs(raw) > 4 * abs(fitted.matched)
+
+
+def test_matched_difference_by_hand_and_when_not_comparable():
+    base = hand_frontier()
+    lower = F.Frontier(base.quality, base.memorization - 0.1)
+    out = F.matched_difference([lower], [base])
+    assert (out.matched, out.area, out.best, out.worst) == (pytest.approx(-0.1), pytest.approx(-0.1), 2.0, 10.0)
+    assert out.reason is None and out.baseline_copies == pytest.approx(0.5)
+    # a model worse than the baseline's first checkpoint everywhere: nothing in common
+    far = F.matched_difference([F.Frontier(np.array([30.0, 20.0]), np.array([0.0, 0.0]))], [base])
+    assert far.reason == F.NO_COMMON_RANGE and np.isnan(far.matched)
+    # a model that stops at quality 10, where neither copies: 0 - 0 is not a result
+    early = F.Frontier(np.array([12.0, 10.0]), np.array([0.0, 0.0]))
+    assert F.matched_difference([early], [base]).reason == F.NO_COMPARABLE_QUALITY
+    # ... but a model that copies where the baseline does not is worse, not incomparable
+    copying = F.matched_difference([F.Frontier(np.array([12.0, 10.0]), np.array([0.2, 0.3]))], [base])
+    assert copying.reason is None and copying.matched == pytest.approx(0.3)
+    # a quality that failed to measure compares nothing
+    unmeasured = F.Frontier(np.array([np.nan, 4.0]), np.array([0.1, 0.2]))
+    assert F.matched_difference([unmeasured], [base]).reason == F.NO_QUALITY
+    # below the floor counts as nothing
+    assert F.matched_difference([base], [base], floor=0.6).reason == F.NO_COMPARABLE_QUALITY
+
+
+# --- quality measures ---------------------------------------------------------------------------
+
+def test_kid_is_unbiased_and_fd_is_not():
+    """(v) Two sets of 40 from the same Gaussian, 300 times: KID's mean is 0 within 3 standard
+    errors; FD's is far above 0 (it is >= 0 for every draw and grows as 1 / N)."""
+    rng = np.random.default_rng(0)
+    kids, fds = [], []
+    for _ in range(300):
+        a, b = rng.normal(size=(40, DIM)), rng.normal(size=(40, DIM))
+        kids.append(F.kid(a, b))
+        fds.append(frechet_distance(a, b))
+    kids, fds = np.array(kids), np.array(fds)
+    assert abs(kids.mean()) < 3 * kids.std() / np.sqrt(len(kids))
+    assert fds.mean() > 20 * fds.std() / np.sqrt(len(fds))
+
+
+def test_kid_agrees_with_the_project_kid_and_skips_self_pairs_on_a_resample():
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, DIM)) + 0.3, rng.normal(size=(30, DIM))
+    assert F.kid(x, y) == pytest.approx(kernel_inception_distance(x, y, subsets=1, subset_size=30))
+    # a resample with repeats: the within-set mean over positions p != q holding different samples
+    indices = np.array([0, 0, 1, 2, 2, 2, 5, 7])
+    xr = x[indices]
+    k_xx = F.polynomial_kernel(xr, xr)
+    distinct = indices[:, None] != indices[None, :]
+    k_yy = F.polynomial_kernel(y, y)
+    expected = (k_xx[distinct].mean() + k_yy[~np.eye(30, dtype=bool)].mean()
+                - 2 * F.polynomial_kernel(xr, y).mean())
+    assert F.KID(y)(x)(indices) == pytest.approx(expected)
+
+
+def test_extrapolated_fd_is_closer_to_the_true_fd_than_fd_at_few_samples():
+    """(vii) N(0, I) against N(mu, diag(s^2)), true FD = |mu|^2 + sum (1 + s^2 - 2 s) = 1.49 here;
+    the reference is 20,000 draws of the second. Over 8 sets of 500, the error of FD at N = 100 is
+    its upward bias, several times the error of the intercept of FD = a + b / N."""
+    rng = np.random.default_rng(2)
+    mu, s = np.full(DIM, 0.25), np.linspace(0.5, 1.5, DIM)
+    true_fd = mu @ mu + np.sum(1 + s ** 2 - 2 * s)
+    reference = mu + s * rng.normal(size=(20000, DIM))
+    small, extrapolated = [], []
+    for _ in range(8):
+        x = rng.normal(size=(500, DIM))
+        small.append(frechet_distance(x[:100], reference))
+        extrapolated.append(F.fd_infinity(x, reference, rng=rng))
+    small_error, extrapolated_error = abs(np.mean(small) - true_fd), abs(np.mean(extrapolated) - true_fd)
+    assert np.mean(small) > true_fd and extrapolated_error < small_error / 2
+    assert np.mean(np.abs(np.array(extrapolated) - true_fd)) < np.mean(np.abs(np.array(small) - true_fd))
+
+
+def test_fd_measures_read_a_resample():
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(60, DIM))
+    indices = rng.integers(0, 60, 60)
+    assert F.FD(REFERENCE)(x)(indices) == pytest.approx(frechet_distance(x[indices], REFERENCE))
+    twice = [F.FDInfinity(REFERENCE, seed=4)(x)(indices) for _ in range(2)]
+    assert twice[0] == twice[1]  # seeded
+
+
+# --- the protocol -------------------------------------------------------------------------------
+
+def test_a_model_copying_less_at_equal_quality_is_better_and_read_back():
+    """(i) Same generator (so the same quality at the same progress), memorization 0.08 lower at
+    every checkpoint: both readings' intervals hold -0.08 and lie below 0."""
+    rng = np.random.default_rng(10)
+    model, baseline = kid_run(rng, copies(offset=0.02)), kid_run(rng, copies(offset=0.1))
+    out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=100)
+    assert out.verdict == F.BETTER and out.area_verdict == F.BETTER
+    for interval in (out.matched, out.area):
+        assert interval.low <= -0.08 <= interval.high and interval.low <= interval.estimate <= interval.high
+    assert out.undefined == 0 and out.resamples == 100
+
+
+def test_several_seeds_are_resampled_and_the_shift_read_back():
+    rng = np.random.default_rng(11)
+    model = [scalar_run(rng, copies(offset=0.02)) for _ in range(3)]
+    baseline = [scalar_run(rng, copies(offset=0.1)) for _ in range(3)]
+    out = F.compare(model, baseline, resamples=100)
+    one_seed = F.compare(model[:1], baseline[:1], resamples=100)
+    assert out.verdict == F.BETTER and out.matched.low <= -0.08 <= out.matched.high
+    # three seeds average three runs' noise: a narrower interval than one seed's
+    assert out.matched.high - out.matched.low < one_seed.matched.high - one_seed.matched.low
+
+
+def test_another_seed_of_the_baseline_is_indistinguishable():
+    """(ii) 20 null pairs: two independent runs of the baseline's own generator (KID, 240 samples
+    per checkpoint, 100 resamples). Here 2 of the 20 pairs are called better or worse on the matched
+    reading and 1 on the area (pair 0, asserted alone, is indistinguishable on both). Over 300 more
+    such pairs (generator seeds 1000-1099 and 2000-2199): 5.7% and 7.3%, near the nominal 5%; the
+    matched reading's mean is +0.003 (its sd over pairs 0.016), the model being interpolated between
+    its checkpoints and the baseline not. A step frontier (the memorization of the first checkpoint
+    at quality q or better) called 29 of 100 pairs (300 samples) better or worse, 28 of them worse,
+    mean +0.021: a model read between its checkpoints is charged its next one."""
+    calls = []
+    for pair in range(20):
+        rng = np.random.default_rng(100 + pair)
+        model, baseline = kid_run(rng, copies()), kid_run(rng, copies())
+        out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=100, seed=pair)
+        calls.append((out.verdict, out.area_verdict))
+        if pair == 0:
+            assert out.verdict == out.area_verdict == F.INDISTINGUISHABLE
+            assert out.matched.low < 0 < out.matched.high
+    matched_rate = np.mean([m != F.INDISTINGUISHABLE for m, _ in calls])
+    area_rate = np.mean([a != F.INDISTINGUISHABLE for _, a in calls])
+    assert matched_rate <= 0.15 and area_rate <= 0.15, (matched_rate, area_rate)
+
+
+def test_a_model_that_only_trains_less_is_not_comparable():
+    """(iii) The baseline's own generator stopped at 40% of the run: it copies nothing (the
+    baseline starts copying at 60%), and nor does the baseline at any quality it reaches."""
+    rng = np.random.default_rng(20)
+    late = lambda t: np.clip(0.8 * (t - 0.6), 0.0, 1.0)
+    model = kid_run(rng, late, progress=PROGRESS[PROGRESS <= 0.4 + 1e-9])
+    baseline = kid_run(rng, late)
+    out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=50)
+    assert out.verdict == out.area_verdict == F.NOT_COMPARABLE
+    assert out.point.reason == F.NO_COMPARABLE_QUALITY and out.point.baseline_copies == 0.0
+    assert np.isnan(out.matched.estimate)
+
+
+def test_a_curve_crossing_the_baselines_is_indistinguishable():
+    """(iv) Memorization 0.0675 higher than the baseline's at the best quality and 0.0675 lower at the
+    worst, 0 on average over the range: reading either end alone would call it worse or better."""
+    rng = np.random.default_rng(30)
+    crossing = lambda t: copies()(t) + 0.15 * (t - 0.55)
+    model, baseline = scalar_run(rng, crossing), scalar_run(rng, copies())
+    out = F.compare([model], [baseline], resamples=100)
+    assert out.verdict == out.area_verdict == F.INDISTINGUISHABLE
+    fits = [F.resample([r], resamples=0).point[0].frontier for r in (model, baseline)]
+    best, worst = out.point.best, out.point.worst
+    assert fits[0](best) - fits[1](best) > 0.03 and fits[0](worst) - fits[1](worst) < -0.03
+
+
+def test_results_are_reproducible_and_independent_of_the_other_models():
+    rng = np.random.default_rng(40)
+    baseline, a, b = (scalar_run(rng, copies(), n=60) for _ in range(3))
+    one = F.compare_models({"a": [a]}, [baseline], resamples=30, seed=7)["a"]
+    both = F.compare_models({"b": [b], "a": [a]}, [baseline], resamples=30, seed=7)
+    assert both["a"] == one
+    assert F.compare_models({"a": [a]}, [baseline], resamples=30, seed=8)["a"] != one
+
+
+def test_checkpoints_need_one_quality_source_and_runs_distinct_progress():
+    flags = np.array([True, False, False])
+    with pytest.raises(ValueError, match="either features or a quality"):
+        F.Checkpoint(0.5, flags)
+    with pytest.raises(ValueError, match="feature rows"):
+        F.Checkpoint(0.5, flags, features=np.zeros((2, DIM)))
+    with pytest.raises(ValueError, match="need a measure"):
+        F.Checkpoint(0.5, flags, features=np.zeros((3, DIM))).quality_fn(None)
+    point = F.Checkpoint(0.5, flags, quality=lambda i: 0.0)
+    with pytest.raises(ValueError, match="distinct progress"):
+        F.Run((point, point))
+    later = F.Checkpoint(0.9, flags, quality=lambda i: 0.0)
+    assert [c.progress for c in F.Run((later, point)).checkpoints] == [0.5, 0.9]  # put in training order
