@@ -146,6 +146,8 @@ class IETConfig(_Group):
     shards: int = Field(4, ge=1)
     rounds: int = Field(4, ge=1)
     local_epochs: float = Field(48, gt=0)
+    split: Literal["random", "groups"] = "random"  # groups: near-duplicate groups stay whole in one shard
+    near_duplicate: float = Field(0.02, ge=0, le=1)  # groups: RMS pixel distance ([0, 1]) joining near copies
 
 
 # ---- the mitigations' groups (pipeline/mitigation reads each through its registry entry) ----

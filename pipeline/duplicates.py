@@ -95,3 +95,32 @@ def copy_headline(table: list[dict]) -> dict[str, float]:
     total = int(copies.sum())
     share = copies[dup].sum() / total if total and dup.any() else math.nan
     return {DISTINCT_COPIED: int((copies > 0).sum()), COPIES_ON_DUPLICATED_SHARE: float(share)}
+
+
+def near_duplicate_groups(images: np.ndarray, threshold: float, chunk: int = 1024) -> DuplicateGroups:
+    """Groups of exact and near duplicates: pixel-identical images, joined (transitively) with any
+    image whose RMS pixel distance to one of them, in [0, 1] units, is below `threshold`. Near
+    copies are what a user's folder holds when an image was saved again resized or recompressed.
+    Measured on MNIST at 16 px through the folder loader (iet.near_duplicate): copies resized to
+    40 px and saved as JPEG at quality 75 lie 0.014 (median) to 0.017 from their originals, while
+    the closest two distinct images of 2,000 lie 0.0225 apart; threshold 0 gives the exact groups."""
+    exact = duplicate_groups(images)
+    reps = torch.from_numpy(images[exact.representatives].reshape(len(exact.representatives), -1)).double() / 255
+    parent = np.arange(len(reps))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    if threshold > 0:
+        for start in range(0, len(reps), chunk):  # chunks bound the distance matrix
+            d = torch.cdist(reps[start:start + chunk], reps) / reps.shape[1] ** 0.5
+            for i, j in zip(*np.nonzero((d < threshold).numpy())):
+                a, b = root(start + int(i)), root(int(j))
+                if a != b:
+                    parent[max(a, b)] = min(a, b)
+    merged = np.array([root(i) for i in range(len(reps))])
+    group, representatives = group_by_key(int(m).to_bytes(8, "little") for m in merged[exact.group])
+    return DuplicateGroups(group, representatives, np.bincount(group, minlength=len(representatives)))

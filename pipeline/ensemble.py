@@ -7,15 +7,32 @@ import numpy as np
 import torch
 
 
-def split_shards(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+def split_shards(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
     """Shard index per training-set position: random, seeded, balanced by class where labels
     exist (dealing class-sorted positions round-robin keeps each class spread evenly and every
-    shard size within one of N/K)."""
+    shard size within one of N/K). With `groups` (a group id per position, iet.split: groups) every
+    group lands whole in one shard, so one proxy sees a duplicated image and the average dilutes
+    what it memorized (IET's premise): groups, largest first (ties in seeded random order), each go
+    to the smallest shard, the one holding fewest of its label among equals."""
     rng = np.random.default_rng(seed)
-    order = np.lexsort((rng.permutation(len(labels)), labels))
-    shard = np.empty(len(labels), dtype=np.int64)
-    shard[order] = np.arange(len(labels)) % k
-    return shard
+    if groups is None:
+        order = np.lexsort((rng.permutation(len(labels)), labels))
+        shard = np.empty(len(labels), dtype=np.int64)
+        shard[order] = np.arange(len(labels)) % k
+        return shard
+    sizes = np.bincount(groups)
+    classes = np.unique(labels, return_inverse=True)[1]
+    by_class = np.zeros((k, classes.max() + 1), dtype=np.int64)
+    totals = np.zeros(k, dtype=np.int64)
+    shard_of_group = np.empty(len(sizes), dtype=np.int64)
+    first = {int(g): i for i, g in reversed(list(enumerate(groups)))}  # a group's label: its first member's
+    for g in np.lexsort((rng.permutation(len(sizes)), -sizes)):
+        label = classes[first[int(g)]]
+        s = int(np.lexsort((by_class[:, label], totals))[0])
+        shard_of_group[g] = s
+        totals[s] += sizes[g]
+        by_class[s, label] += sizes[g]
+    return shard_of_group[groups]
 
 
 def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:

@@ -96,6 +96,7 @@ class Run:
     like_ema: dict
     hooks: Hooks
     ranks: Ranks
+    groups: np.ndarray | None    # near-duplicate group per position with iet.split: groups (MSR moves them whole)
 
 
 @dataclass
@@ -151,7 +152,16 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
     return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
                mitigations, out_dir, state_dir, run_fingerprint, init.state_dict(),
-               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks)
+               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks, _groups(params, plan, train))
+
+
+def _groups(params: Params, plan: Plan, train: ImageSet) -> np.ndarray | None:
+    """With iet.split: groups, the near-duplicate group of each position, which MSR moves whole."""
+    if params.iet.split != "groups" or plan.shards < 2:
+        return None
+    from pipeline.duplicates import near_duplicate_groups
+
+    return near_duplicate_groups(train.images, params.iet.near_duplicate).group
 
 
 def _resume(r: Run, shard: np.ndarray) -> Progress:
@@ -255,7 +265,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
                             derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
         profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
                       else progress.shard[:, None] == np.arange(r.plan.shards))
-        end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows)
+        end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows, r.groups)
         r.mitigations.end_round(end)
         metrics["profile_seconds"] = time.perf_counter() - t0
         if r.ranks.is_main:

@@ -1,9 +1,11 @@
 """split: seeded assignment of training samples to the K shards of IET."""
 
 import click
+import numpy as np
 
 from pipeline.config import load_params
 from pipeline.data import ImageSet
+from pipeline.duplicates import near_duplicate_groups
 from pipeline.ensemble import split_shards
 from pipeline.io import write_csv
 from stages import params_option, stage
@@ -17,10 +19,19 @@ from stages import params_option, stage
 def main(params_path, train_path, out):
     p = load_params(params_path)
     train = ImageSet.load(train_path)
-    shard = split_shards(train.labels, p.iet.shards, p.seeds.split)
+    groups = near_duplicate_groups(train.images, p.iet.near_duplicate) if p.iet.split == "groups" else None
+    shard = split_shards(train.labels, p.iet.shards, p.seeds.split, None if groups is None else groups.group)
     write_csv(out, [{"sample_id": i, "shard": s} for i, s in zip(train.ids.tolist(), shard.tolist())],
               ["sample_id", "shard"])
-    click.echo(f"split {len(train)} samples into {p.iet.shards} shards")
+    click.echo(f"split {len(train)} samples into {p.iet.shards} shards" + (_where(groups, shard) if groups is not None else ""))
+
+
+def _where(groups, shard) -> str:
+    """Where the duplicate groups went: each whole in one shard."""
+    dup = np.flatnonzero(groups.sizes > 1)
+    per_shard = np.bincount(shard[groups.representatives[dup]], minlength=shard.max() + 1)
+    return (f", {len(dup)} groups of near duplicates ({int(groups.sizes[dup].sum())} samples) kept whole: "
+            f"{per_shard.tolist()} groups per shard")
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ class RoundEnd:
     skip_rate: np.ndarray
     losses: np.ndarray
     score: Callable[[np.ndarray], np.ndarray]
+    groups: np.ndarray | None = None  # near-duplicate group of each position with iet.split: groups (they move whole)
     moves: list[dict] = field(default_factory=list)
 
 

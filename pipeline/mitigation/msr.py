@@ -48,23 +48,27 @@ def _next_reads(candidates: np.ndarray, shard: np.ndarray, sizes: np.ndarray, lo
 
 
 def redistribute(shard: np.ndarray, skip_rate: np.ndarray, losses: np.ndarray, cfg: MSRConfig,
-                 score=None, score_at_least: int = 1) -> tuple[np.ndarray, list[dict]]:
+                 score=None, score_at_least: int = 1, groups: np.ndarray | None = None) -> tuple[np.ndarray, list[dict]]:
     """Move memorization-prone samples (high AGC skip rate) to the shard whose proxy has the highest
     loss on them, i.e. fitted them least. losses[i, k] is sample i's loss under proxy k; only the
     rows of candidates whose shard can still give are read. Rows left NaN are filled in place by
     `score(positions) -> rows` when first needed, in batches of at least `score_at_least` rows
     (where that many remain), so a caller scores little more than the rows that are read. Shard
     sizes stay within size_bounds; a sample whose own proxy already has the highest loss stays.
-    Returns the new assignment (a copy: every sample in exactly one shard) and the moves."""
+    With `groups` (iet.split: groups) a candidate moves with every member of its group in its shard,
+    so groups stay whole. Returns the new assignment (a copy: every sample in exactly one shard) and
+    the moves, one row per sample moved."""
     n, k = losses.shape
     lo, hi = size_bounds(n, k, cfg.max_imbalance)
     shard = shard.copy()
     sizes = np.bincount(shard, minlength=k)
     candidates = msr_candidates(skip_rate, cfg)
+    moved = np.zeros(n, dtype=bool)
     moves = []
     for j, i in enumerate(candidates):
         src = shard[i]
-        if sizes[src] <= lo:
+        members = np.array([i]) if groups is None else np.flatnonzero((groups == groups[i]) & (shard == src))
+        if moved[i] or sizes[src] - len(members) < lo:
             continue
         if np.isnan(losses[i]).any():
             if score is None:
@@ -74,13 +78,12 @@ def redistribute(shard: np.ndarray, skip_rate: np.ndarray, losses: np.ndarray, c
         for dst in np.lexsort((np.arange(k), -losses[i])):  # highest loss first, ties by index
             if dst == src:
                 break
-            if sizes[dst] < hi:
-                shard[i] = dst
-                sizes[src] -= 1
-                sizes[dst] += 1
-                moves.append({"position": int(i), "from": int(src), "to": int(dst),
-                              "skip_rate": float(skip_rate[i]), "loss_from": float(losses[i, src]),
-                              "loss_to": float(losses[i, dst])})
+            if sizes[dst] + len(members) <= hi:
+                shard[members], moved[members] = dst, True
+                sizes[src] -= len(members)
+                sizes[dst] += len(members)
+                moves.extend({"position": int(m), "from": int(src), "to": int(dst), "skip_rate": float(skip_rate[i]),
+                              "loss_from": float(losses[i, src]), "loss_to": float(losses[i, dst])} for m in members)
                 break
     return shard, moves
 
@@ -90,5 +93,5 @@ class MSR(Mitigation):
 
     def end_round(self, end: RoundEnd) -> None:
         end.shard, moves = redistribute(end.shard, end.skip_rate, end.losses, self.cfg,
-                                        score=end.score, score_at_least=PROFILE_AT_LEAST)
+                                        score=end.score, score_at_least=PROFILE_AT_LEAST, groups=end.groups)
         end.moves.extend(moves)
