@@ -5,9 +5,9 @@ import numpy as np
 
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
+from pipeline.launch import train_model
 from pipeline.rounds import Plan
 from stages import params_option, stage
-from stages.train import train_model
 
 
 @click.command()

@@ -4,9 +4,9 @@ import click
 
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
+from pipeline.launch import read_shards, train_model
 from pipeline.rounds import Plan
 from stages import params_option, stage
-from stages.train import read_shards, train_model
 
 
 @click.command()

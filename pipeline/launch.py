@@ -1,5 +1,5 @@
-"""Shared body of the two training stages (baseline, iet): load inputs, run the round loop,
-report to MLflow."""
+"""What the two training stages (baseline, iet) share: read the shard assignment, run the round
+loop on every rank under a lock on its resume state, report to MLflow."""
 from __future__ import annotations
 
 import csv
