@@ -70,6 +70,7 @@ def local_path(source: str | Path) -> Path | None:
     return Path(text) if len(scheme) <= 1 else None
 
 
-def weights_dir(run_dir: str | Path, weights: str) -> Path:
-    """The saved model a training stage wrote for eval.weights: raw averaged weights or EMA."""
-    return Path(run_dir) / ("model" if weights == "raw" else "model_ema")
+def chosen_weights(model: str | Path, model_ema: str | Path, weights: str) -> Path:
+    """Of the two saved models a training stage writes, the one eval.weights names: raw averaged
+    weights or EMA."""
+    return Path(model if weights == "raw" else model_ema)

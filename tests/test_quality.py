@@ -130,8 +130,8 @@ def _params(tmp_path, **eval_):
 
 def test_fid_reference_stage_off_writes_only_a_marker_and_evaluate_skips(tmp_path):
     out = tmp_path / "ref"
-    result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=False),
-                                                     "--out", str(out)])
+    result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=False), "--train",
+                                                     "none.npz", "--heldout", "none.npz", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["info.json"]
     assert json.loads((out / "info.json").read_text())["inception"] is False
@@ -144,7 +144,8 @@ def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
     splits.heldout.subset(slice(0, 4)).save(data / "heldout.npz")
     out = tmp_path / "ref"
     result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=True),
-                                                     "--data", str(data), "--out", str(out)])
+                                                     "--train", str(data / "train.npz"),
+                                                     "--heldout", str(data / "heldout.npz"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     info = json.loads((out / "info.json").read_text())
     assert info["inception"] is True and info["train_images"] == 4 and info["heldout_fid"] > 0

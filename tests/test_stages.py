@@ -6,6 +6,7 @@ import yaml
 from click.testing import CliRunner
 
 from stages import evaluate, prepare, split
+from tiny import dvc_args
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -55,7 +56,7 @@ def test_prepare_then_split_on_the_digits_source(tmp_path):
 def test_evaluate_without_a_trained_model_says_what_is_missing(tmp_path, monkeypatch):
     _params(tmp_path)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(evaluate.main, ["baseline"])
+    result = CliRunner().invoke(evaluate.main, dvc_args("evaluate", "baseline"))
     assert result.exit_code == 1 and "runs/baseline/model" in result.output
 
 
@@ -74,3 +75,4 @@ def test_prepare_with_duplicates_records_them_and_split_shards_every_sample(tmp_
     result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards)])
     assert result.exit_code == 0, result.output
     assert len(np.genfromtxt(shards, delimiter=",", names=True, dtype=int)) == 48
+
