@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +55,12 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(rows)
+
+
+def publish(staged: str | Path, path: str | Path) -> None:
+    """Copy a finished file onto `path`, whole or not at all (from any folder or filesystem)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(staged, tmp)
 
 
 def read_json(path: str | Path):

@@ -93,7 +93,7 @@ def test_runs_on_different_data_have_different_dataset_digests(store, tmp_path):
 
 @pytest.mark.parametrize("command, args", [(baseline.main, dvc_args("baseline")), (iet.main, dvc_args("iet")),
                                            (evaluate.main, dvc_args("evaluate", "iet")),
-                                           (report.main, []), (register.main, dvc_args("register"))],
+                                           (report.main, dvc_args("report")), (register.main, dvc_args("register"))],
                          ids=["baseline", "iet", "evaluate", "report", "register"])
 def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monkeypatch, command, args):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", "dead"))
