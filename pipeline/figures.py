@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from PIL import Image
 
 from pipeline.data import to_uint8
@@ -124,6 +125,44 @@ def save_risk(rows: list[dict], path) -> None:
     ax.set_ylabel("baseline samples copying it")
     ax.legend(fontsize=7)
     _save_figure(fig, path)
+
+
+def save_curves(curves: dict[str, list[dict]], path, x_label: str, y_label: str,
+                reference: float | None = None) -> None:
+    """Memorization against quality over training: per model (label -> its rounds.csv rows) a line
+    through its checkpoints' (`fd`, `mem_ratio`) in training order, a larger marker at the last;
+    `reference`, the held-out images' ratio, as a dotted line."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    drawn = False
+    for i, (label, rows) in enumerate(curves.items()):
+        points = [(r["fd"], r["mem_ratio"]) for r in rows if math.isfinite(r["fd"]) and math.isfinite(r["mem_ratio"])]
+        if points:
+            fd, mem = zip(*points)
+            ax.plot(fd, mem, color=f"C{i}", linewidth=1, marker=".", markersize=4, label=label)
+            ax.plot(fd[-1:], mem[-1:], color=f"C{i}", marker="o", markersize=6)
+            drawn = True
+    if reference is not None and math.isfinite(reference):
+        ax.axhline(reference, color="k", linestyle=":", linewidth=1, label="held-out real images")
+    if drawn:
+        _log_x(ax)  # FD spans decades over training
+    else:
+        ax.text(0.5, 0.5, "no checkpoint curve (eval.curve_samples is 0)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title("Memorization vs quality over training: a point per checkpoint, large the last", fontsize=9)
+    _save_figure(fig, path)
+
+
+def _log_x(ax) -> None:
+    """A log x axis labelled with plain numbers at 1, 2, 5 x 10^k (not 10^k only, in math text)."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def save_ratio_histogram(gen_scores: dict, heldout_scores: dict, path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -56,6 +57,12 @@ def write_csv(path: str | Path, rows: list[dict], fields: list[str]) -> None:
         w.writerows(rows)
 
 
+def publish(staged: str | Path, path: str | Path) -> None:
+    """Copy a finished file onto `path`, whole or not at all (from any folder or filesystem)."""
+    with atomic_path(path) as tmp:
+        shutil.copyfile(staged, tmp)
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
@@ -70,6 +77,7 @@ def local_path(source: str | Path) -> Path | None:
     return Path(text) if len(scheme) <= 1 else None
 
 
-def weights_dir(run_dir: str | Path, weights: str) -> Path:
-    """The saved model a training stage wrote for eval.weights: raw averaged weights or EMA."""
-    return Path(run_dir) / ("model" if weights == "raw" else "model_ema")
+def chosen_weights(model: str | Path, model_ema: str | Path, weights: str) -> Path:
+    """Of the two saved models a training stage writes, the one eval.weights names: raw averaged
+    weights or EMA."""
+    return Path(model if weights == "raw" else model_ema)

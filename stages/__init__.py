@@ -55,6 +55,24 @@ def _close_runs(status: str) -> None:
         tracking.fail_open_runs(status)
 
 
+# The two models every stage after training compares, in the order a pair option takes them.
+MODELS = ("baseline", "iet")
+
+
 def params_option(fn):
     return click.option("--params", "params_path", default="params.yaml", show_default=True,
                         type=click.Path(dir_okay=False), help="parameter file")(fn)
+
+
+def path_option(*decls: str, help: str):
+    """A file or folder the stage reads or writes. Required and without a default: dvc.yaml's `cmd`
+    names every path a stage touches, so its files are declared there once."""
+    return click.option(*decls, required=True, type=click.Path(path_type=Path), help=help)
+
+
+def pair_option(*decls: str, help: str):
+    """A path_option of both MODELS (the baseline's, then the IET model's), given to the stage as a
+    dict model -> path."""
+    return click.option(*decls, required=True, nargs=2, type=click.Path(path_type=Path),
+                        callback=lambda ctx, param, value: dict(zip(MODELS, value)),
+                        help=f"{help}: the baseline's, then the IET model's")

@@ -5,21 +5,22 @@ import numpy as np
 
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
+from pipeline.launch import train_model
 from pipeline.rounds import Plan
-from stages import params_option, stage
-from stages.train import train_model
+from stages import params_option, path_option, stage
 
 
 @click.command()
 @params_option
-@click.option("--train", "train_path", default="data/prepared/train.npz", show_default=True)
-@click.option("--out", default="runs/baseline", show_default=True)
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--out", help="folder of the model, its checkpoints (rounds/), curves and train_info.json")
+@path_option("--resume", "state", help="folder of the resume state, kept while a run is unfinished")
 @stage
-def main(params_path, train_path, out):
+def main(params_path, train_path, out, state):
     p = load_params(params_path)
     resolve_device(p.train.device)  # an absent device fails here, before any work
     train = ImageSet.load(train_path)
-    train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out,
+    train_model("baseline", p, Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), out, state,
                 data={"train": train_path})
 
 

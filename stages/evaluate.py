@@ -12,10 +12,10 @@ from pipeline.data import ImageSet, to_uint8
 from pipeline.duplicates import duplicate_groups
 from pipeline.evaluation import ROUND_KEYS, EvalData, evaluate
 from pipeline.features import load_feature_net
-from pipeline.io import weights_dir, write_csv, write_json
+from pipeline.io import chosen_weights, write_csv, write_json
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 FILES = ("samples.png", "copies.png", "most_copied.png", "ratio_hist.png", "metrics.json", "rounds.csv", "copied.csv")
 COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
@@ -24,27 +24,31 @@ COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
 @click.command()
 @params_option
 @click.argument("model_name")
-@click.option("--data", "data_dir", default="data/prepared", show_default=True)
-@click.option("--features", "features_dir", default="runs/features/net", show_default=True)
-@click.option("--reference", "reference_dir", default="runs/fid_reference", show_default=True,
-              help="Inception statistics of the training set (fid_reference stage)")
-@click.option("--out", default=None, help="default: runs/eval/MODEL_NAME")
+@path_option("--model", "model_dir", help="the trained model's raw averaged weights")
+@path_option("--model-ema", "model_ema_dir", help="its EMA weights (evaluated with eval.weights=ema)")
+@path_option("--rounds", "rounds_dir", help="its per-round checkpoints: the curve over training")
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--heldout", "heldout_path", help="prepared held-out set (.npz)")
+@path_option("--pool", "pool_path", help="prepared image pool (.npz)")
+@path_option("--features", "features_dir", help="feature classifier (features stage)")
+@path_option("--reference", "reference_dir", help="Inception statistics of the training set (fid_reference stage)")
+@path_option("--out", help="folder of " + ", ".join(FILES) + " and samples.npz")
 @stage
-def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
+def main(params_path, model_name, model_dir, model_ema_dir, rounds_dir, train_path, heldout_path, pool_path,
+         features_dir, reference_dir, out):
     p = load_params(params_path)
     resolve_device(p.train.device)  # an absent device fails here, before the model is loaded
-    out = Path(out or f"runs/eval/{model_name}")
     torch.set_num_threads(p.train.threads)
-    unet, scheduler = load_pipeline(weights_dir(f"runs/{model_name}", p.eval.weights))
-    train, heldout, pool = (ImageSet.load(f"{data_dir}/{name}.npz") for name in ("train", "heldout", "pool"))
+    unet, scheduler = load_pipeline(chosen_weights(model_dir, model_ema_dir, p.eval.weights))
+    arrays = {"train": train_path, "heldout": heldout_path, "pool": pool_path}
+    train, heldout, pool = (ImageSet.load(path) for path in arrays.values())
     data = EvalData(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
-    result = evaluate(unet, scheduler, data, load_feature_net(features_dir), Path(reference_dir),
-                      Path(f"runs/{model_name}/rounds"), p)
+    result = evaluate(unet, scheduler, data, load_feature_net(features_dir), reference_dir, rounds_dir, p)
     _write(result, data, train.ids, out)
 
     tracker = Tracker(p)
     run_id = tracker.child(f"evaluate {model_name}")
-    tracker.log_data(run_id, {k: f"{data_dir}/{k}.npz" for k in ("train", "heldout", "pool")})
+    tracker.log_data(run_id, arrays)
     tracker.log_metrics(run_id, result.metrics)
     for i, row in enumerate(result.by_round, start=1):  # MLflow steps are integers: the checkpoint's index
         tracker.log_metrics(run_id, {("round_progress" if k == "round" else f"round_{k}"): v for k, v in row.items()},

@@ -7,15 +7,16 @@ from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.features import save_feature_net, train_feature_net
 from pipeline.io import write_json
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 
 @click.command()
 @params_option
-@click.option("--pool", "pool_path", default="data/prepared/pool.npz", show_default=True)
-@click.option("--out", default="runs/features", show_default=True)
+@path_option("--pool", "pool_path", help="prepared image pool (.npz)")
+@path_option("--net", "net_dir", help="folder the classifier is saved in")
+@path_option("--info", "info_path", help="its training summary (.json)")
 @stage
-def main(params_path, pool_path, out):
+def main(params_path, pool_path, net_dir, info_path):
     p = load_params(params_path)
     device = resolve_device(p.train.device)
     torch.set_num_threads(p.train.threads)
@@ -23,8 +24,8 @@ def main(params_path, pool_path, out):
     # the classifier trains on its images' device
     net, info = train_feature_net(pool.to_tensor().to(device), torch.from_numpy(pool.labels), p.data.channels,
                                   epochs=p.eval.classifier_epochs, seed=p.seeds.eval)
-    save_feature_net(net.cpu(), f"{out}/net")
-    write_json(f"{out}/info.json", info)
+    save_feature_net(net.cpu(), net_dir)
+    write_json(info_path, info)
     click.echo(f"feature classifier: {info}")
 
 

@@ -5,7 +5,6 @@ including the held-out images' FID/KID against the training set: the value a mod
 perfectly would get at this sample size.  With Inception off (eval.inception false, or auto on a
 machine without CUDA) only `info.json` is written, saying so, and the evaluations skip FID.
 """
-from pathlib import Path
 
 import click
 import torch
@@ -14,7 +13,7 @@ from pipeline import inception
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.io import write_json
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 STATS = "reference.safetensors"
 INFO = "info.json"
@@ -22,13 +21,13 @@ INFO = "info.json"
 
 @click.command()
 @params_option
-@click.option("--data", "data_dir", default="data/prepared", show_default=True)
-@click.option("--out", default="runs/fid_reference", show_default=True)
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--heldout", "heldout_path", help="prepared held-out set (.npz)")
+@path_option("--out", help=f"folder of {STATS} and {INFO}")
 @stage
-def main(params_path, data_dir, out):
+def main(params_path, train_path, heldout_path, out):
     p = load_params(params_path)
     resolve_device(p.train.device)  # an absent device fails here, before any work
-    out = Path(out)
     if not inception.resolve(p.eval.inception):
         out.mkdir(parents=True, exist_ok=True)
         (out / STATS).unlink(missing_ok=True)
@@ -39,8 +38,8 @@ def main(params_path, data_dir, out):
         return
 
     torch.set_num_threads(p.train.threads)
-    train = ImageSet.load(f"{data_dir}/train.npz").to_tensor()
-    heldout = ImageSet.load(f"{data_dir}/heldout.npz").to_tensor()
+    train = ImageSet.load(train_path).to_tensor()
+    heldout = ImageSet.load(heldout_path).to_tensor()
     device = str(resolve_device(p.train.device))
     quality = inception.InceptionQuality(inception.InceptionFeatures().to(device))
     quality.update(train, real=True)

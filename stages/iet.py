@@ -4,23 +4,24 @@ import click
 
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet
+from pipeline.launch import read_shards, train_model
 from pipeline.rounds import Plan
-from stages import params_option, stage
-from stages.train import read_shards, train_model
+from stages import params_option, path_option, stage
 
 
 @click.command()
 @params_option
-@click.option("--train", "train_path", default="data/prepared/train.npz", show_default=True)
-@click.option("--shards", "shards_path", default="runs/split/shards.csv", show_default=True)
-@click.option("--out", default="runs/iet", show_default=True)
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--shards", "shards_path", help="initial shard of every training sample (split stage)")
+@path_option("--out", help="folder of the model, its rounds (checkpoints, loss tables, moves), curves and train_info.json")
+@path_option("--resume", "state", help="folder of the resume state, kept while a run is unfinished")
 @stage
-def main(params_path, train_path, shards_path, out):
+def main(params_path, train_path, shards_path, out, state):
     p = load_params(params_path)
     resolve_device(p.train.device)  # an absent device fails here, before any work
     train = ImageSet.load(train_path)
     train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out,
-                data={"train": train_path})
+                state, data={"train": train_path})
 
 
 if __name__ == "__main__":

@@ -6,12 +6,12 @@ from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.duplicates import duplicate_groups
 from pipeline.io import write_csv, write_json
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 
 @click.command()
 @params_option
-@click.option("--out", default="data/prepared", show_default=True)
+@path_option("--out", help="folder of train.npz, heldout.npz, pool.npz, info.json (and copy_of.csv)")
 @stage
 def main(params_path, out):
     p = load_params(params_path)

@@ -1,17 +1,17 @@
 """register: log both final models under the pipeline's MLflow parent run and register them, the IET
 model as tracking.registry_name and the baseline as <registry_name>-baseline, each with the alias
-tracking.alias pointing at the new version. Writes runs/register/registered.json."""
+tracking.alias pointing at the new version; write what was registered (--out)."""
 import os
 
 import click
 
 from pipeline import registry, store
 from pipeline.config import load_params
-from pipeline.io import read_json, weights_dir, write_json
+from pipeline.io import chosen_weights, read_json, write_json
 from pipeline.metric_names import REGISTRY, shown_in
 from pipeline.store import tracking_uri
 from pipeline.tracking import Tracker
-from stages import params_option, stage
+from stages import pair_option, params_option, path_option, stage
 
 MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name
 HEADLINE = [m.key for m in shown_in(REGISTRY)]  # metrics the registered versions carry as tags
@@ -19,17 +19,21 @@ HEADLINE = [m.key for m in shown_in(REGISTRY)]  # metrics the registered version
 
 @click.command()
 @params_option
-@click.option("--out", default="runs/register/registered.json", show_default=True)
+@pair_option("--model", "model_dirs", help="raw averaged weights")
+@pair_option("--model-ema", "model_ema_dirs", help="EMA weights")
+@pair_option("--metrics", "metrics_paths", help="evaluate's metrics.json")
+@path_option("--out", help="what was registered (.json)")
 @stage
-def main(params_path, out):
+def main(params_path, model_dirs, model_ema_dirs, metrics_paths, out):
     p = load_params(params_path)
     store.fail_fast_http()
     uri = tracking_uri(p.tracking)
     try:
         store.check_store(uri, must_exist=False)
         # the weights that were evaluated, so the registered model is the one whose metrics it carries
-        dirs = {m: registry.find_pipeline_dir(weights_dir(f"runs/{m}", p.eval.weights)) for m in MODELS}
-        metrics = {m: read_json(f"runs/eval/{m}/metrics.json") for m in MODELS}
+        dirs = {m: registry.find_pipeline_dir(chosen_weights(model_dirs[m], model_ema_dirs[m], p.eval.weights))
+                for m in MODELS}
+        metrics = {m: read_json(metrics_paths[m]) for m in MODELS}
         tracker = Tracker(p)
         names = {m: p.tracking.registry_name + suffix for m, suffix in MODELS.items()}
         registry.claim_names(tracker.client, list(names.values()))

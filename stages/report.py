@@ -1,21 +1,25 @@
-"""report: the baseline vs the IET model (whatever variant it was trained as) in one table
-(terminal, markdown, MLflow parent run), then every variant in MLflow."""
+"""report: the baseline vs the IET model (whatever variant it was trained as), from their
+evaluations alone: one table (terminal, markdown, MLflow parent run), memorization at matched
+quality, both models' memorization-vs-quality curves over training and the images at risk.
+
+It reads only the files its options name (the stage's deps in dvc.yaml) and no other run in MLflow,
+so the same inputs give the same report whatever else the store holds; the comparison across
+experiments is `iet-agc tradeoff` and `iet-agc ablation`. It logs to MLflow, and puts its outputs in
+place only once everything, the logging included, has succeeded: a failed report writes none."""
+import tempfile
 from pathlib import Path
 
 import click
 
-from pipeline import figures, tradeoff
+from pipeline import figures
 from pipeline.comparison import RISK_FIELDS, at_matched_quality, read_rows, risk_table, skip_rates
+from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.duplicates import duplicate_groups
-from pipeline.config import load_params
-from pipeline.io import atomic_path, read_json, write_csv, write_json
-from pipeline.metric_names import REPORT, shown_in
-from pipeline.store import tracking_uri
+from pipeline.io import publish, read_json, write_csv, write_json
+from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker
-from stages import params_option, stage
-
-MODELS = ("baseline", "iet")
+from stages import MODELS, pair_option, params_option, path_option, stage
 
 
 def _table(rows: dict[str, dict]) -> str:
@@ -29,54 +33,96 @@ def _table(rows: dict[str, dict]) -> str:
 
 @click.command()
 @params_option
-@click.option("--out", default="reports", show_default=True)
+@pair_option("--metrics", "metrics_paths", help="evaluate's metrics.json")
+@pair_option("--train-info", "info_paths", help="the training stage's train_info.json")
+@pair_option("--curve", "curve_paths", help="evaluate's rounds.csv (memorization and FD at every checkpoint)")
+@pair_option("--samples", "samples_paths", help="evaluate's sample grid, logged to MLflow")
+@pair_option("--copies", "copies_paths", help="evaluate's copies beside their nearest training image, logged")
+@pair_option("--most-copied", "most_copied_paths", help="evaluate's most-copied training images, logged")
+@path_option("--copied", "copied_path", help="the baseline's copies per training image (evaluate's copied.csv)")
+@path_option("--skips", "rounds_dir", help="the IET run's rounds/ (AGC skip rates in each round's loss table)")
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--report", "report_path", help="the report (.md)")
+@path_option("--summary", "summary_path", help="every number of the report (.json)")
+@path_option("--curves", "curves_path", help="figure: both models' memorization vs quality over training (.png)")
+@path_option("--risk-table", "risk_csv", help="per unique training image: copies, loss, skip rate (.csv)")
+@path_option("--risk-figure", "risk_png", help="figure: IET's skip rate vs the baseline's copies (.png)")
 @stage
-def main(params_path, out):
+def main(params_path, metrics_paths, info_paths, curve_paths, samples_paths, copies_paths, most_copied_paths,
+         copied_path, rounds_dir, train_path, report_path, summary_path, curves_path, risk_csv, risk_png):
     p = load_params(params_path)
-    out = Path(out)
-    rows = {m: {**read_json(f"runs/eval/{m}/metrics.json"), **read_json(f"runs/{m}/train_info.json")}
-            for m in MODELS}
-    rows["baseline"]["variant"] = "baseline"
-    curves = {m: read_rows(f"runs/eval/{m}/rounds.csv") for m in MODELS}
-    for m in MODELS:
-        rows[m].update(at_matched_quality(curves["baseline"], curves[m]))
-    train = ImageSet.load("data/prepared/train.npz")
-    risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows("runs/eval/baseline/copied.csv"),
-                                 skip_rates("runs/iet/rounds", train.ids))
-    write_csv(out / "risk.csv", risk_rows, RISK_FIELDS)
-    figures.save_risk(risk_rows, out / "risk.png")
-    text = _text(p, rows, risk)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(text)
+    # everything is read and computed before anything is written
+    rows, curves = _rows(metrics_paths, info_paths, curve_paths)
+    train = ImageSet.load(train_path)
+    risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows(copied_path),
+                                 skip_rates(rounds_dir, train.ids))
+    names = {"curve": curve_paths["baseline"].name, "curves": curves_path.name, "risk_csv": risk_csv.name,
+             "risk_png": risk_png.name}
+    text = _text(p, rows, risk, names)
     numbers = {**{f"{m}.{k}": v for m, r in rows.items() for k, v in r.items() if _number(v)},
                **{f"risk.{k}": v for k, v in risk.items()}}
-    write_json(out / "summary.json", numbers)
+    writers = {report_path: lambda path: path.write_text(text),
+               summary_path: lambda path: write_json(path, numbers),
+               curves_path: lambda path: _save_curves(rows, curves, path),
+               risk_csv: lambda path: write_csv(path, risk_rows, RISK_FIELDS),
+               risk_png: lambda path: figures.save_risk(risk_rows, path)}
+    evaluation_files = {m: [curve_paths[m], samples_paths[m], copies_paths[m], most_copied_paths[m]] for m in MODELS}
+    _log_then_publish(p, writers, numbers, evaluation_files)
     click.echo(text)
 
+
+def _log_then_publish(p, writers: dict, numbers: dict, evaluation_files: dict[str, list[Path]]) -> None:
+    """Write each output (path -> its writer) into a staging folder, log them to MLflow, and only
+    then copy each into place, so that an error anywhere leaves none of them behind."""
+    with tempfile.TemporaryDirectory() as tmp:
+        # each under its own name, in a folder of its own: the name MLflow gives the artifact
+        staged = {dest: Path(tmp) / str(i) / dest.name for i, dest in enumerate(writers)}
+        for dest, write in writers.items():
+            staged[dest].parent.mkdir()
+            write(staged[dest])
+        tracker = _log(p, numbers, list(staged.values()), evaluation_files)
+        for dest, path in staged.items():
+            publish(path, dest)
+    tracker.finish(tracker.parent_id)
+
+
+def _rows(metrics_paths: dict, info_paths: dict, curve_paths: dict) -> tuple[dict[str, dict], dict[str, list]]:
+    """Per model: its final metrics, its training summary and its memorization at matched quality;
+    and its curve over training."""
+    rows = {m: {**read_json(metrics_paths[m]), **read_json(info_paths[m])} for m in MODELS}
+    rows["baseline"]["variant"] = "baseline"
+    curves = {m: read_rows(curve_paths[m]) for m in MODELS}
+    for m in MODELS:
+        rows[m].update(at_matched_quality(curves["baseline"], curves[m]))
+    return rows, curves
+
+
+def _save_curves(rows: dict[str, dict], curves: dict[str, list], path: Path) -> None:
+    figures.save_curves({rows[m]["variant"]: curves[m] for m in MODELS}, path,
+                        BY_KEY["fd"].axis_label + ", curve samples", BY_KEY["mem_ratio"].axis_label,
+                        reference=rows["baseline"].get("heldout_mem_ratio"))
+
+
+def _log(p, numbers: dict, outputs: list[Path], evaluation_files: dict[str, list[Path]]) -> Tracker:
+    """The report's numbers and files on the pipeline's MLflow parent run, and each model's
+    evaluation figures under <model>/: a parent whose baseline evaluation DVC kept cached (an
+    experiment that re-trains only the IET model) gets the baseline's too."""
     tracker = Tracker(p)
     tracker.log_metrics(tracker.parent_id, numbers)
-    # After logging this run's metrics, so that it is among the points.
-    points = tradeoff.main(tracking_uri(p.tracking), p.tracking.experiment, out / "tradeoff.png",
-                           current_run=tracker.parent_id)
-    with atomic_path(out / "report.md") as tmp:
-        tmp.write_text(text + "\n".join([
-            "", "## Every variant in MLflow", "",
-            f"Experiment `{p.tracking.experiment}`, oldest first; a baseline cached across experiments is listed "
-            "once. Figure: `tradeoff.png` (memorization ratio vs quality, Pareto front).", "",
-            tradeoff.markdown_table(points), ""]))
-    for name in ("report.md", "tradeoff.png", "risk.csv", "risk.png"):
-        tracker.log_artifact(tracker.parent_id, out / name)
-    for m in MODELS:
-        for name in ("samples.png", "copies.png", "most_copied.png", "rounds.csv"):
-            tracker.log_artifact(tracker.parent_id, f"runs/eval/{m}/{name}", f"{m}")
-    tracker.finish(tracker.parent_id)
+    for path in outputs:
+        tracker.log_artifact(tracker.parent_id, path)
+    for m, paths in evaluation_files.items():
+        for path in paths:
+            tracker.log_artifact(tracker.parent_id, path, m)
+    return tracker
 
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-def _text(p, rows: dict[str, dict], risk: dict) -> str:
+def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
+    """The markdown report; `names`: the file names it mentions (curve, curves, risk_csv, risk_png)."""
     variant = rows["iet"]["variant"]
     base, iet = rows["baseline"]["mem_ratio"], rows["iet"]["mem_ratio"]
     change = f"{(iet - base) / base:+.1%}" if base > 0 else "n/a (baseline ratio is 0)"
@@ -93,16 +139,20 @@ def _text(p, rows: dict[str, dict], risk: dict) -> str:
         "is closer than 1/3 of the second nearest. Held-out reference: the same for real images never trained "
         "on. Membership AUC: the loss attack's ROC AUC, training images against held-out ones (0.5: no leak).", "",
         "## At matched quality", "",
-        f"{variant}'s last curve point read against the baseline's memorization-vs-FD curve (`rounds.csv`): "
+        f"{variant}'s last curve point read against the baseline's memorization-vs-FD curve (`{names['curve']}`): "
         f"status `{matched['matched_quality_status']}`; memorization ratio {_signed(matched['mem_at_matched_quality'])} "
         f"against the baseline at the same FD ({_fmt(matched['baseline_mem_at_matched_quality'])}), mean NN1 "
         f"{_signed(matched['nn1_at_matched_quality'])}. Negative memorization (positive NN1) means it copies less "
-        "than a baseline stopped at the same quality; out of range means no baseline checkpoint has that FD.", "",
+        "than a baseline stopped at the same quality; out of range means no baseline checkpoint has that FD. "
+        f"`{names['curves']}`: both models' memorization ratio against FD at every checkpoint.", "",
         "## Which images are at risk", "",
-        f"{risk['risk_copied_images']} training images are copied by the baseline (`risk.csv`, `risk.png`). "
+        f"{risk['risk_copied_images']} training images are copied by the baseline (`{names['risk_csv']}`, `{names['risk_png']}`). "
         f"ROC AUC for predicting them: {variant}'s AGC skip rate {_fmt(risk['risk_skip_auc'])}, the baseline's "
         f"low per-image loss {_fmt(risk['risk_loss_auc'])} (0.5: chance). Mean skip rate of duplicated images "
-        f"{_fmt(risk['skip_rate_duplicated'])}, of unique ones {_fmt(risk['skip_rate_unique'])}.", ""])
+        f"{_fmt(risk['skip_rate_duplicated'])}, of unique ones {_fmt(risk['skip_rate_unique'])}.", "",
+        "## Across experiments", "",
+        "This report reads this run's files only. Every variant and experiment logged to MLflow, side by side: "
+        "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table).", ""])
 
 
 def _fmt(v) -> str:

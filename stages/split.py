@@ -8,13 +8,13 @@ from pipeline.data import ImageSet
 from pipeline.duplicates import near_duplicate_groups
 from pipeline.ensemble import split_shards
 from pipeline.io import write_csv
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 
 @click.command()
 @params_option
-@click.option("--train", "train_path", default="data/prepared/train.npz", show_default=True)
-@click.option("--out", default="runs/split/shards.csv", show_default=True)
+@path_option("--train", "train_path", help="prepared training set (.npz)")
+@path_option("--out", help="shard of every training sample (.csv)")
 @stage
 def main(params_path, train_path, out):
     p = load_params(params_path)

@@ -7,14 +7,14 @@ import click
 from pipeline.config import load_params
 from pipeline.io import atomic_path
 from pipeline.store import check_tracking
-from stages import params_option, stage
+from stages import params_option, path_option, stage
 
 MARKER = "params.yaml is valid\n"
 
 
 @click.command()
 @params_option
-@click.option("--out", default="runs/validate/params_ok", show_default=True)
+@path_option("--out", help="the marker written when the params are valid")
 @stage
 def main(params_path, out):
     check_tracking(load_params(params_path).tracking)  # a store MLflow would fail on, after training

@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, parse_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from stages import baseline, evaluate, features, fid_reference, iet
-from tiny import tiny
+from tiny import dvc_args, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -37,8 +37,8 @@ def test_auto_is_cuda_when_present_and_an_absent_gpu_is_a_config_error():
 
 
 @pytest.mark.parametrize("command, args", [
-    (features.main, []), (fid_reference.main, []), (baseline.main, []), (iet.main, []),
-    (evaluate.main, ["iet"]),
+    (features.main, dvc_args("features")), (fid_reference.main, dvc_args("fid_reference")),
+    (baseline.main, dvc_args("baseline")), (iet.main, dvc_args("iet")), (evaluate.main, dvc_args("evaluate", "iet")),
 ], ids=["features", "fid_reference", "baseline", "iet", "evaluate"])
 def test_every_computing_stage_refuses_an_absent_device_before_any_work(command, args, tmp_path, monkeypatch):
     """Each stage resolves train.device first: it stops in one line naming the key, before reading

@@ -17,10 +17,10 @@ from torch import nn
 
 from pipeline import inception, tradeoff
 from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
-from pipeline.data import ImageSet, prepare_splits
+from pipeline.data import prepare_splits
 from pipeline.tracking import Tracker
 from pipeline.evaluation import inception_scores
-from stages import fid_reference, report
+from stages import fid_reference
 
 N = 16
 
@@ -130,8 +130,8 @@ def _params(tmp_path, **eval_):
 
 def test_fid_reference_stage_off_writes_only_a_marker_and_evaluate_skips(tmp_path):
     out = tmp_path / "ref"
-    result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=False),
-                                                     "--out", str(out)])
+    result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=False), "--train",
+                                                     "none.npz", "--heldout", "none.npz", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in out.iterdir()) == ["info.json"]
     assert json.loads((out / "info.json").read_text())["inception"] is False
@@ -144,7 +144,8 @@ def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
     splits.heldout.subset(slice(0, 4)).save(data / "heldout.npz")
     out = tmp_path / "ref"
     result = CliRunner().invoke(fid_reference.main, ["--params", _params(tmp_path, inception=True),
-                                                     "--data", str(data), "--out", str(out)])
+                                                     "--train", str(data / "train.npz"),
+                                                     "--heldout", str(data / "heldout.npz"), "--out", str(out)])
     assert result.exit_code == 0, result.output
     info = json.loads((out / "info.json").read_text())
     assert info["inception"] is True and info["train_images"] == 4 and info["heldout_fid"] > 0
@@ -283,35 +284,3 @@ def test_tradeoff_of_an_empty_store_still_draws(tmp_path):
     png = tmp_path / "t.png"
     assert tradeoff.main(f"sqlite:///{tmp_path / 'empty.db'}", "nothing", png) == []
     assert png.stat().st_size > 0
-
-
-def test_report_stage_writes_the_figure_and_the_mlflow_table(store, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for m in ("baseline", "iet"):
-        (tmp_path / f"runs/eval/{m}").mkdir(parents=True)
-        (tmp_path / f"runs/{m}/model").mkdir(parents=True)
-        (tmp_path / f"runs/{m}/model/config.json").write_text("{}")
-        metrics = {**BASE, "official_below_0.15": 0.5, "mean_nn1": 2.0, "heldout_fd": 0.2}
-        (tmp_path / f"runs/eval/{m}/metrics.json").write_text(json.dumps(metrics))
-        (tmp_path / f"runs/{m}/train_info.json").write_text(json.dumps(
-            {"train_seconds": 1.0, "images_seen": 64, "shards": 4, "rounds": 2, "variant": "IET-AGC+"}))
-        for name in ("samples.png", "copies.png", "most_copied.png"):
-            Image.new("L", (8, 8)).save(tmp_path / f"runs/eval/{m}/{name}")
-        (tmp_path / f"runs/eval/{m}/rounds.csv").write_text(
-            "round,mem_ratio,mean_nn1,official_below_0.15,fd,kid\n1,0.1,3.0,0.2,4.0,0.1\n2,0.5,2.0,0.6,2.0,0.05\n")
-    (tmp_path / "runs/eval/baseline/copied.csv").write_text(
-        "sample_id,group,size,copies,nearest,loss\n0,0,1,3,5,0.1\n1,1,1,0,1,0.4\n")
-    ImageSet(images=np.stack([np.zeros((1, 4, 4), np.uint8), np.ones((1, 4, 4), np.uint8)]), labels=np.zeros(2),
-             ids=np.arange(2)).save(tmp_path / "data/prepared/train.npz")
-    raw = Params(tracking=TrackingConfig(uri=store)).model_dump(mode="json")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(report.main, [])
-    assert result.exit_code == 0, result.output
-    text = (tmp_path / "reports/report.md").read_text()
-    assert "| model | memorization ratio" in text  # the existing table stays
-    assert "## Every variant in MLflow" in text and "| IET |" in text and "IET-AGC+" in text
-    assert (tmp_path / "reports/tradeoff.png").stat().st_size > 0
-    # matched at FD 2.0, the baseline's own last point: no difference; no loss table, no skip rates
-    summary = json.loads((tmp_path / "reports/summary.json").read_text())
-    assert summary["iet.mem_at_matched_quality"] == pytest.approx(0.0)
-    assert summary["risk.risk_copied_images"] == 1 and (tmp_path / "reports/risk.csv").is_file()

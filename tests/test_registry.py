@@ -21,7 +21,7 @@ from pipeline import registry  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from pipeline.store import StoreError  # noqa: E402
 from stages import register as register_stage  # noqa: E402
-from tiny import arch  # noqa: E402
+from tiny import arch, dvc_args  # noqa: E402
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = arch()
@@ -161,7 +161,7 @@ def _project(root: Path, uri: str, **tracking) -> Path:
 def test_register_stage_registers_both_models_under_the_parent_run(store, tmp_path, monkeypatch):
     client = store[0]
     monkeypatch.chdir(_project(tmp_path, client.tracking_uri, registry_name="proj"))
-    result = CliRunner().invoke(register_stage.main, [])
+    result = CliRunner().invoke(register_stage.main, dvc_args("register"))
     assert result.exit_code == 0, result.output
     assert "models:/proj@candidate -> version 1" in result.output
     out = json.loads(Path("runs/register/registered.json").read_text())
@@ -180,7 +180,7 @@ def test_register_stage_refuses_a_foreign_name_and_keeps_the_models(store, tmp_p
     client = store[0]
     client.create_registered_model("theirs")
     monkeypatch.chdir(_project(tmp_path, client.tracking_uri, registry_name="theirs"))
-    result = CliRunner().invoke(register_stage.main, [])
+    result = CliRunner().invoke(register_stage.main, dvc_args("register"))
     assert result.exit_code == 1
     assert "'theirs'" in result.output and "not created by this project" in result.output
     assert not client.search_model_versions("name = 'theirs'")
@@ -191,7 +191,7 @@ def test_register_stage_refuses_a_foreign_name_and_keeps_the_models(store, tmp_p
 def test_register_stage_with_unreachable_server_stops_quickly(tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9"))
     start = time.monotonic()
-    result = CliRunner().invoke(register_stage.main, [])
+    result = CliRunner().invoke(register_stage.main, dvc_args("register"))
     assert result.exit_code == 1 and "http://127.0.0.1:9 cannot be reached" in result.output
     assert time.monotonic() - start < 10
     assert Path("runs/iet/model/model_index.json").is_file()
@@ -199,5 +199,5 @@ def test_register_stage_with_unreachable_server_stops_quickly(tmp_path, monkeypa
 
 def test_register_stage_rejects_a_bad_alias_before_touching_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", alias="v3"))
-    result = CliRunner().invoke(register_stage.main, [])
+    result = CliRunner().invoke(register_stage.main, dvc_args("register"))
     assert result.exit_code == 1 and "tracking.alias" in result.output

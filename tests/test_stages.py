@@ -1,4 +1,5 @@
-"""Stage commands as a user runs them: bad input stops with a message naming it, exit 1, no output."""
+"""Stage commands as a user runs them: bad input stops with a message naming it, exit 1, no output;
+and dvc.yaml, the one place that names each stage's files."""
 from pathlib import Path
 
 import numpy as np
@@ -6,6 +7,8 @@ import yaml
 from click.testing import CliRunner
 
 from stages import evaluate, prepare, split
+from test_imports import _stages
+from tiny import dvc_args, dvc_paths
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 
@@ -55,7 +58,7 @@ def test_prepare_then_split_on_the_digits_source(tmp_path):
 def test_evaluate_without_a_trained_model_says_what_is_missing(tmp_path, monkeypatch):
     _params(tmp_path)
     monkeypatch.chdir(tmp_path)
-    result = CliRunner().invoke(evaluate.main, ["baseline"])
+    result = CliRunner().invoke(evaluate.main, dvc_args("evaluate", "baseline"))
     assert result.exit_code == 1 and "runs/baseline/model" in result.output
 
 
@@ -74,3 +77,23 @@ def test_prepare_with_duplicates_records_them_and_split_shards_every_sample(tmp_
     result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards)])
     assert result.exit_code == 0, result.output
     assert len(np.genfromtxt(shards, delimiter=",", names=True, dtype=int)) == 48
+
+
+VALIDATED = "runs/validate/params_ok"  # a dependency of every stage that none reads: it orders them after validate
+
+
+def test_every_file_of_a_stage_is_on_its_command_line_in_dvc_yaml():
+    """Each input exactly, each output or the folder it is in; and no path there that dvc.yaml
+    does not declare (but the resume state, which is no output: DVC would delete it)."""
+    for name, spec in _stages().items():
+        words = spec["cmd"].split()
+        inputs = [d for d in dvc_paths(spec.get("deps")) if d.split("/")[0] not in ("pipeline", "stages")
+                  and d != VALIDATED]
+        outputs = [o for key in ("outs", "metrics", "plots") for o in dvc_paths(spec.get(key))]
+        unpassed = [d for d in inputs if d not in words]
+        assert not unpassed, f"stage {name}: inputs not on its cmd line: {unpassed}"
+        unnamed = [o for o in outputs if not any(o == w or o.startswith(w + "/") for w in words)]
+        assert not unnamed, f"stage {name}: outputs not on its cmd line: {unnamed}"
+        undeclared = [w for w in words if "/" in w and not w.startswith("runs/.resume/") and w not in inputs
+                      and not any(o == w or o.startswith(w + "/") for o in outputs)]
+        assert not undeclared, f"stage {name}: paths on its cmd line that dvc.yaml does not declare: {undeclared}"

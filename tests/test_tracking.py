@@ -13,7 +13,7 @@ from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.tracking import PARENT_KEY, Tracker
 from stages import baseline, evaluate, iet, register, report
-from tiny import tiny
+from tiny import dvc_args, tiny
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, eval={'ddim_steps': 4}, train={'batch_size': 4, 'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1})
@@ -48,13 +48,13 @@ def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store
     Path("runs/.resume").mkdir(parents=True)
     with open("runs/.resume/baseline.lock", "w") as held:  # another trainer: the stage must stop
         fcntl.flock(held, fcntl.LOCK_EX)
-        result = CliRunner().invoke(baseline.main, [])
+        result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
     assert result.exit_code == 1 and "already training baseline" in result.output
     runs = _runs(store, "fail")
     parent = next(r for r in runs if PARENT_KEY in r.data.tags)
     assert {r.info.status for r in runs} == {"FAILED"}, {r.info.run_name: r.info.status for r in runs}
 
-    result = CliRunner().invoke(baseline.main, [])
+    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
     assert result.exit_code == 0, result.output
     runs = _runs(store, "fail")
     again = [r for r in runs if PARENT_KEY in r.data.tags]
@@ -78,7 +78,7 @@ def test_a_killed_attempts_run_is_marked_killed_when_the_stage_runs_again(store,
 
 def test_training_runs_record_their_data_and_system_metrics(store, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, store, "provenance"))
-    result = CliRunner().invoke(baseline.main, [])
+    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
     assert result.exit_code == 0, result.output
     (run,) = [r for r in _runs(store, "provenance") if r.info.run_name == "baseline"]
     (used,) = run.inputs.dataset_inputs
@@ -103,8 +103,9 @@ def test_runs_on_different_data_have_different_dataset_digests(store, tmp_path):
     assert digests[0] != digests[1]
 
 
-@pytest.mark.parametrize("command, args", [(baseline.main, []), (iet.main, []), (evaluate.main, ["iet"]),
-                                           (report.main, []), (register.main, [])],
+@pytest.mark.parametrize("command, args", [(baseline.main, dvc_args("baseline")), (iet.main, dvc_args("iet")),
+                                           (evaluate.main, dvc_args("evaluate", "iet")),
+                                           (report.main, dvc_args("report")), (register.main, dvc_args("register"))],
                          ids=["baseline", "iet", "evaluate", "report", "register"])
 def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monkeypatch, command, args):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", "dead"))
@@ -123,7 +124,7 @@ def test_a_dp_sgd_run_logs_its_variant_and_epsilon(store, tmp_path, monkeypatch)
     (root / "runs/split").mkdir(parents=True)
     (root / "runs/split/shards.csv").write_text("sample_id,shard\n" + "".join(f"{i},0\n" for i in range(8)))
     monkeypatch.chdir(root)
-    result = CliRunner().invoke(iet.main, [])
+    result = CliRunner().invoke(iet.main, dvc_args("iet"))
     assert result.exit_code == 0, result.output
     (run,) = [r for r in _runs(store, "dp") if r.info.run_name == "iet"]
     assert run.data.params["variant"] == "DP-SGD (sigma=1.0)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -35,6 +36,24 @@ def arch(**changes):
     from pipeline.config import ModelConfig
 
     return ModelConfig(**{**ARCH, **changes})
+
+
+def dvc_stage(stage: str) -> dict:
+    """A stage's definition in dvc.yaml (a foreach stage's `do` block)."""
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"][stage]
+    return spec.get("do", spec)
+
+
+def dvc_paths(entries) -> list[str]:
+    """The paths of a stage's deps, outs, metrics or plots list (each entry a path or {path: options})."""
+    return [e if isinstance(e, str) else next(iter(e)) for e in entries or []]
+
+
+def dvc_args(stage: str, item: str | None = None) -> list[str]:
+    """The arguments dvc.yaml gives the stage's module (`item`: a foreach stage's), so that a test
+    calling the stage's click main passes the paths `dvc repro` passes."""
+    words = shlex.split(dvc_stage(stage)["cmd"].replace("${item}", item or ""))
+    return words[words.index("-m") + 2:]
 
 
 def run(args, cwd, env, ok=True) -> str:

@@ -1,5 +1,5 @@
-"""Shared body of the two training stages (baseline, iet): load inputs, run the round loop,
-report to MLflow."""
+"""What the two training stages (baseline, iet) share: read the shard assignment, run the round
+loop on every rank under a lock on its resume state, report to MLflow."""
 from __future__ import annotations
 
 import csv
@@ -16,7 +16,7 @@ from pipeline.distributed import Ranks
 from pipeline.tracking import Tracker, TrainingHooks
 
 
-def read_shards(path: str, train: ImageSet) -> np.ndarray:
+def read_shards(path: str | Path, train: ImageSet) -> np.ndarray:
     with open(path, newline="") as f:
         table = {int(r["sample_id"]): int(r["shard"]) for r in csv.DictReader(f)}
     missing = set(train.ids.tolist()) - table.keys()
@@ -25,12 +25,13 @@ def read_shards(path: str, train: ImageSet) -> np.ndarray:
     return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
 
 
-def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str,
-                data: dict[str, str] | None = None) -> None:
-    """Under `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
-    `data`: the files read, MLflow dataset context -> path."""
+def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str | Path,
+                state: str | Path, data: dict[str, str | Path] | None = None) -> None:
+    """Train into `out`, resuming from and saving to the folder `state` after each round. Under
+    `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
+    `name`: the MLflow run's; `data`: the files read, MLflow dataset context -> path."""
     ranks = Ranks.from_environment(p.train.device)
-    state = Path("runs/.resume") / name
+    state = Path(state)
     if not ranks.is_main:
         rounds.run(p, plan, train, shard, out, state, ranks=ranks)
         return
@@ -43,7 +44,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     state.parent.mkdir(parents=True, exist_ok=True)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
-    with open(state.with_name(name + ".lock"), "w") as lock:
+    with open(state.with_name(state.name + ".lock"), "w") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
