@@ -23,7 +23,8 @@ def main(params_path, train_path, out):
     shard = split_shards(train.labels, p.iet.shards, p.seeds.split, None if groups is None else groups.group)
     write_csv(out, [{"sample_id": i, "shard": s} for i, s in zip(train.ids.tolist(), shard.tolist())],
               ["sample_id", "shard"])
-    click.echo(f"split {len(train)} samples into {p.iet.shards} shards" + (_where(groups, shard) if groups is not None else ""))
+    where = _where(groups, shard) if groups is not None else ""
+    click.echo(f"split {len(train)} samples into {p.iet.shards} shards{where}")
 
 
 def _where(groups, shard) -> str:
