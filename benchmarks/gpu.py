@@ -69,7 +69,7 @@ def _params(model: dict | str, k: int, batch: int, steps: int, precision: str, d
     # a shard of exactly one batch: local_epochs is then the steps per proxy and round
     raw["data"].update(train_size=k * batch, duplicates={"images": 0, "copies": 16})  # no extra samples
     raw["iet"].update(shards=k, rounds=1, local_epochs=steps)
-    raw["train"].update(batch_size=batch, mixed_precision=precision, device=device, warmup_steps=1)
+    raw["train"].update(batch_size=batch, mixed_precision=precision, device=device, warmup_share=0.01)
     raw["eval"].update(ddim_steps=min(raw["eval"]["ddim_steps"], raw["model"]["num_train_timesteps"]))
     return parse_params(raw)
 

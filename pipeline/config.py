@@ -112,7 +112,7 @@ class ModelConfig(_Group):
 class TrainConfig(_Group):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    warmup_share: float = Field(0.015, ge=0, lt=1)  # of each model's optimizer steps (official: ~1.5% for both)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     threads: int = Field(2, ge=1)

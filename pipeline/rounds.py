@@ -29,7 +29,7 @@ from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
 from pipeline.seeds import derived_seed
-from pipeline.training import OneProxy, Proxy, RoundCounts, new_proxy, train_steps
+from pipeline.training import OneProxy, Proxy, RoundCounts, new_proxy, train_steps, warmup_steps
 
 
 @dataclass(frozen=True)
@@ -144,8 +144,10 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     seed = params.seeds.train
     init = initial_unet(params, seed)
     owned = ranks.owned(plan.shards)
-    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device) for k in owned}
-    mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device)
+    steps = plan.rounds * plan.steps_per_round  # of each proxy
+    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) for k in owned}
+    mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device,
+                              warmup_steps(params, steps))
     for k, proxy in proxies.items():
         mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus

@@ -48,7 +48,16 @@ class RoundCounts:
         self.skipped.index_add_(0, positions, (~keep).long())
 
 
-def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu") -> Proxy:
+def warmup_steps(params: Params, steps: int) -> int:
+    """LR warmup of a model that takes `steps` optimizer steps: train.warmup_share of them, so the
+    baseline and every proxy warm up for the same share of their training (a fixed count would eat
+    a third of a short proxy's)."""
+    return round(params.train.warmup_share * steps)
+
+
+def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu",
+              steps: int = 0) -> Proxy:
+    """A proxy that will take `steps` optimizer steps in all (its warmup is a share of them)."""
     model = copy.deepcopy(init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
     device = torch.device(device)
@@ -58,7 +67,7 @@ def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device
         # whose rounding the pinned weights were made with
         ema=EMAModel(model.parameters(), decay=params.train.ema_decay, foreach=device.type != "cpu"),
         optimizer=optimizer,
-        lr_schedule=get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=params.train.warmup_steps),
+        lr_schedule=get_scheduler("constant_with_warmup", optimizer, num_warmup_steps=warmup_steps(params, steps)),
         # draws on the device: no batch, noise or timestep is made on the host and copied over
         generator=torch.Generator(device).manual_seed(seed),
         scaler=torch.amp.GradScaler(device.type, enabled=params.train.mixed_precision == "fp16"),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_the_baseline_saves_k_checkpoints_a_round_in_training_order(tmp_path):
     p = parse_params({"data": {"train_size": 12, "resolution": 8},
                       "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
-                      "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1},
+                      "train": {"batch_size": 8, "warmup_share": 0.05, "threads": 1},
                       "eval": {"ddim_steps": 10}, "iet": {"shards": 3, "rounds": 2, "local_epochs": 4}})
     g = np.random.default_rng(0)
     train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,

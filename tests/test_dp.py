@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 TINY = {"data": {"train_size": 16, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},
-        "train": {"batch_size": 8, "warmup_steps": 2, "threads": 1, "device": "cpu"},
+        "train": {"batch_size": 8, "warmup_share": 0.05, "threads": 1, "device": "cpu"},
         "iet": {"shards": 1, "rounds": 2, "local_epochs": 6},
         "agc": {"enabled": False},
         "dp": {"enabled": True, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "delta": 1e-3}}
@@ -65,7 +65,7 @@ def test_without_noise_or_clipping_a_private_step_is_the_plain_step():
     above that rounding it is the same to ~1e-6 lr; for the few whose exact gradient is zero (a bias
     before a GroupNorm) g is rounding noise (~1e-9) of either sign and the update +-lr either way, so
     those are left out of the comparison of updates."""
-    p = _params(train={"grad_clip": 1e9, "warmup_steps": 0, "lr": 1e-3})
+    p = _params(train={"grad_clip": 1e9, "warmup_share": 0, "lr": 1e-3})
     plain, plain_grad = _step(p, None)
     same, same_grad = _step(p, (0.0, 1e9))
     assert (same_grad - plain_grad).norm() <= 1e-5 * plain_grad.norm()

@@ -23,7 +23,7 @@ TINY = {
     "data": {"source": "mnist5k", "path": None, "train_size": 16, "heldout_size": 16, "resolution": 8, "channels": 1},
     "model": {"block_out_channels": [8, 16], "layers_per_block": 1, "attention": False,
               "num_train_timesteps": 10},  # few timesteps: the per-timestep AGC banks fill within a tiny run
-    "train": {"batch_size": 8, "lr": 1e-3, "warmup_steps": 2, "grad_clip": 1.0, "ema_decay": 0.9, "threads": 1},
+    "train": {"batch_size": 8, "lr": 1e-3, "warmup_share": 0.05, "grad_clip": 1.0, "ema_decay": 0.9, "threads": 1},
     "iet": {"shards": 2, "rounds": 2, "local_epochs": 8},  # enough steps for tau to change the masks
     "eval": {"num_samples": 16, "ddim_steps": 4, "batch_size": 16, "weights": "raw", "classifier_epochs": 1,
              "curve_samples": 8},

@@ -14,7 +14,7 @@ from pipeline.pretrained import initial_unet
 from tiny import arch, tiny
 
 ARCH = arch()
-TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_steps': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
+TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_share': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
 
 
 @pytest.fixture(scope="module")

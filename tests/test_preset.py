@@ -80,7 +80,7 @@ def test_cpu_smoke_run_of_the_preset_on_tiny_data(tmp_path):
     raw = yaml.safe_load(_merged(tmp_path).read_text())
     raw["data"].update(path=str(tmp_path / "images"), train_size=20, heldout_size=4)
     raw["model"]["block_out_channels"] = [32, 64, 64, 64]
-    raw["train"].update(batch_size=4, warmup_steps=1, threads=1, device="cpu")
+    raw["train"].update(batch_size=4, warmup_share=0.05, threads=1, device="cpu")
     raw["iet"].update(rounds=1, local_epochs=0.5)
     (tmp_path / "smoke.yaml").write_text(yaml.safe_dump(raw))
     p = load_params(tmp_path / "smoke.yaml")

@@ -16,7 +16,7 @@ from stages import baseline, evaluate, iet, register, report
 from tiny import dvc_args, tiny
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
-TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, eval={'ddim_steps': 4}, train={'batch_size': 4, 'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1})
+TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, eval={'ddim_steps': 4}, train={'batch_size': 4, 'warmup_share': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1})
 
 
 @pytest.fixture(scope="module")

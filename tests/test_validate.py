@@ -11,7 +11,7 @@ from stages import validate
 from tiny import project_copy, run, tiny
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, train={'warmup_steps': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1}, msr={'enabled': False}, eval={'ddim_steps': 4})
+TINY = tiny(data={'train_size': 8, 'heldout_size': 4}, train={'warmup_share': 0}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 1}, msr={'enabled': False}, eval={'ddim_steps': 4})
 
 
 def _run(args, cwd, env, ok=True):

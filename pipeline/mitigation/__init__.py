@@ -133,12 +133,12 @@ class Mitigations:
     """The active mitigations of one run; each hook calls theirs in registry order."""
 
     def __init__(self, names: tuple[str, ...], params, samples: int, proxies: tuple[int, ...],
-                 device: torch.device | str = "cpu"):
+                 device: torch.device | str = "cpu", warmup_steps: int = 0):
         built: dict[str, Mitigation] = {}
         for name in names:
             entry = REGISTRY[name]
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
-                          torch.device(device), params.train.batch_size, params.train.warmup_steps,
+                          torch.device(device), params.train.batch_size, warmup_steps,
                           derived_seed(params.seeds.train, AMBIENT))
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
