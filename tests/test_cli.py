@@ -75,7 +75,7 @@ def test_same_seed_same_images_from_registry_and_local_directory(model, tmp_path
      ["http://127.0.0.1:9 cannot be reached"]),
     (["--model", "no/such/dir"], ["no/such/dir", "no such model directory"]),
     (["--model", "LOCAL", "--steps", "50"], ["--steps", "10 training timesteps"]),
-    (["--model", "LOCAL", "--device", "cuda:99"], ["--device", "'cuda:99': CUDA is not available here"]),
+    (["--model", "LOCAL", "--device", "cuda:99"], ["--device", "'cuda:99' is not available here"]),
     (["--model", "LOCAL", "--device", "gpu0"], ["--device", "'gpu0' is not a torch device"]),
 ])
 def test_errors_name_the_problem_and_exit_non_zero(model, tmp_path, args, words):
