@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REPORT, ABLATION, REGISTRY = "report", "ablation", "registry"
+REPORT, ABLATION, MODEL_TAGS = "report", "ablation", "model_tags"  # MODEL_TAGS: on registered versions
 
 
 @dataclass(frozen=True)
@@ -32,20 +32,20 @@ class MetricSpec:
 
 
 METRICS = (
-    MetricSpec("mem_ratio", "memorization ratio", ".3f", True, (REPORT, ABLATION, REGISTRY)),
-    MetricSpec("heldout_mem_ratio", "held-out reference", ".3f", None, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("mem_ratio", "memorization ratio", ".3f", True, (REPORT, ABLATION, MODEL_TAGS)),
+    MetricSpec("heldout_mem_ratio", "held-out reference", ".3f", None, (REPORT, ABLATION, MODEL_TAGS)),
     MetricSpec("official_below_0.15", "official score < 0.15", ".3f", True, (REPORT, ABLATION)),
     MetricSpec("mean_nn1", "mean NN1 distance", ".2f", False, (REPORT, ABLATION)),
-    MetricSpec("distinct_copied", "distinct images copied", "d", True, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("distinct_copied", "distinct images copied", "d", True, (REPORT, ABLATION, MODEL_TAGS)),
     MetricSpec("copies_on_duplicated_share", "copies on duplicated images", ".2f", None, (REPORT, ABLATION)),
     MetricSpec("mem_at_matched_quality", "memorization at matched FD (vs baseline)", "+.3f", True, (REPORT, ABLATION)),
     MetricSpec("nn1_at_matched_quality", "NN1 at matched FD (vs baseline)", "+.2f", False, (ABLATION,)),
-    MetricSpec("mia_auc", "membership AUC (loss attack)", ".3f", True, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("mia_auc", "membership AUC (loss attack)", ".3f", True, (REPORT, ABLATION, MODEL_TAGS)),
     MetricSpec("mia_tpr_at_1fpr", "membership TPR at 1% FPR", ".3f", True, (ABLATION,)),
     MetricSpec("pia_auc", "membership AUC (PIA)", ".3f", True, (ABLATION,)),
-    MetricSpec("fd", "feature FD", ".2f", True, (REPORT, ABLATION, REGISTRY)),
+    MetricSpec("fd", "feature FD", ".2f", True, (REPORT, ABLATION, MODEL_TAGS)),
     MetricSpec("heldout_fd", "held-out FD", ".2f", None, (REPORT,)),
-    MetricSpec("kid", "feature KID", ".3f", True, (ABLATION, REGISTRY)),
+    MetricSpec("kid", "feature KID", ".3f", True, (ABLATION, MODEL_TAGS)),
     MetricSpec("fid", "Inception FID", ".1f", True, (ABLATION,)),
     MetricSpec("train_seconds", "train seconds", ".0f", None, (REPORT, ABLATION)),
     MetricSpec("dp_epsilon", "DP epsilon (delta = dp.delta)", ".1f", None, (ABLATION,)),

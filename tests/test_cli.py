@@ -13,7 +13,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipeline import registry  # noqa: E402
+from pipeline import model_registry  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch  # noqa: E402
@@ -30,8 +30,8 @@ def model(tmp_path_factory):
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("t", artifact_location=(root / "artifacts").as_uri())
     run = client.create_run(exp)
-    registry.claim_names(client, ["tiny"])
-    registry.register(client, run.info.run_id, root / "model", "tiny", "candidate", label="iet")
+    model_registry.claim_names(client, ["tiny"])
+    model_registry.register(client, run.info.run_id, root / "model", "tiny", "candidate", label="iet")
     return root / "model", uri
 
 
