@@ -25,8 +25,7 @@ from mlflow import MlflowClient
 
 from pipeline import mitigation
 from pipeline.comparison import at_matched_quality
-from pipeline.matched import METRIC_NAMES as MATCHED
-from pipeline.metric_names import ABLATION, shown_in
+from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 from pipeline.tradeoff import curve_rows, variant
 
@@ -112,7 +111,7 @@ def _match_quality(records: list[dict]) -> None:
         if rec["model"] == "baseline" or base is None or not base["curve"] or not rec["curve"]:
             continue
         matched = at_matched_quality(base["curve"], rec["curve"])
-        rec["metrics"].update({k: matched[k] for k in MATCHED})
+        rec["metrics"].update({k: v for k, v in matched.items() if k in BY_KEY})  # not its status
 
 
 def table(records: list[dict]) -> list[dict]:
@@ -162,13 +161,13 @@ def differs(values: list[float], reference: list[float] | None) -> bool:
 
 
 def _cell(row: dict, metric, baseline: dict | None) -> str:
-    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.key in MATCHED):
+    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.vs_baseline):
         return "-"  # the baseline against its own curve is the reference, not a result
     mean, sd, n, vals = row["stats"][metric.key]
     text = metric.format(mean) + ("" if math.isnan(sd) else f" ± {metric.format(sd).lstrip('+')}")
     if row["variant"] == "baseline":
         return text
-    if metric.key in MATCHED:  # already a difference from the baseline
+    if metric.vs_baseline:
         return text + (MARK if differs(vals, None) else "")
     if baseline is not None and metric.key in baseline["stats"] and differs(vals, baseline["stats"][metric.key][3]):
         return text + MARK

@@ -18,6 +18,7 @@ from torch import nn
 from pipeline import inception, tradeoff
 from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
 from pipeline.data import ImageSet, prepare_splits
+from pipeline.metric_names import BY_KEY
 from pipeline.tracking import Tracker
 from pipeline.evaluation import inception_scores
 from stages import fid_reference, report
@@ -152,6 +153,7 @@ def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
     scores = inception_scores(splits.heldout.subset(slice(0, 4)).to_tensor(), out, 0)
     assert scores["fid"] == pytest.approx(info["heldout_fid"], rel=1e-6)
     assert scores["heldout_fid"] == info["heldout_fid"]
+    assert set(scores) - BY_KEY.keys() == set()  # every key the evaluation reports is in the metric list
 
 
 def test_missing_reference_names_the_stage(tmp_path):
@@ -196,6 +198,7 @@ def test_sscd_calibration_rule():
     assert 0.95 < s["sscd_threshold"] <= 1.0
     assert s["sscd_above"] == pytest.approx(1 / 3) or s["sscd_above"] == pytest.approx(2 / 3)
     assert 0 <= s["heldout_sscd_above"] <= 0.05  # on the half not used to set the threshold
+    assert set(s) - BY_KEY.keys() == set()  # every key the evaluation reports is in the metric list
 
 
 # ------------------------------------------------------------------------- memorization vs quality
