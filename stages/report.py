@@ -4,7 +4,8 @@ from pathlib import Path
 
 import click
 
-from pipeline import figures, tradeoff
+from commands import tradeoff
+from pipeline import figures
 from pipeline.comparison import RISK_FIELDS, at_matched_quality, read_rows, risk_table, skip_rates
 from pipeline.data import ImageSet
 from pipeline.duplicates import duplicate_groups

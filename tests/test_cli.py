@@ -14,7 +14,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 
 from pipeline import model_registry  # noqa: E402
-from pipeline.cli import main  # noqa: E402
+from commands.cli import main  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch  # noqa: E402
 
@@ -96,10 +96,10 @@ def test_nothing_to_write_is_a_usage_error(model):
 
 
 def test_help_is_quick_and_does_not_import_torch():
-    code = ("import sys; from pipeline.cli import main; "
+    code = ("import sys; from commands.cli import main; "
             "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "commands.cli", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "sample" in out.stdout
 
 

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from pipeline import inception, tradeoff
+from commands import tradeoff
+from pipeline import inception
 from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
 from pipeline.data import ImageSet, prepare_splits
 from pipeline.metric_names import BY_KEY

@@ -27,7 +27,7 @@ from pipeline import mitigation
 from pipeline.comparison import at_matched_quality
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
-from pipeline.tradeoff import curve_rows, variant
+from commands.tradeoff import curve_rows, variant
 
 METRICS = shown_in(ABLATION)
 # A setting is every param but these: the seed (averaged over), the switches and shown settings that

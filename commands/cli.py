@@ -150,7 +150,7 @@ def tradeoff(out, experiment, tracking_uri):
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tradeoff import main as plot_tradeoff, markdown_table
+    from commands.tradeoff import main as plot_tradeoff, markdown_table
 
     experiment = experiment or _tracking_config().experiment
     try:
@@ -183,7 +183,7 @@ def ablation(experiment, tracking_uri):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import ablation as ab
+    from commands import ablation as ab
 
     experiment = experiment or _tracking_config().experiment
     try:
