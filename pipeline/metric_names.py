@@ -137,6 +137,12 @@ def curve_metric(column: str) -> str:
     return "round_progress" if column == CURVE_PROGRESS else f"round_{column}"
 
 
+def evaluation_run(model: str) -> str:
+    """The name of a model's evaluation run, nested under the execution's parent run; it holds the
+    final metrics by key and the curve (a model's training run is named after the model)."""
+    return f"evaluate {model}"
+
+
 def parent_metric(model: str, key: str) -> str:
     """The name of a model's final metric on the pipeline's parent run (the report logs them)."""
     return f"{model}.{key}"

@@ -13,7 +13,7 @@ from pipeline.duplicates import duplicate_groups
 from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.io import weights_dir, write_csv, write_json
-from pipeline.metric_names import CURVE_COLUMNS, curve_metric
+from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
 from stages import params_option, stage
@@ -44,7 +44,7 @@ def main(params_path, model_name, data_dir, features_dir, reference_dir, out):
     _write(result, data, train.ids, out)
 
     tracker = Tracker(p)
-    run_id = tracker.child(f"evaluate {model_name}")
+    run_id = tracker.child(evaluation_run(model_name))
     tracker.log_data(run_id, {k: f"{data_dir}/{k}.npz" for k in ("train", "heldout", "pool")})
     tracker.log_metrics(run_id, result.metrics)
     for i, row in enumerate(result.by_round, start=1):  # MLflow steps are integers: the checkpoint's index

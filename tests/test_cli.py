@@ -1,7 +1,9 @@
 """`iet-agc sample` as a user runs it: from the registry or a local directory, seeded, clear errors."""
+import importlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipeline import model_registry  # noqa: E402
 from commands.cli import main  # noqa: E402
+from pipeline import model_registry  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch  # noqa: E402
 
@@ -93,6 +95,12 @@ def test_errors_name_the_problem_and_exit_non_zero(model, tmp_path, args, words)
 def test_nothing_to_write_is_a_usage_error(model):
     result = _sample("--model", str(model[0]))
     assert result.exit_code == 2 and "--out" in result.output and "--grid" in result.output
+
+
+def test_the_console_script_is_this_command_line():
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["iet-agc"].split(":")
+    assert getattr(importlib.import_module(module), name) is main
 
 
 def test_help_is_quick_and_does_not_import_torch():

@@ -70,6 +70,7 @@ def test_keys_are_unique_and_tables_show_listed_ones():
 
 def test_mlflow_names_of_the_curve_and_of_a_models_final_metrics():
     assert [metric_names.curve_metric(c) for c in ("round", "fd")] == ["round_progress", "round_fd"]
+    assert metric_names.evaluation_run("iet") == "evaluate iet"
     on_parent = {metric_names.parent_metric(m, "mem_ratio"): v for m, v in (("baseline", 0.5), ("iet", 0.1))}
     assert on_parent == {"baseline.mem_ratio": 0.5, "iet.mem_ratio": 0.1}
     assert metric_names.of_model({**on_parent, "risk.risk_skip_auc": 0.7}, "iet") == {"mem_ratio": 0.1}

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from commands import tradeoff
+from commands import mlflow_results, tradeoff
 from pipeline import inception
 from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
 from pipeline.data import ImageSet, prepare_splits
@@ -211,8 +211,8 @@ def test_sscd_calibration_rule():
     ({"agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True", "agc.tau": "0.5"}, ("IET-AGC+", 0.5)),
 ])
 def test_variant_labels(params, expected):
-    assert tradeoff.variant(params, "iet") == expected
-    assert tradeoff.variant(params, "baseline") == ("baseline", None)
+    assert mlflow_results.variant(params, "iet") == expected
+    assert mlflow_results.variant(params, "baseline") == ("baseline", None)
 
 
 def test_pareto_front():
@@ -279,7 +279,8 @@ def test_tradeoff_takes_a_variant_that_stopped_at_its_evaluation(store):
     tracker.finish(child)
     collected = tradeoff.collect(tracker.client, "iet-agc")
     points = {p.variant: p for p in collected}
-    assert (points["augment"].mem_ratio, points["augment"].fd, points["augment"].curve) == (0.05, 2.5, ((4.0, 0.0),))
+    augment = points["augment"]
+    assert (augment.metrics["mem_ratio"], augment.metrics["fd"], augment.curve) == (0.05, 2.5, ((4.0, 0.0),))
     assert len(collected) == 5  # and the four points of the reports, as before
 
 
