@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +39,7 @@ def collect(client: MlflowClient, experiment: str) -> list[Point]:
     points = []
     for result in read_results(client, experiment):
         rows = curve(client, result, ("fd", "mem_ratio"))
-        points.append(Point(**{f.name: getattr(result, f.name) for f in fields(ModelResult)},
-                            curve=tuple((r["fd"], r["mem_ratio"]) for r in rows)))
+        points.append(Point(**vars(result), curve=tuple((r["fd"], r["mem_ratio"]) for r in rows)))
     return points
 
 
