@@ -14,6 +14,7 @@ from pipeline.matched import matched_quality
 from pipeline.risk import risk_summary
 
 RISK_FIELDS = ["sample_id", "size", "baseline_copies", "baseline_loss", "iet_skip_rate"]
+MATCHING_COLUMNS = ("round", "fd", "mem_ratio", "mean_nn1")  # what at_matched_quality reads of a curve
 
 
 def read_rows(path: str | Path) -> list[dict]:

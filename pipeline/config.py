@@ -452,27 +452,33 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return params
 
 
-def resolve_device(setting: str):
-    """train.device as a torch.device on this machine: auto is CUDA when present; a CUDA device that
-    is not here is a ConfigError naming the key (every computing stage calls this before its work)."""
+def resolve_device(setting: str | None, key: str = "train.device"):
+    """A device setting as a torch.device on this machine: auto (or None) is CUDA when present; a
+    name torch does not know, or a CUDA device that is not here, is a ConfigError naming `key`
+    (every computing stage calls this before its work, `iet-agc sample` for its --device)."""
     import torch
 
-    if setting == "auto":
+    if setting in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(setting)
+    try:
+        device = torch.device(setting)
+    except RuntimeError:  # train.device is checked when parsed; --device is not
+        raise ConfigError(f"{key}: '{setting}' is not a torch device (auto, cpu, cuda, cuda:1, ...)") from None
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device.type == "cuda" and (device.index or 0) >= count:
-        raise ConfigError(f"train.device: '{setting}' is not available here ({count} CUDA devices); "
+        raise ConfigError(f"{key}: '{setting}' is not available here ({count} CUDA devices); "
                           "use auto or cpu")
     return device
 
 
-def flatten(params: Params) -> dict[str, object]:
-    """params as 'group.key' -> value (a nested group: 'group.sub.key'), the form MLflow shows as columns."""
-    def walk(values: dict, prefix: str):
-        for key, value in values.items():
-            if isinstance(value, dict):
-                yield from walk(value, f"{prefix}{key}.")
-            else:
-                yield prefix + key, value
-    return dict(walk(params.model_dump(), ""))
+def flatten(tree: BaseModel | dict, prefix: str = "") -> dict[str, object]:
+    """Params (or a params file's raw mapping) as 'group.key' -> value (a nested group:
+    'group.sub.key'): the form MLflow shows as columns and `dvc exp run -S` takes."""
+    values = tree.model_dump() if isinstance(tree, BaseModel) else tree
+    out: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out

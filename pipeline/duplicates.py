@@ -18,15 +18,13 @@ import torch
 from pipeline import metrics
 from pipeline.data import group_by_key
 
-# metric names, for the lead to register
+# metric keys (pipeline/metric_names.py lists them with their labels)
 DUPLICATE_GROUPS = "duplicate_groups"
 LARGEST_GROUP = "largest_group"
 DUPLICATED_SAMPLES = "duplicated_samples"
 UNIQUE_IMAGES = "unique_images"
 DISTINCT_COPIED = "distinct_copied"
 COPIES_ON_DUPLICATED_SHARE = "copies_on_duplicated_share"
-METRIC_NAMES = (DUPLICATE_GROUPS, LARGEST_GROUP, DUPLICATED_SAMPLES, UNIQUE_IMAGES,
-                DISTINCT_COPIED, COPIES_ON_DUPLICATED_SHARE)
 
 
 @dataclass(frozen=True, eq=False)

@@ -17,10 +17,9 @@ from pipeline.config import Params, resolve_device
 from pipeline.duplicates import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
 from pipeline.io import read_json
+from pipeline.metric_names import CURVE_KEYS, CURVE_PROGRESS
 from pipeline.sampling import sample
 
-# per point of the curve over training: memorization and quality of the same samples
-ROUND_KEYS = ("mem_ratio", "mean_nn1", "official_below_0.15", "fd", "kid")
 LOSS_PAIRS = 8  # (t, noise) draws per image of the loss attack and the per-image loss
 
 
@@ -39,7 +38,7 @@ class Evaluation:
     samples: torch.Tensor
     scores: dict            # per generated sample (metrics.memorization_scores)
     heldout_scores: dict    # the same for held-out real images
-    by_round: list[dict]    # memorization and quality of each checkpoint, in training order
+    by_round: list[dict]    # memorization and quality of each checkpoint, in training order (CURVE_COLUMNS)
     copies: list[dict]      # per unique training image: copies, nearest, size, loss
 
 
@@ -118,7 +117,7 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
         s = metrics.summarize(dedup_memorization_scores(x.to(next(unet.parameters()).device), data.train, data.groups))
         f_gen = extract_features(feature_net, x)
         s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool))
-        rows.append({"round": round(progress, 4), **{k: s[k] for k in ROUND_KEYS}})
+        rows.append({CURVE_PROGRESS: round(progress, 4), **{k: s[k] for k in CURVE_KEYS}})
     return rows
 
 

@@ -1,6 +1,6 @@
 """Models of this project by URI: a local diffusers pipeline directory, or an MLflow model
 (models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/PATH) downloaded from the store. Apart from
-registering (pipeline/registry.py), so that training from `model.init_from` needs none of the
+registering (pipeline/model_registry.py), so that training from `model.init_from` needs none of the
 logging and serving code.
 """
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pipeline.io import local_path  # noqa: E402
 from pipeline.store import StoreError, check_store, fail_fast_http  # noqa: E402
 
 
-class RegistryError(StoreError):
-    """A registry problem the user can fix; the message names the store, model or version."""
+class FetchError(StoreError):
+    """A model that cannot be had by its URI (malformed, no such model, version or alias, nothing to
+    download, no pipeline inside); the message names the store, model or version."""
 
 
 def find_pipeline_dir(root: str | Path) -> Path:
@@ -58,43 +59,43 @@ def _download_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
     -> (artifact location, what it resolved to)."""
     m = _MODELS_URI.match(uri)
     if not m:
-        raise RegistryError(f"{uri}: not a model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
+        raise FetchError(f"{uri}: not a model URI (models:/NAME@ALIAS or models:/NAME/VERSION)")
     name, alias, ver = m["name"], m["alias"], m["version"]
     if alias is None and ver is None and not name.startswith("m-"):
-        raise RegistryError(f"{uri}: give a version or an alias (models:/{name}/VERSION or models:/{name}@ALIAS)")
+        raise FetchError(f"{uri}: give a version or an alias (models:/{name}/VERSION or models:/{name}@ALIAS)")
     if alias is None and ver is None:  # models:/m-... : a logged model, registered or not
         try:
             return client.get_logged_model(name).artifact_location, f"logged model {name}"
         except MlflowException as err:
             if not _not_found(err):
                 raise
-            raise RegistryError(f"{uri}: no logged model '{name}' in {client.tracking_uri}") from None
+            raise FetchError(f"{uri}: no logged model '{name}' in {client.tracking_uri}") from None
     try:
         model = client.get_registered_model(name)
     except MlflowException as err:
         if not _not_found(err):
             raise
         known = [r.name for r in client.search_registered_models(max_results=20)]
-        raise RegistryError(f"{uri}: no registered model '{name}' in {client.tracking_uri} "
+        raise FetchError(f"{uri}: no registered model '{name}' in {client.tracking_uri} "
                             f"(registered: {', '.join(known) or 'none'})") from None
     if alias is not None and alias not in model.aliases:  # the store answers this with a generic error
-        raise RegistryError(f"{uri}: registered model '{name}' has no alias '{alias}' ({_describe(client, name)})")
+        raise FetchError(f"{uri}: registered model '{name}' has no alias '{alias}' ({_describe(client, name)})")
     try:
         if alias is not None:
             mv = client.get_model_version_by_alias(name, alias)
         elif ver == "latest":
             versions = client.search_model_versions(f"name='{name}'")
             if not versions:
-                raise RegistryError(f"{uri}: registered model '{name}' has no versions")
+                raise FetchError(f"{uri}: registered model '{name}' has no versions")
             mv = max(versions, key=lambda v: int(v.version))
         elif ver.isdigit():
             mv = client.get_model_version(name, ver)
         else:
-            raise RegistryError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
+            raise FetchError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
     except MlflowException as err:
         if not _not_found(err):
             raise
-        raise RegistryError(f"{uri}: registered model '{name}' has no version {ver} "
+        raise FetchError(f"{uri}: registered model '{name}' has no version {ver} "
                             f"({_describe(client, name)})") from None
     return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
 
@@ -125,11 +126,11 @@ def fetched(uri: str | Path, tracking_uri: str | None = None) -> Iterator[tuple[
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri)
         except MlflowException as err:
-            raise RegistryError(f"{text}: cannot download the model from {tracking_uri} ({err.message})") from None
+            raise FetchError(f"{text}: cannot download the model from {tracking_uri} ({err.message})") from None
         try:
             path = find_pipeline_dir(local)
         except FileNotFoundError:
-            raise RegistryError(f"{text}: holds no diffusers pipeline (no model_index.json)") from None
+            raise FetchError(f"{text}: holds no diffusers pipeline (no model_index.json)") from None
         yield path, label
 
 

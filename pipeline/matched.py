@@ -16,8 +16,6 @@ BASELINE_MEM_AT_MATCHED_QUALITY = "baseline_mem_at_matched_quality"
 NN1_AT_MATCHED_QUALITY = "nn1_at_matched_quality"
 MATCHED_QUALITY_STATUS = "matched_quality_status"  # a string: log it as a tag or param, not a metric
 MATCHED_QUALITY_CROSSINGS = "matched_quality_crossings"
-METRIC_NAMES = (MEM_AT_MATCHED_QUALITY, BASELINE_MEM_AT_MATCHED_QUALITY, NN1_AT_MATCHED_QUALITY,
-                MATCHED_QUALITY_CROSSINGS)
 
 OK = "ok"
 BETTER_THAN_CURVE = "out_of_range_better"  # quality below the curve's lowest FD: better than any checkpoint

@@ -21,7 +21,6 @@ RISK_LOSS_AUC = "risk_loss_auc"
 RISK_COPIED_IMAGES = "risk_copied_images"
 SKIP_RATE_DUPLICATED = "skip_rate_duplicated"
 SKIP_RATE_UNIQUE = "skip_rate_unique"
-METRIC_NAMES = (RISK_SKIP_AUC, RISK_LOSS_AUC, RISK_COPIED_IMAGES, SKIP_RATE_DUPLICATED, SKIP_RATE_UNIQUE)
 
 
 def _auc_for(score: np.ndarray, positive: np.ndarray) -> float:

@@ -10,9 +10,10 @@ from pipeline import figures
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet, to_uint8
 from pipeline.duplicates import duplicate_groups
-from pipeline.evaluation import ROUND_KEYS, EvalData, evaluate
+from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.io import chosen_weights, write_csv, write_json
+from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
 from stages import params_option, path_option, stage
@@ -47,12 +48,11 @@ def main(params_path, model_name, model_dir, model_ema_dir, rounds_dir, train_pa
     _write(result, data, train.ids, out)
 
     tracker = Tracker(p)
-    run_id = tracker.child(f"evaluate {model_name}")
+    run_id = tracker.child(evaluation_run(model_name))
     tracker.log_data(run_id, arrays)
     tracker.log_metrics(run_id, result.metrics)
     for i, row in enumerate(result.by_round, start=1):  # MLflow steps are integers: the checkpoint's index
-        tracker.log_metrics(run_id, {("round_progress" if k == "round" else f"round_{k}"): v for k, v in row.items()},
-                            step=i)
+        tracker.log_metrics(run_id, {curve_metric(k): v for k, v in row.items()}, step=i)
     for name in FILES:
         tracker.log_artifact(run_id, out / name)
     tracker.finish(run_id)
@@ -71,7 +71,7 @@ def _write(result, data: EvalData, ids: np.ndarray, out: Path) -> None:
     figures.save_grid(result.samples[:256], out / "samples.png")
     figures.save_copies_figure(result.samples, data.train, result.scores, out / "copies.png")
     figures.save_ratio_histogram(result.scores, result.heldout_scores, out / "ratio_hist.png")
-    write_csv(out / "rounds.csv", result.by_round, ["round", *ROUND_KEYS])
+    write_csv(out / "rounds.csv", result.by_round, list(CURVE_COLUMNS))
     write_json(out / "metrics.json", result.metrics)
 
 

@@ -5,16 +5,16 @@ import os
 
 import click
 
-from pipeline import registry, store
+from pipeline import model_registry, store
 from pipeline.config import load_params
 from pipeline.io import chosen_weights, read_json, write_json
-from pipeline.metric_names import REGISTRY, shown_in
+from pipeline.metric_names import MODEL_TAGS, shown_in
 from pipeline.store import tracking_uri
 from pipeline.tracking import Tracker
 from stages import pair_option, params_option, path_option, stage
 
 MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name
-HEADLINE = [m.key for m in shown_in(REGISTRY)]  # metrics the registered versions carry as tags
+HEADLINE = [m.key for m in shown_in(MODEL_TAGS)]  # metrics the registered versions carry as tags
 
 
 @click.command()
@@ -31,12 +31,12 @@ def main(params_path, model_dirs, model_ema_dirs, metrics_paths, out):
     try:
         store.check_store(uri, must_exist=False)
         # the weights that were evaluated, so the registered model is the one whose metrics it carries
-        dirs = {m: registry.find_pipeline_dir(chosen_weights(model_dirs[m], model_ema_dirs[m], p.eval.weights))
+        dirs = {m: model_registry.find_pipeline_dir(chosen_weights(model_dirs[m], model_ema_dirs[m], p.eval.weights))
                 for m in MODELS}
         metrics = {m: read_json(metrics_paths[m]) for m in MODELS}
         tracker = Tracker(p)
         names = {m: p.tracking.registry_name + suffix for m, suffix in MODELS.items()}
-        registry.claim_names(tracker.client, list(names.values()))
+        model_registry.claim_names(tracker.client, list(names.values()))
         commit = tracker.client.get_run(tracker.parent_id).data.tags.get("git_commit", "unknown")
         exp_name = os.environ.get("DVC_EXP_NAME", "")
         result = {}
@@ -44,9 +44,9 @@ def main(params_path, model_dirs, model_ema_dirs, metrics_paths, out):
             tags = {"model": m, "weights": p.eval.weights, "git_commit": commit, **({"dvc_exp_name": exp_name} if exp_name else {}),
                     **{k: metrics[m][k] for k in HEADLINE if k in metrics[m]}}
             origin = f"git commit {commit[:12]}" + (f", DVC experiment {exp_name}" if exp_name else "")
-            result[m] = registry.register(tracker.client, tracker.parent_id, dirs[m], name, p.tracking.alias,
+            result[m] = model_registry.register(tracker.client, tracker.parent_id, dirs[m], name, p.tracking.alias,
                                           label=m, tags=tags, description=f"{m} model, {origin}")
-    except store.StoreError as err:  # RegistryError is one
+    except store.StoreError as err:  # FetchError and NameTaken are ones
         raise click.ClickException(str(err)) from None
     write_json(out, {**result, "tracking_uri": uri})
     tracker.log_artifact(tracker.parent_id, out)

@@ -12,8 +12,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipeline import ablation  # noqa: E402
-from pipeline.cli import main  # noqa: E402
+from commands import ablation  # noqa: E402
+from commands.cli import main  # noqa: E402
 
 BASE = {"seeds.train": "0", "agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True",
         "agc.tau": "0.5", "data.train_size": "32", "iet.rounds": "4"}

@@ -1,7 +1,9 @@
 """`iet-agc sample` as a user runs it: from the registry or a local directory, seeded, clear errors."""
+import importlib
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 from mlflow import MlflowClient  # noqa: E402
 
-from pipeline import registry  # noqa: E402
-from pipeline.cli import main  # noqa: E402
+from commands.cli import main  # noqa: E402
+from pipeline import model_registry  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch  # noqa: E402
 
@@ -30,8 +32,8 @@ def model(tmp_path_factory):
     client = MlflowClient(tracking_uri=uri)
     exp = client.create_experiment("t", artifact_location=(root / "artifacts").as_uri())
     run = client.create_run(exp)
-    registry.claim_names(client, ["tiny"])
-    registry.register(client, run.info.run_id, root / "model", "tiny", "candidate", label="iet")
+    model_registry.claim_names(client, ["tiny"])
+    model_registry.register(client, run.info.run_id, root / "model", "tiny", "candidate", label="iet")
     return root / "model", uri
 
 
@@ -75,7 +77,7 @@ def test_same_seed_same_images_from_registry_and_local_directory(model, tmp_path
      ["http://127.0.0.1:9 cannot be reached"]),
     (["--model", "no/such/dir"], ["no/such/dir", "no such model directory"]),
     (["--model", "LOCAL", "--steps", "50"], ["--steps", "10 training timesteps"]),
-    (["--model", "LOCAL", "--device", "cuda:99"], ["--device", "'cuda:99': CUDA is not available here"]),
+    (["--model", "LOCAL", "--device", "cuda:99"], ["--device", "'cuda:99' is not available here"]),
     (["--model", "LOCAL", "--device", "gpu0"], ["--device", "'gpu0' is not a torch device"]),
 ])
 def test_errors_name_the_problem_and_exit_non_zero(model, tmp_path, args, words):
@@ -95,11 +97,17 @@ def test_nothing_to_write_is_a_usage_error(model):
     assert result.exit_code == 2 and "--out" in result.output and "--grid" in result.output
 
 
+def test_the_console_script_is_this_command_line():
+    scripts = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, name = scripts["iet-agc"].split(":")
+    assert getattr(importlib.import_module(module), name) is main
+
+
 def test_help_is_quick_and_does_not_import_torch():
-    code = ("import sys; from pipeline.cli import main; "
+    code = ("import sys; from commands.cli import main; "
             "assert 'torch' not in sys.modules and 'mlflow' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=30)
-    out = subprocess.run([sys.executable, "-m", "pipeline.cli", "--help"], capture_output=True, text=True, timeout=30)
+    out = subprocess.run([sys.executable, "-m", "commands.cli", "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "sample" in out.stdout
 
 

@@ -113,8 +113,10 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     assert "## At matched quality" in report and (repo / "reports/risk.png").stat().st_size > 0
 
     # the registered model samples with one command
-    cli = str(Path(sys.executable).parent / "iet-agc")
-    _run([cli, "sample", "--model", "models:/iet-agc@candidate", "--num", "4", "--grid", "grid.png"], repo, env)
+    # the console script's code as this copy has it (pyproject's entry point: test_cli checks it),
+    # not whatever an older editable install left in the virtual environment's bin/
+    cli = [sys.executable, "-m", "commands.cli"]
+    _run([*cli, "sample", "--model", "models:/iet-agc@candidate", "--num", "4", "--grid", "grid.png"], repo, env)
     assert (repo / "grid.png").stat().st_size > 0
     (repo / "grid.png").unlink()
 
@@ -193,16 +195,16 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     assert not list(repo.glob(".dvc/tmp/exps/**/mlflow.db"))
 
     # the tau sweep as one memorization-vs-quality figure from MLflow
-    table = _run([cli, "tradeoff", "--out", "sweep.png"], repo, env)
+    table = _run([*cli, "tradeoff", "--out", "sweep.png"], repo, env)
     assert all(f"| {tau} |" in table for tau in ("0.5", "0.7", "0.8", "0.9")), table
     assert (repo / "sweep.png").stat().st_size > 0
 
     # a new mitigation (the augmentation baseline) shows up in the report, the figure and the ablation
     _run(["dvc", "exp", "run", "-n", "augment", "-S", "agc.enabled=false", "-S", "augment.enabled=true"], repo, env)
     assert "| IET-augment |" in (repo / "reports/report.md").read_text()
-    table = _run([cli, "tradeoff", "--out", "sweep.png"], repo, env)
+    table = _run([*cli, "tradeoff", "--out", "sweep.png"], repo, env)
     assert "| IET-augment |" in table, table
-    assert re.search(r"^\| IET-augment \|", _run([cli, "ablation"], repo, env), re.M)
+    assert re.search(r"^\| IET-augment \|", _run([*cli, "ablation"], repo, env), re.M)
 
     # `dvc plots show` renders every plot declared under plots: in dvc.yaml
     _run(["dvc", "plots", "show", "--out", "plots_html"], repo, env)

@@ -117,15 +117,15 @@ def test_missing_or_foreign_directories_name_the_path(tmp_path):
 def test_an_mlflow_model_of_this_project_is_fetched_and_loaded(pretrained, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline import registry
+    from pipeline import model_registry
 
     root, weights = pretrained
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=store)
     exp = client.create_experiment("e", artifact_location=(tmp_path / "artifacts").as_uri())
     run_id = client.create_run(exp).info.run_id
-    registry.claim_names(client, ["tiny"])
-    uris = registry.register(client, run_id, root / "pipeline", "tiny", "champion", "tiny")  # as the register stage
+    model_registry.claim_names(client, ["tiny"])
+    uris = model_registry.register(client, run_id, root / "pipeline", "tiny", "champion", "tiny")  # as the register stage
     client.log_artifacts(run_id, str(root / "pipeline"), "files/pipeline")  # a plain run artifact too
     for uri in (uris["alias_uri"], uris["model_uri"], f"runs:/{run_id}/files"):
         unet = initial_unet(_params(uri, tracking={"uri": store}), seed=0)

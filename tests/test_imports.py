@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("pipeline", "stages")
+PACKAGES = ("pipeline", "stages", "commands")
 
 
 def module_file(name: str) -> Path | None:
@@ -71,6 +71,13 @@ def test_the_project_has_no_import_cycle():
     for m in graph:
         if m not in state:
             visit(m, [m])
+
+
+def test_the_library_imports_no_command():
+    """commands/ reads many experiments and sits above pipeline/, which must work without it."""
+    upward = {m: sorted(n for n in imports_of(m) if n.split(".")[0] == "commands")
+              for m in all_modules() if m.split(".")[0] == "pipeline"}
+    assert not {m: found for m, found in upward.items() if found}
 
 
 def test_importing_the_unet_factory_loads_no_mlflow():

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from pipeline import rounds
-from pipeline.cli import main as cli
+from commands.cli import main as cli
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.ensemble import split_shards

@@ -15,9 +15,11 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-from pipeline import inception, tradeoff
+from commands import mlflow_results, tradeoff
+from pipeline import inception
 from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
-from pipeline.data import prepare_splits
+from pipeline.data import ImageSet, prepare_splits
+from pipeline.metric_names import BY_KEY
 from pipeline.tracking import Tracker
 from pipeline.evaluation import inception_scores
 from stages import fid_reference
@@ -153,6 +155,7 @@ def test_fid_reference_stage_on_and_evaluate_reads_it(splits, tmp_path):
     scores = inception_scores(splits.heldout.subset(slice(0, 4)).to_tensor(), out, 0)
     assert scores["fid"] == pytest.approx(info["heldout_fid"], rel=1e-6)
     assert scores["heldout_fid"] == info["heldout_fid"]
+    assert set(scores) - BY_KEY.keys() == set()  # every key the evaluation reports is in the metric list
 
 
 def test_missing_reference_names_the_stage(tmp_path):
@@ -197,6 +200,7 @@ def test_sscd_calibration_rule():
     assert 0.95 < s["sscd_threshold"] <= 1.0
     assert s["sscd_above"] == pytest.approx(1 / 3) or s["sscd_above"] == pytest.approx(2 / 3)
     assert 0 <= s["heldout_sscd_above"] <= 0.05  # on the half not used to set the threshold
+    assert set(s) - BY_KEY.keys() == set()  # every key the evaluation reports is in the metric list
 
 
 # ------------------------------------------------------------------------- memorization vs quality
@@ -208,8 +212,8 @@ def test_sscd_calibration_rule():
     ({"agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True", "agc.tau": "0.5"}, ("IET-AGC+", 0.5)),
 ])
 def test_variant_labels(params, expected):
-    assert tradeoff.variant(params, "iet") == expected
-    assert tradeoff.variant(params, "baseline") == ("baseline", None)
+    assert mlflow_results.variant(params, "iet") == expected
+    assert mlflow_results.variant(params, "baseline") == ("baseline", None)
 
 
 def test_pareto_front():
@@ -276,7 +280,8 @@ def test_tradeoff_takes_a_variant_that_stopped_at_its_evaluation(store):
     tracker.finish(child)
     collected = tradeoff.collect(tracker.client, "iet-agc")
     points = {p.variant: p for p in collected}
-    assert (points["augment"].mem_ratio, points["augment"].fd, points["augment"].curve) == (0.05, 2.5, ((4.0, 0.0),))
+    augment = points["augment"]
+    assert (augment.metrics["mem_ratio"], augment.metrics["fd"], augment.curve) == (0.05, 2.5, ((4.0, 0.0),))
     assert len(collected) == 5  # and the four points of the reports, as before
 
 

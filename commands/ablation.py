@@ -1,9 +1,9 @@
 """The ablation table: every variant's metrics over seeds, read back from MLflow.
 
 Each pipeline run or DVC experiment has a parent run holding the whole params.yaml; its nested
-`evaluate <model>` runs hold the metrics and its `baseline` / `iet` runs the training time. Only
-stages that actually ran have nested runs, so a baseline that DVC restored from its cache for
-another experiment is counted once, where it was trained. Runs are grouped by model variant, tau,
+`evaluate <model>` runs hold the metrics and its `baseline` / `iet` runs the training time
+(commands/mlflow_results.py reads them; a baseline that DVC restored from its cache for another
+experiment is counted once, where it was trained). Runs are grouped by model variant, tau,
 shard count K and setting (every other param but `seeds.train`), and each group's metrics are given
 as mean and standard deviation over its seeds; the params in which groups differ are shown as
 columns.
@@ -23,12 +23,11 @@ import numpy as np
 import scipy.stats
 from mlflow import MlflowClient
 
+from commands.mlflow_results import ModelResult, curve, read_results, training_metrics
 from pipeline import mitigation
-from pipeline.comparison import at_matched_quality
-from pipeline.matched import METRIC_NAMES as MATCHED
-from pipeline.metric_names import ABLATION, shown_in
+from pipeline.comparison import MATCHING_COLUMNS, at_matched_quality
+from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
-from pipeline.tradeoff import curve_rows, variant
 
 METRICS = shown_in(ABLATION)
 # A setting is every param but these: the seed (averaged over), the switches and shown settings that
@@ -36,10 +35,10 @@ METRICS = shown_in(ABLATION)
 # logged or how processes are started.
 NOT_SETTING = ("seeds.train", "agc.tau", "iet.shards", "train.launcher",
                *(f"{name}.enabled" for name in mitigation.REGISTRY),
-               *(f"{name}.{e.shows[1]}" for name, e in mitigation.REGISTRY.items() if e.shows))
-# from the training run, beside the evaluation's metrics
+               *mitigation.shown_keys())
+# from the training run, beside the evaluation's metrics (runs from before per-round times were
+# named round_train_seconds logged train_seconds by round too: training_metrics takes the last)
 TRAINING_METRICS = ("train_seconds", EPSILON)
-CURVE_KEYS = ("progress", "fd", "mem_ratio", "mean_nn1")
 # "differs from the baseline beyond the seed spread": Welch's t-test over seeds (a one-sample test
 # against 0 for the matched-quality metrics, already differences from the baseline) at this level
 SIGNIFICANCE = 0.05
@@ -52,51 +51,20 @@ def _setting(params: dict[str, str]) -> tuple:
 
 
 def collect(client: MlflowClient, experiment: str) -> list[dict]:
-    """One record per evaluated model: variant, tau, K, setting, seed, metrics and its curve."""
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        return []
-    runs = client.search_runs([exp.experiment_id], max_results=50000, order_by=["attributes.start_time ASC"])
-    by_id = {r.info.run_id: r for r in runs}
-    trained = _training_metrics(client, runs)
-    records = []
-    for r in runs:
-        name = r.info.run_name or ""
-        parent = by_id.get(r.data.tags.get("mlflow.parentRunId", ""))
-        if not name.startswith("evaluate ") or parent is None or r.info.status != "FINISHED":
-            continue
-        model, params = name.split(" ", 1)[1], parent.data.params
-        label, tau = variant(params, model)
-        # what the report derived from both models (matched quality) is logged on the parent
-        m = {**{k.split(".", 1)[1]: v for k, v in parent.data.metrics.items() if k.startswith(model + ".")},
-             **r.data.metrics, **trained.get((parent.info.run_id, model), {})}
-        records.append({"model": model, "variant": label, "tau": tau, "seed": params.get("seeds.train"),
-                        "shards": 1 if model == "baseline" else int(params.get("iet.shards", 2)),
-                        "setting": _setting(params), "run": parent.info.run_name, "metrics": m,
-                        "curve": _curve(client, r.info.run_id)})
+    """One record per model in the experiment (mlflow_results.read_results): variant, tau, K,
+    setting, seed, metrics (its training run's too) and its curve."""
+    records = [_record(client, result) for result in read_results(client, experiment)]
     _match_quality(records)
     return records
 
 
-def _training_metrics(client: MlflowClient, runs) -> dict[tuple[str, str], dict[str, float]]:
-    """(parent run, model) -> TRAINING_METRICS of its training run, each the last value logged
-    (runs from before per-round times were named round_train_seconds logged them as train_seconds
-    too, by round, before the whole run's)."""
-    out: dict[tuple[str, str], dict[str, float]] = {}
-    for r in runs:
-        if r.info.run_name not in ("baseline", "iet"):
-            continue
-        values = {}
-        for key in TRAINING_METRICS:
-            if key in r.data.metrics:
-                values[key] = max(client.get_metric_history(r.info.run_id, key), key=lambda m: m.timestamp).value
-        out[(r.data.tags.get("mlflow.parentRunId"), r.info.run_name)] = values
-    return out
-
-
-def _curve(client: MlflowClient, run_id: str) -> list[dict]:
-    """The evaluation's curve over training, rows as the report reads them (round, fd, mem_ratio, mean_nn1)."""
-    return [{"round": r.pop("progress"), **r} for r in curve_rows(client, run_id, CURVE_KEYS)]
+def _record(client: MlflowClient, result: ModelResult) -> dict:
+    params = result.params
+    return {"model": result.model, "variant": result.variant, "tau": result.tau, "seed": params.get("seeds.train"),
+            "shards": 1 if result.model == "baseline" else int(params.get("iet.shards", 2)),
+            "setting": _setting(params), "run": result.run_name,
+            "metrics": {**result.metrics, **training_metrics(client, result, TRAINING_METRICS)},
+            "curve": curve(client, result, MATCHING_COLUMNS)}
 
 
 def _match_quality(records: list[dict]) -> None:
@@ -112,7 +80,7 @@ def _match_quality(records: list[dict]) -> None:
         if rec["model"] == "baseline" or base is None or not base["curve"] or not rec["curve"]:
             continue
         matched = at_matched_quality(base["curve"], rec["curve"])
-        rec["metrics"].update({k: matched[k] for k in MATCHED})
+        rec["metrics"].update({k: v for k, v in matched.items() if k in BY_KEY})  # not its status
 
 
 def table(records: list[dict]) -> list[dict]:
@@ -162,13 +130,13 @@ def differs(values: list[float], reference: list[float] | None) -> bool:
 
 
 def _cell(row: dict, metric, baseline: dict | None) -> str:
-    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.key in MATCHED):
+    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.vs_baseline):
         return "-"  # the baseline against its own curve is the reference, not a result
     mean, sd, n, vals = row["stats"][metric.key]
     text = metric.format(mean) + ("" if math.isnan(sd) else f" ± {metric.format(sd).lstrip('+')}")
     if row["variant"] == "baseline":
         return text
-    if metric.key in MATCHED:  # already a difference from the baseline
+    if metric.vs_baseline:
         return text + (MARK if differs(vals, None) else "")
     if baseline is not None and metric.key in baseline["stats"] and differs(vals, baseline["stats"][metric.key][3]):
         return text + MARK

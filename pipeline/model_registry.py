@@ -1,5 +1,5 @@
 """The final models in the MLflow model registry (getting them back by URI is pipeline/fetch.py,
-re-exported here: `from pipeline.registry import load_diffusers`).
+re-exported here: `from pipeline.model_registry import load_diffusers`).
 
 A model is logged as an MLflow pyfunc model whose artifact `pipeline/` is the diffusers
 `save_pretrained` directory (model_index.json, unet/, scheduler/). Other code relies on that: an
@@ -28,7 +28,8 @@ from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.models import Model, ModelSignature  # noqa: E402
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec  # noqa: E402
 
-from pipeline.fetch import RegistryError, _not_found, fetched, find_pipeline_dir, load_diffusers  # noqa: E402,F401
+from pipeline.fetch import FetchError, _not_found, fetched, find_pipeline_dir, load_diffusers  # noqa: E402,F401
+from pipeline.store import StoreError  # noqa: E402
 
 PIPELINE_ARTIFACT = "pipeline"      # artifact key and directory name of the save_pretrained folder
 PROJECT_TAG = "iet_agc.project"     # on registered models this project created
@@ -37,6 +38,10 @@ DEFAULT_STEPS = 50
 # Pinned from what is installed (cheap); letting MLflow infer them loads the model and takes seconds.
 _REQUIREMENTS = ("torch", "diffusers", "accelerate", "safetensors", "numpy", "pandas", "pydantic",
                  "pyyaml", "tqdm", "mlflow")
+
+
+class NameTaken(StoreError):
+    """A registered model name that exists in the store and is not this project's."""
 
 
 def requirements() -> list[str]:
@@ -134,14 +139,14 @@ def claim_names(client: MlflowClient, names: list[str]) -> None:
             missing.append(name)
             continue
         if model.tags.get(PROJECT_TAG) != PROJECT:
-            raise RegistryError(f"registered model '{name}' already exists in {client.tracking_uri} and was not "
+            raise NameTaken(f"registered model '{name}' already exists in {client.tracking_uri} and was not "
                                 f"created by this project (no tag {PROJECT_TAG}={PROJECT}); not adding versions "
                                 "to it: set tracking.registry_name to another name")
     for name in missing:
         try:
             client.create_registered_model(name, tags={PROJECT_TAG: PROJECT},
                                            description="IET-AGC+ diffusion models (diffusers DDPMPipeline); "
-                                           "load with pipeline.registry.load_diffusers")
+                                           "load with pipeline.fetch.load_diffusers")
         except MlflowException as err:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise

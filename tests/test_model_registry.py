@@ -17,7 +17,7 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelStatus  # noqa: E402
 
-from pipeline import registry  # noqa: E402
+from pipeline import model_registry  # noqa: E402
 from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from pipeline.store import StoreError  # noqa: E402
 from stages import register as register_stage  # noqa: E402
@@ -54,17 +54,17 @@ def store(tmp_path_factory):
 def registered(store):
     client, run_id, root = store
     model_dir = tiny_model(root / "model")
-    registry.claim_names(client, ["tiny"])
-    info = registry.register(client, run_id, model_dir, "tiny", "candidate", label="iet", tags={"mem_ratio": 0.25})
+    model_registry.claim_names(client, ["tiny"])
+    info = model_registry.register(client, run_id, model_dir, "tiny", "candidate", label="iet", tags={"mem_ratio": 0.25})
     return client, run_id, model_dir, info
 
 
 def test_registered_model_loads_back_with_one_call_and_the_same_weights(registered):
     client, run_id, model_dir, info = registered
     assert info["version"] == 1 and info["alias_uri"] == "models:/tiny@candidate"
-    expected = registry.load_diffusers(model_dir)  # a local directory works too
+    expected = model_registry.load_diffusers(model_dir)  # a local directory works too
     for uri in ("models:/tiny@candidate", "models:/tiny/1", "models:/tiny/latest", f"models:/{info['model_id']}"):
-        pipe = registry.load_diffusers(uri, tracking_uri=client.tracking_uri)
+        pipe = model_registry.load_diffusers(uri, tracking_uri=client.tracking_uri)
         assert type(pipe).__name__ == "DDPMPipeline"
         assert same_weights(pipe.unet, expected.unet), uri
         assert pipe.scheduler.config.num_train_timesteps == 10
@@ -73,7 +73,7 @@ def test_registered_model_loads_back_with_one_call_and_the_same_weights(register
 def test_registry_records_where_the_model_came_from(registered):
     client, run_id, _, info = registered
     model = client.get_registered_model("tiny")
-    assert model.tags[registry.PROJECT_TAG] == registry.PROJECT
+    assert model.tags[model_registry.PROJECT_TAG] == model_registry.PROJECT
     assert {a: str(v) for a, v in model.aliases.items()} == {"candidate": "1"}
     version = client.get_model_version("tiny", "1")
     assert version.run_id == run_id and version.tags["mem_ratio"] == "0.25"
@@ -82,7 +82,7 @@ def test_registry_records_where_the_model_came_from(registered):
     # the artifact layout other code relies on: a pipeline directory with model_index.json
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=logged.artifact_location,
                                                      tracking_uri=client.tracking_uri))
-    assert (local / "artifacts" / registry.PIPELINE_ARTIFACT / "model_index.json").is_file()
+    assert (local / "artifacts" / model_registry.PIPELINE_ARTIFACT / "model_index.json").is_file()
     assert "torch==" in (local / "requirements.txt").read_text()
 
 
@@ -98,22 +98,22 @@ def test_pyfunc_flavour_samples_one_image_per_seed(registered, monkeypatch):
 
 def test_a_second_registration_moves_the_alias(registered, tmp_path):
     client, run_id, _, _ = registered
-    registry.claim_names(client, ["moving"])
-    first = registry.register(client, run_id, tiny_model(tmp_path / "a", seed=0), "moving", "candidate", label="a")
-    second = registry.register(client, run_id, tiny_model(tmp_path / "b", seed=1), "moving", "candidate", label="b")
+    model_registry.claim_names(client, ["moving"])
+    first = model_registry.register(client, run_id, tiny_model(tmp_path / "a", seed=0), "moving", "candidate", label="a")
+    second = model_registry.register(client, run_id, tiny_model(tmp_path / "b", seed=1), "moving", "candidate", label="b")
     assert (first["version"], second["version"]) == (1, 2)
     assert str(client.get_model_version_by_alias("moving", "candidate").version) == "2"
-    old = registry.load_diffusers("models:/moving/1", tracking_uri=client.tracking_uri)
-    new = registry.load_diffusers("models:/moving@candidate", tracking_uri=client.tracking_uri)
-    assert same_weights(old.unet, registry.load_diffusers(tmp_path / "a").unet)
+    old = model_registry.load_diffusers("models:/moving/1", tracking_uri=client.tracking_uri)
+    new = model_registry.load_diffusers("models:/moving@candidate", tracking_uri=client.tracking_uri)
+    assert same_weights(old.unet, model_registry.load_diffusers(tmp_path / "a").unet)
     assert not same_weights(old.unet, new.unet)
 
 
 def test_foreign_registered_model_is_refused_by_name(store):
     client, _, _ = store
     client.create_registered_model("someone-elses")
-    with pytest.raises(registry.RegistryError, match="'someone-elses'.*not created by this project"):
-        registry.claim_names(client, ["fresh-name", "someone-elses"])
+    with pytest.raises(model_registry.NameTaken, match="'someone-elses'.*not created by this project"):
+        model_registry.claim_names(client, ["fresh-name", "someone-elses"])
     # refused before anything was created
     assert not client.search_registered_models("name = 'fresh-name'")
 
@@ -126,22 +126,22 @@ def test_foreign_registered_model_is_refused_by_name(store):
 ])
 def test_missing_version_alias_or_model_is_named(registered, uri, words):
     client = registered[0]
-    with pytest.raises(registry.RegistryError) as err:
-        registry.load_diffusers(uri, tracking_uri=client.tracking_uri)
+    with pytest.raises(model_registry.FetchError) as err:
+        model_registry.load_diffusers(uri, tracking_uri=client.tracking_uri)
     assert all(w in str(err.value) for w in words), str(err.value)
 
 
 def test_unreachable_server_fails_fast_and_names_it():
     start = time.monotonic()
     with pytest.raises(StoreError, match=r"http://127\.0\.0\.1:9 cannot be reached"):
-        registry.load_diffusers("models:/tiny@candidate", tracking_uri="http://127.0.0.1:9")
+        model_registry.load_diffusers("models:/tiny@candidate", tracking_uri="http://127.0.0.1:9")
     assert time.monotonic() - start < 10
 
 
 def test_missing_sqlite_store_is_not_created(tmp_path):
     db = tmp_path / "none.db"
     with pytest.raises(StoreError, match="no MLflow store"):
-        registry.load_diffusers("models:/tiny@candidate", tracking_uri=f"sqlite:///{db}")
+        model_registry.load_diffusers("models:/tiny@candidate", tracking_uri=f"sqlite:///{db}")
     assert not db.exists()
 
 
@@ -172,8 +172,8 @@ def test_register_stage_registers_both_models_under_the_parent_run(store, tmp_pa
     assert {o.model_id for o in parent.outputs.model_outputs} == {out["iet"]["model_id"], out["baseline"]["model_id"]}
     assert client.get_model_version("proj-baseline", "1").tags["mem_ratio"] == "0.1"  # baseline: seed 1
     for m, name in (("iet", "proj"), ("baseline", "proj-baseline")):
-        pipe = registry.load_diffusers(f"models:/{name}@candidate", tracking_uri=client.tracking_uri)
-        assert same_weights(pipe.unet, registry.load_diffusers(f"runs/{m}/model").unet)
+        pipe = model_registry.load_diffusers(f"models:/{name}@candidate", tracking_uri=client.tracking_uri)
+        assert same_weights(pipe.unet, model_registry.load_diffusers(f"runs/{m}/model").unet)
 
 
 def test_register_stage_refuses_a_foreign_name_and_keeps_the_models(store, tmp_path, monkeypatch):

@@ -41,20 +41,13 @@ def _existing_store(given: str | None) -> str:
 
 
 def _device(name: str | None):
-    """--device as a torch device, refused with a message when it does not exist here."""
-    import torch
+    """--device as a torch device, refused as a usage error when it does not exist here."""
+    from pipeline.config import ConfigError, resolve_device
 
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise click.BadParameter(f"'{name}' is not a torch device (cpu, cuda, cuda:1, ...)",
-                                 param_hint="--device") from None
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise click.BadParameter(f"'{name}': CUDA is not available here ({torch.cuda.device_count()} GPUs); "
-                                 "use --device cpu", param_hint="--device")
-    return device
+        return resolve_device(name, key="--device")
+    except ConfigError as err:
+        raise click.UsageError(str(err)) from None
 
 
 def _tracking_config():
@@ -157,7 +150,7 @@ def tradeoff(out, experiment, tracking_uri):
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.tradeoff import main as plot_tradeoff, markdown_table
+    from commands.tradeoff import main as plot_tradeoff, markdown_table
 
     experiment = experiment or _tracking_config().experiment
     try:
@@ -190,7 +183,7 @@ def ablation(experiment, tracking_uri):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline import ablation as ab
+    from commands import ablation as ab
 
     experiment = experiment or _tracking_config().experiment
     try:
@@ -200,16 +193,6 @@ def ablation(experiment, tracking_uri):
     if not records:
         raise click.ClickException(f"no finished evaluations in MLflow experiment '{experiment}'")
     click.echo(ab.markdown(ab.table(records)))
-
-
-def _leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            out[prefix + key] = value
-    return out
 
 
 def _cli_value(value) -> str:
@@ -233,15 +216,15 @@ def preset(preset, base, write_to):
 
     \b
     iet-agc preset presets/p1-cifar10.yaml | xargs dvc exp run
-    iet-agc preset presets/p1-cifar10.yaml --write cifar.yaml   # then: python -m stages.iet --params cifar.yaml
+    iet-agc preset presets/p1-cifar10.yaml --write cifar.yaml   # then: dvc repro with it as params.yaml
     """
     import tempfile
 
     import yaml
 
-    from pipeline.config import ConfigError, load_params
+    from pipeline.config import ConfigError, flatten, load_params
 
-    overrides = _leaves(yaml.safe_load(preset.read_text()) or {})
+    overrides = flatten(yaml.safe_load(preset.read_text()) or {})
     merged = yaml.safe_load(Path(base).read_text())
     for key, value in overrides.items():  # nested groups too: data.duplicates.images
         *groups, name = key.split(".")
