@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import fcntl
+import os
 from pathlib import Path
 
 import click
@@ -25,6 +26,21 @@ def read_shards(path: str | Path, train: ImageSet) -> np.ndarray:
     return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
 
 
+def _check_writable(state: Path) -> None:
+    """The resume folder must hold the lock and the state: a read-only or misplaced one is said in
+    one line before any training (it would fail at the lock, or after the first round)."""
+    try:
+        state.parent.mkdir(parents=True, exist_ok=True)
+        with open(state.with_name(state.name + ".lock"), "a"):
+            pass
+        for folder in (state.parent, state):
+            if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(13, "Permission denied", str(folder))
+    except OSError as err:
+        raise click.ClickException(f"{err.filename or state}: cannot write the resume state of {state.name} "
+                                   f"({err.strerror or err}); make it writable (or remove it) and run again") from None
+
+
 def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str | Path,
                 state: str | Path, data: dict[str, str | Path] | None = None) -> None:
     """Train into `out`, resuming from and saving to the folder `state` after each round. Under
@@ -35,13 +51,13 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     if not ranks.is_main:
         rounds.run(p, plan, train, shard, out, state, ranks=ranks)
         return
+    _check_writable(state)
     tracker = Tracker(p)
     run_id = tracker.child(name)
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
                                 "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
                                 "processes": ranks.world})
     tracker.log_data(run_id, data or {})
-    state.parent.mkdir(parents=True, exist_ok=True)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
     with open(state.with_name(state.name + ".lock"), "w") as lock:

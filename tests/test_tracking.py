@@ -129,3 +129,15 @@ def test_a_dp_sgd_run_logs_its_variant_and_epsilon(store, tmp_path, monkeypatch)
     (run,) = [r for r in _runs(store, "dp") if r.info.run_name == "iet"]
     assert run.data.params["variant"] == "DP-SGD (sigma=1.0)"
     assert 0 < run.data.metrics["dp_epsilon"] < float("inf")
+
+
+def test_a_resume_folder_that_cannot_be_written_is_said_in_one_line(store, tmp_path, monkeypatch):
+    """`runs/.resume` unwritable (here a file where the folder should be, which stops root too): one
+    line naming it and exit 1, before any training or MLflow run."""
+    monkeypatch.chdir(_project(tmp_path, store, "readonly"))
+    Path("runs").mkdir(exist_ok=True)
+    Path("runs/.resume").write_text("not a folder")
+    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
+    assert result.exit_code == 1 and "cannot write the resume state of baseline" in result.output
+    assert "Traceback" not in result.output
+    assert MlflowClient(store).get_experiment_by_name("readonly") is None  # no run was opened
