@@ -97,6 +97,7 @@ class Run:
     hooks: Hooks
     ranks: Ranks
     groups: np.ndarray | None    # near-duplicate group per position with iet.split: groups (MSR moves them whole)
+    duplicated: np.ndarray       # whether each position's image occurs more than once (exact copies)
 
 
 @dataclass
@@ -154,7 +155,14 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
     return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
                mitigations, out_dir, state_dir, run_fingerprint, init.state_dict(),
-               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks, _groups(params, plan, train))
+               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks, _groups(params, plan, train), _duplicated(train))
+
+
+def _duplicated(train: ImageSet) -> np.ndarray:
+    from pipeline.duplicates import duplicate_groups
+
+    groups = duplicate_groups(train.images)
+    return groups.sizes[groups.group] > 1
 
 
 def _groups(params: Params, plan: Plan, train: ImageSet) -> np.ndarray | None:
@@ -278,7 +286,19 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
                    [{"sample_id": int(i), "shard": int(s)} for i, s in zip(r.train.ids, progress.shard)],
                    ["sample_id", "shard"])
     return {**metrics, "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
-            "skip_rate_mean": float(skip_rate.mean()), **r.mitigations.round_metrics()}
+            "skip_rate_mean": float(skip_rate.mean()), **_selectivity(skip_rate, drawn, r.duplicated),
+            **r.mitigations.round_metrics()}
+
+
+def _selectivity(skip_rate: np.ndarray, drawn: np.ndarray, duplicated: np.ndarray) -> dict[str, float]:
+    """The round's mean skip rate of duplicated samples and of unique ones (drawn at least once):
+    whether AGC singles out the images stored several times, visible in MLflow for every run."""
+    out = {}
+    for name, where in (("skip_rate_duplicated", duplicated), ("skip_rate_unique", ~duplicated)):
+        seen = where & (drawn > 0)
+        if seen.any():
+            out[name] = float(skip_rate[seen].mean())
+    return out
 
 
 def _write_loss_table(r: Run, rnd: int, shard, drawn, skipped, skip_rate, losses, moves) -> None:

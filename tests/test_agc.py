@@ -147,3 +147,32 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
     kept = np.genfromtxt(tmp_path / "straight/out/curves.csv", delimiter=",", names=True)["kept"]
     assert kept.min() < 1.0  # the image score skipped some draws
+
+
+def test_each_round_logs_the_skip_rate_of_duplicated_and_of_unique_samples(tmp_path):
+    """round.json (and so the training run's MLflow metrics) hold the mean skip rate of the samples
+    whose image occurs several times and of the others, as the loss table's skip rates give them."""
+    import csv
+    import json
+
+    import numpy as np
+
+    from pipeline import rounds
+    from pipeline.config import parse_params
+    from pipeline.data import ImageSet
+    from pipeline.ensemble import split_shards
+    from test_pinned import TINY
+
+    p = parse_params(TINY)
+    images = np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
+    images[6:9] = images[0]  # one image stored four times
+    train = ImageSet(images=images, labels=np.arange(12) % 3, ids=np.arange(100, 112))
+    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "state")
+    for rnd in range(3):
+        folder = tmp_path / f"out/rounds/round_{rnd:02d}"
+        metrics = json.loads((folder / "round.json").read_text())
+        with open(folder / "loss_table.csv") as f:
+            rate = {int(r["sample_id"]): float(r["skip_rate"]) for r in csv.DictReader(f)}
+        duplicated = [100, 106, 107, 108]
+        assert metrics["skip_rate_duplicated"] == pytest.approx(np.mean([rate[i] for i in duplicated]))
+        assert metrics["skip_rate_unique"] == pytest.approx(np.mean([v for i, v in rate.items() if i not in duplicated]))
