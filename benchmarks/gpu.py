@@ -63,7 +63,7 @@ def _params(model: dict | str, k: int, batch: int, steps: int, precision: str, d
     if model == "preset" or smoke and "block_out_channels" in model and len(model["block_out_channels"]) == 4:
         for group, values in preset.items():
             raw[group].update(values)
-        raw["data"].update(source="mnist5k", path=None)  # the images are synthetic; only their shape counts
+        raw["data"].update(source="mnist5k", path=None, heldout_size=256)  # synthetic images: only their shape counts
     if isinstance(model, dict):
         raw["model"].update(model)
     # a shard of exactly one batch: local_epochs is then the steps per proxy and round

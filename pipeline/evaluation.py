@@ -10,13 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from pipeline import inception, metrics, privacy
 from pipeline.config import Params, resolve_device
 from pipeline.duplicates import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
-from pipeline.io import read_json
+from pipeline.io import load_tensors, read_json
 from pipeline.metric_names import CURVE_KEYS, CURVE_PROGRESS
 from pipeline.sampling import sample
 
@@ -111,7 +110,7 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
     f_pool = extract_features(feature_net, data.pool)
     rows, points = [], checkpoints(rounds_dir)
     for i, (progress, path) in enumerate(points, start=1):
-        unet.load_state_dict(load_file(str(path)))
+        unet.load_state_dict(load_tensors(path))
         x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
                    desc=f"checkpoint {i}/{len(points)}")
         s = metrics.summarize(dedup_memorization_scores(x.to(next(unet.parameters()).device), data.train, data.groups))

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from pipeline.io import apply_umask
+from pipeline.io import apply_umask, load_tensors, read_json
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -120,8 +120,8 @@ def load_feature_net(path: str | Path) -> FeatureNet:
     path = Path(path)
     if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
         raise FileNotFoundError(f"{path}: no feature classifier here (run the features stage)")
-    net = FeatureNet(**json.loads((path / CONFIG).read_text()))
-    net.load_state_dict(load_file(str(path / WEIGHTS)))
+    net = FeatureNet(**read_json(path / CONFIG))
+    net.load_state_dict(load_tensors(path / WEIGHTS))
     return net.eval()
 
 

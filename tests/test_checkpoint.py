@@ -4,38 +4,22 @@ from the last good state or from scratch, ending with the weights of an uninterr
 import copy
 import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline import rounds
 from pipeline.config import parse_params
-from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from test_pinned import TINY
+from tiny import Stop, random_train, stop_after_round
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-class Stop(Exception):
-    pass
-
-
-class StopAfterRound(rounds.Hooks):
-    def __init__(self, last: int):
-        self.last = last
-
-    def round_done(self, rnd, metrics, round_dir):
-        if rnd == self.last:
-            raise Stop
-
-
 def _run(out, state, hooks=None):
     p = parse_params(copy.deepcopy(TINY))
-    g = np.random.default_rng(0)
-    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
-                     ids=np.arange(100, 112))
+    train = random_train()
     rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), out, state, hooks=hooks)
     return load_file(str(out / "model/unet/diffusion_pytorch_model.safetensors"))
 
@@ -44,7 +28,7 @@ def _killed_after_round(tmp_path, rnd: int):
     """A run stopped after round `rnd` finished, before its state was saved: the state on disk is
     the one after round rnd - 1."""
     with pytest.raises(Stop):
-        _run(tmp_path / "out", tmp_path / "state", StopAfterRound(rnd))
+        _run(tmp_path / "out", tmp_path / "state", stop_after_round(rnd))
     assert (tmp_path / "state/state.json").is_file()
 
 
@@ -76,7 +60,7 @@ def test_a_corrupt_state_falls_back_to_the_previous_complete_one(tmp_path, capsy
     _killed_after_round(tmp_path, 1)                      # state: after round 1 of 3
     shutil.copytree(tmp_path / "state", tmp_path / "previous")
     with pytest.raises(Stop):
-        _run(tmp_path / "out", tmp_path / "state", StopAfterRound(2))  # state: after round 2
+        _run(tmp_path / "out", tmp_path / "state", stop_after_round(2))  # state: after round 2
     (tmp_path / "previous").rename(tmp_path / "state.old")
     _truncate(tmp_path / "state/proxy_1.safetensors")
     capsys.readouterr()

@@ -72,3 +72,46 @@ def test_the_resume_state_and_the_training_outputs_respect_the_umask(umask, tmp_
     assert "state/samples.safetensors" in modes and "out/model/unet" in modes
     wrong = {f: oct(mode) for f, (mode, full) in modes.items() if mode != full & ~umask}
     assert not wrong, wrong
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "net.safetensors"])
+def test_a_truncated_file_the_project_reads_back_is_named_in_one_line(tmp_path, name):
+    """Every JSON and safetensors file a stage reads back (metrics, train_info, the feature net, the
+    round checkpoints, Inception statistics) goes through read_json / load_tensors: truncated, it is
+    an UnreadableFile (a FileNotFoundError, which every stage and command reports in one line)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pipeline.io import UnreadableFile, load_tensors, read_json
+
+    path = tmp_path / name
+    if name.endswith(".json"):
+        path.write_text('{"mem_ratio": 0.25, "fd": 3.5}')
+    else:
+        save_file({"w": torch.ones(64)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableFile, match=f"{path}: cannot be read"):
+        (read_json if name.endswith(".json") else load_tensors)(path)
+
+
+def test_a_stage_says_a_truncated_feature_net_in_one_line(tmp_path):
+    import click
+    from click.testing import CliRunner
+
+    from pipeline.features import FeatureNet, save_feature_net
+    from stages import stage
+
+    save_feature_net(FeatureNet(channels=1, num_classes=3), tmp_path / "net")
+    weights = next((tmp_path / "net").glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:40])
+
+    @click.command()
+    @stage
+    def fake():
+        from pipeline.features import load_feature_net
+
+        load_feature_net(tmp_path / "net")
+
+    result = CliRunner().invoke(fake, [])
+    assert result.exit_code == 1 and f"{weights}: cannot be read" in result.output and "Traceback" not in result.output

@@ -2,7 +2,8 @@
 said in one line naming the file, never as diffusers' tracebacks."""
 import pytest
 
-from pipeline.models import UnreadableModel, build_scheduler, build_unet, load_pipeline, save_pipeline
+from pipeline.io import UnreadableFile
+from pipeline.models import build_scheduler, build_unet, load_pipeline, save_pipeline
 from tiny import arch
 
 
@@ -24,5 +25,5 @@ def test_a_truncated_model_file_is_named_in_one_line(saved, damaged):
     file = saved / damaged
     data = file.read_bytes()
     file.write_bytes(data[: len(data) // 2])
-    with pytest.raises(UnreadableModel, match=f"{file}: cannot be read"):
+    with pytest.raises(UnreadableFile, match=f"{file}: cannot be read"):
         load_pipeline(saved)

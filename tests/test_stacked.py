@@ -13,6 +13,7 @@ from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from test_pinned import TINY
+from tiny import Stop, stop_after_round
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -55,16 +56,8 @@ def test_stacked_proxies_give_the_sequential_weights_masks_and_moves(tmp_path):
 
 
 def test_a_stacked_run_resumes_bit_for_bit(tmp_path):
-    class Stop(Exception):
-        pass
-
-    class StopAfterRound1(rounds.Hooks):
-        def round_done(self, rnd, metrics, round_dir):
-            if rnd == 1:
-                raise Stop
-
     with pytest.raises(Stop):
-        _run(tmp_path / "resumed", "true", hooks=StopAfterRound1())
+        _run(tmp_path / "resumed", "true", hooks=stop_after_round(1))
     _, resumed, _, _ = _run(tmp_path / "resumed", "true")  # from round 1's start, as saved after round 0
     _, straight, _, _ = _run(tmp_path / "straight", "true")
     assert torch.equal(resumed, straight)

@@ -83,3 +83,31 @@ def project_copy(dest: Path, groups: dict) -> tuple[Path, dict]:
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny"]):
         run(cmd, dest, env)
     return dest, env
+
+
+def random_train(n: int = 12):
+    """The tiny runs' training set: n random 8x8 grey images of 3 classes, ids from 100."""
+    import numpy as np
+
+    from pipeline.data import ImageSet
+
+    g = np.random.default_rng(0)
+    return ImageSet(images=g.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8), labels=np.arange(n) % 3,
+                    ids=np.arange(100, 100 + n))
+
+
+class Stop(Exception):
+    """Raised by StopAfterRound: a run interrupted between rounds."""
+
+
+def stop_after_round(last: int):
+    """round-loop hooks that stop the run once round `last` (0-based) is trained, before its state
+    is saved: the saved state is the one after round last - 1."""
+    from pipeline import rounds
+
+    class StopAfterRound(rounds.Hooks):
+        def round_done(self, rnd, metrics, round_dir):
+            if rnd == last:
+                raise Stop
+
+    return StopAfterRound()
