@@ -15,7 +15,7 @@ import torch
 from pipeline import privacy
 from pipeline.config import load_params
 from pipeline.data import ImageSet
-from pipeline.duplicates import dedup_memorization_scores, duplicate_groups
+from pipeline.dedup import dedup_memorization_scores, duplicate_groups
 from pipeline.evaluation import LOSS_PAIRS, EvalData, checkpoints, copy_table, curve_over_training
 from pipeline.features import load_feature_net
 from pipeline.models import load_pipeline

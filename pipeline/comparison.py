@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.duplicates import DuplicateGroups
+from pipeline.dedup import DuplicateGroups
 from pipeline.matched import matched_quality
 from pipeline.risk import risk_summary
 

@@ -13,7 +13,7 @@ import torch
 
 from pipeline import inception, metrics, privacy
 from pipeline.config import Params, resolve_device
-from pipeline.duplicates import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
+from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
 from pipeline.io import load_tensors, read_json
 from pipeline.metric_names import CURVE_KEYS, CURVE_PROGRESS
@@ -70,7 +70,7 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
 
 
 def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list[dict]:
-    """duplicates.copy_counts, each unique image also with its denoising loss under this model
+    """dedup.copy_counts, each unique image also with its denoising loss under this model
     (the loss attack's score, negated): which images are copied, and whether low loss predicts it."""
     table = copy_counts(scores, data.groups)
     members = data.train[torch.from_numpy(data.groups.representatives)]

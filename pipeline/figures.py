@@ -93,7 +93,7 @@ def save_copies_figure(samples: torch.Tensor, train: torch.Tensor, scores: dict,
 
 def save_most_copied(train: torch.Tensor, table: list[dict], path, top: int = 16) -> None:
     """The training images the samples copy most, each with its copy count and how often it is
-    stored in the training set (duplicates.copy_counts rows); a note when nothing is copied."""
+    stored in the training set (dedup.copy_counts rows); a note when nothing is copied."""
     rows = sorted((r for r in table if r["copies"] > 0), key=lambda r: (-r["copies"], r["group"]))[:top]
     cols = min(8, max(1, len(rows)))
     fig = Figure(figsize=(1.3 * cols, 1.35 * max(1, math.ceil(len(rows) / cols)) + 0.5))

@@ -36,7 +36,7 @@ def _mean(x: np.ndarray) -> float:
 
 
 def risk_summary(skip_rate, baseline_loss, copies, group_size) -> dict[str, float]:
-    """Arrays with one entry per unique training image (duplicates.copy_counts' rows): IET's skip
+    """Arrays with one entry per unique training image (dedup.copy_counts' rows): IET's skip
     rate, the baseline's final per-sample loss, the baseline's copy count, the duplicate group size.
 
     'risk_skip_auc': ROC AUC of the skip rate for copies > 0 (0.5: no better than chance);

@@ -159,7 +159,7 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
 
 
 def _duplicated(train: ImageSet) -> np.ndarray:
-    from pipeline.duplicates import duplicate_groups
+    from pipeline.dedup import duplicate_groups
 
     groups = duplicate_groups(train.images)
     return groups.sizes[groups.group] > 1
@@ -169,7 +169,7 @@ def _groups(params: Params, plan: Plan, train: ImageSet) -> np.ndarray | None:
     """With iet.split: groups, the near-duplicate group of each position, which MSR moves whole."""
     if params.iet.split != "groups" or plan.shards < 2:
         return None
-    from pipeline.duplicates import near_duplicate_groups
+    from pipeline.dedup import near_duplicate_groups
 
     return near_duplicate_groups(train.images, params.iet.near_duplicate).group
 

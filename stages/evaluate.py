@@ -9,7 +9,7 @@ import torch
 from pipeline import figures
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet, to_uint8
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.io import chosen_weights, write_csv, write_json

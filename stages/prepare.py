@@ -4,7 +4,7 @@ import click
 
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 from pipeline.io import write_csv, write_json
 from stages import params_option, path_option, stage
 

@@ -15,7 +15,7 @@ from pipeline import figures
 from pipeline.comparison import RISK_FIELDS, at_matched_quality, read_rows, risk_table, skip_rates
 from pipeline.config import load_params
 from pipeline.data import ImageSet
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 from pipeline.io import publish, read_json, write_csv, write_json
 from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker

@@ -5,7 +5,7 @@ import numpy as np
 
 from pipeline.config import load_params
 from pipeline.data import ImageSet
-from pipeline.duplicates import near_duplicate_groups
+from pipeline.dedup import near_duplicate_groups
 from pipeline.ensemble import split_shards
 from pipeline.io import write_csv
 from stages import params_option, path_option, stage

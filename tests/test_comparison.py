@@ -12,7 +12,7 @@ from pipeline import rounds
 from pipeline.comparison import at_matched_quality, risk_table, skip_rates
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 from pipeline.evaluation import checkpoints
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ from PIL import Image
 from pipeline import data
 from pipeline.config import SOURCE_SIZES, DataConfig
 from pipeline.data import DataError, ImageSet, load_source, prepare_splits
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 
 
 def splits_of(seed=0, **cfg):

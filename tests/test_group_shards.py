@@ -8,7 +8,7 @@ from PIL import Image
 
 from pipeline.config import DataConfig, MSRConfig
 from pipeline.data import _mnist5k, load_source
-from pipeline.duplicates import near_duplicate_groups
+from pipeline.dedup import near_duplicate_groups
 from pipeline.ensemble import split_shards
 from pipeline.mitigation.msr import redistribute
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from pipeline import evaluation, metric_names
 from pipeline.comparison import at_matched_quality
 from pipeline.config import parse_params
-from pipeline.duplicates import duplicate_groups
+from pipeline.dedup import duplicate_groups
 from pipeline.features import FeatureNet
 from pipeline.models import build_scheduler, build_unet
 from pipeline.risk import risk_summary

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import duplicates, metrics
+from pipeline import dedup, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -20,7 +20,7 @@ def to_unit(images: np.ndarray) -> torch.Tensor:
 
 def test_groups_are_numbered_by_first_appearance():
     a, b, c = random_uint8(3, 0)
-    groups = duplicates.duplicate_groups(np.stack([b, a, b, c, a, b]))
+    groups = dedup.duplicate_groups(np.stack([b, a, b, c, a, b]))
     np.testing.assert_array_equal(groups.group, [0, 1, 0, 2, 1, 0])
     np.testing.assert_array_equal(groups.representatives, [0, 1, 3])
     np.testing.assert_array_equal(groups.sizes, [3, 2, 1])
@@ -32,7 +32,7 @@ def test_images_one_grey_level_apart_are_not_duplicates():
     a = random_uint8(1, 1)[0]
     b = a.copy()
     b[2, 7, 7] ^= 1
-    groups = duplicates.duplicate_groups(np.stack([a, b, a]))
+    groups = dedup.duplicate_groups(np.stack([a, b, a]))
     np.testing.assert_array_equal(groups.group, [0, 1, 0])
     assert groups.summary()["duplicate_groups"] == 1
 
@@ -50,24 +50,24 @@ def test_copy_of_a_duplicated_image_is_flagged_only_after_dedup():
     assert plain["ratio"][0] == pytest.approx(1.0, abs=1e-3)
     assert not plain["ratio"][0] < metrics.MEMORIZED_RATIO
 
-    groups = duplicates.duplicate_groups(train_u8)
-    dedup = duplicates.dedup_memorization_scores(sample, train, groups)
-    assert dedup["ratio"][0] < metrics.MEMORIZED_RATIO
-    assert dedup["nn1_index"][0] == 3 and dedup["nn1_group"][0] == groups.group[3]
-    table = duplicates.copy_counts(dedup, groups)
+    groups = dedup.duplicate_groups(train_u8)
+    scores = dedup.dedup_memorization_scores(sample, train, groups)
+    assert scores["ratio"][0] < metrics.MEMORIZED_RATIO
+    assert scores["nn1_index"][0] == 3 and scores["nn1_group"][0] == groups.group[3]
+    table = dedup.copy_counts(scores, groups)
     assert table[groups.group[3]]["copies"] == 1 and table[groups.group[3]]["size"] == 2
 
 
 def test_without_duplicates_scores_equal_plain_scores():
     train_u8 = random_uint8(30, 3)
     train, samples = to_unit(train_u8), to_unit(random_uint8(12, 4))
-    groups = duplicates.duplicate_groups(train_u8)
+    groups = dedup.duplicate_groups(train_u8)
     assert groups.summary()["duplicate_groups"] == 0
     plain = metrics.memorization_scores(samples, train)
-    dedup = duplicates.dedup_memorization_scores(samples, train, groups)
+    scores = dedup.dedup_memorization_scores(samples, train, groups)
     for key in plain:
-        np.testing.assert_array_equal(dedup[key], plain[key], err_msg=key)
-    np.testing.assert_array_equal(dedup["nn1_group"], plain["nn1_index"])
+        np.testing.assert_array_equal(scores[key], plain[key], err_msg=key)
+    np.testing.assert_array_equal(scores["nn1_group"], plain["nn1_index"])
 
 
 def test_planted_copies_are_counted_on_their_image():
@@ -78,12 +78,12 @@ def test_planted_copies_are_counted_on_their_image():
     g = torch.Generator().manual_seed(1)
     for slot in (3, 11, 25, 38)[:k]:
         samples[slot] = train[j] + 0.02 * torch.randn(train[j].shape, generator=g)
-    groups = duplicates.duplicate_groups(train_u8)
-    table = duplicates.copy_counts(duplicates.dedup_memorization_scores(samples, train, groups), groups)
+    groups = dedup.duplicate_groups(train_u8)
+    table = dedup.copy_counts(dedup.dedup_memorization_scores(samples, train, groups), groups)
     copies = np.array([row["copies"] for row in table])
     assert copies[j] == k and copies.sum() == k
     assert table[j]["nearest"] >= k and sum(row["nearest"] for row in table) == len(samples)
-    head = duplicates.copy_headline(table)
+    head = dedup.copy_headline(table)
     assert head["distinct_copied"] == 1
     assert math.isnan(head["copies_on_duplicated_share"])  # no duplicated image to fall on
 
@@ -95,19 +95,19 @@ def _table(sizes, copies):
 
 def test_copies_on_duplicated_share_by_hand():
     # groups of sizes 3, 1, 2, 1 copied 2, 1, 1, 0 times: 3 of the 4 copies are of duplicated images
-    head = duplicates.copy_headline(_table([3, 1, 2, 1], [2, 1, 1, 0]))
+    head = dedup.copy_headline(_table([3, 1, 2, 1], [2, 1, 1, 0]))
     assert head == {"distinct_copied": 3, "copies_on_duplicated_share": 0.75}
 
 
 def test_copies_on_duplicated_share_is_nan_when_undefined():
-    assert math.isnan(duplicates.copy_headline(_table([3, 1], [0, 0]))["copies_on_duplicated_share"])
-    assert math.isnan(duplicates.copy_headline(_table([1, 1], [2, 1]))["copies_on_duplicated_share"])
+    assert math.isnan(dedup.copy_headline(_table([3, 1], [0, 0]))["copies_on_duplicated_share"])
+    assert math.isnan(dedup.copy_headline(_table([1, 1], [2, 1]))["copies_on_duplicated_share"])
 
 
 def test_copy_counts_accepts_plain_scores_through_the_group_map():
     """A plain score's nn1_index may be any member of a group; it must land on the group."""
     a, b = random_uint8(2, 7)
-    groups = duplicates.duplicate_groups(np.stack([a, b, a]))
+    groups = dedup.duplicate_groups(np.stack([a, b, a]))
     scores = {"nn1_index": np.array([2, 0, 1]), "ratio": np.array([0.1, 0.5, 0.2])}
-    table = duplicates.copy_counts(scores, groups)
+    table = dedup.copy_counts(scores, groups)
     assert [(row["copies"], row["nearest"]) for row in table] == [(1, 2), (1, 1)]

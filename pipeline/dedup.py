@@ -1,4 +1,5 @@
-"""Exact duplicates in the training set, and memorization measured against it de-duplicated.
+"""De-duplication: groups of exact (and near) duplicates in the training set, and memorization
+measured against it de-duplicated (data.duplicates, which adds duplicated samples, is pipeline/data.py's).
 
 The NN1/NN2 ratio test (Yoon et al. 2023; Gu et al. 2023; metrics.memorization_scores) has a blind
 spot: a training image stored twice is its own second nearest neighbour, so a generated copy of it
