@@ -111,12 +111,7 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             from pipeline.sampling import sample as ddim_sample
 
             unet, scheduler = load_pipeline(path)
-        trained = scheduler.config.num_train_timesteps
-        if steps is None:
-            steps = min(50, trained)
-        elif steps > trained:
-            raise click.BadParameter(f"{steps} is more than the model's {trained} training timesteps",
-                                     param_hint="--steps")
+        steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
         unet.to(device)
         click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
         images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
@@ -125,16 +120,30 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
 
+    click.echo("wrote " + " and ".join(_write_samples(images, out, grid)))
+
+
+def _ddim_steps(steps: int | None, trained: int) -> int:
+    """--steps, by default 50 or the model's training timesteps if fewer; never more than those."""
+    if steps is None:
+        return min(50, trained)
+    if steps > trained:
+        raise click.BadParameter(f"{steps} is more than the model's {trained} training timesteps", param_hint="--steps")
+    return steps
+
+
+def _write_samples(images, out: Path | None, grid: Path | None) -> list[str]:
+    """One PNG per image in `out` and/or one grid; what was written, for the closing line."""
     written = []
     if out is not None:
         _write_pngs(images, out)
-        written.append(f"{num} PNG files in {out}")
+        written.append(f"{len(images)} PNG files in {out}")
     if grid is not None:
         from pipeline.figures import save_grid
 
-        save_grid(images, grid, nrow=math.ceil(math.sqrt(num)))
+        save_grid(images, grid, nrow=math.ceil(math.sqrt(len(images))))
         written.append(f"grid {grid}")
-    click.echo("wrote " + " and ".join(written))
+    return written
 
 
 @main.command()

@@ -70,34 +70,42 @@ def _download_uri(client: MlflowClient, uri: str) -> tuple[str, str]:
             if not _not_found(err):
                 raise
             raise FetchError(f"{uri}: no logged model '{name}' in {client.tracking_uri}") from None
+    mv = _version(client, uri, _registered(client, uri, name), alias, ver)
+    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
+
+
+def _registered(client: MlflowClient, uri: str, name: str):
     try:
-        model = client.get_registered_model(name)
+        return client.get_registered_model(name)
     except MlflowException as err:
         if not _not_found(err):
             raise
         known = [r.name for r in client.search_registered_models(max_results=20)]
         raise FetchError(f"{uri}: no registered model '{name}' in {client.tracking_uri} "
-                            f"(registered: {', '.join(known) or 'none'})") from None
+                         f"(registered: {', '.join(known) or 'none'})") from None
+
+
+def _version(client: MlflowClient, uri: str, model, alias: str | None, ver: str | None):
+    """The model version an alias, a number or 'latest' names."""
+    name = model.name
     if alias is not None and alias not in model.aliases:  # the store answers this with a generic error
         raise FetchError(f"{uri}: registered model '{name}' has no alias '{alias}' ({_describe(client, name)})")
     try:
         if alias is not None:
-            mv = client.get_model_version_by_alias(name, alias)
-        elif ver == "latest":
+            return client.get_model_version_by_alias(name, alias)
+        if ver == "latest":
             versions = client.search_model_versions(f"name='{name}'")
             if not versions:
                 raise FetchError(f"{uri}: registered model '{name}' has no versions")
-            mv = max(versions, key=lambda v: int(v.version))
-        elif ver.isdigit():
-            mv = client.get_model_version(name, ver)
-        else:
-            raise FetchError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
+            return max(versions, key=lambda v: int(v.version))
+        if ver.isdigit():
+            return client.get_model_version(name, ver)
+        raise FetchError(f"{uri}: version must be a number or 'latest' (or use models:/{name}@ALIAS)")
     except MlflowException as err:
         if not _not_found(err):
             raise
         raise FetchError(f"{uri}: registered model '{name}' has no version {ver} "
-                            f"({_describe(client, name)})") from None
-    return client.get_model_version_download_uri(name, mv.version), f"{name} version {mv.version}"
+                         f"({_describe(client, name)})") from None
 
 
 def _default_tracking_uri() -> str:

@@ -28,16 +28,9 @@ def nearest_neighbors(queries: Tensor, reference: Tensor, k: int, chunk: int = 4
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    device = queries.device
-    # float32 at least: distances of uint8 / half images would overflow or lose every near-copy.
-    dtype = torch.promote_types(queries.dtype, torch.float32)
-    q_all = queries.flatten(1).to(dtype)
-    r_all = reference.flatten(1).to(device=device, dtype=dtype)
+    q_all, r_all = _flat_pair(queries, reference)
+    device, dtype = q_all.device, q_all.dtype
     m_total, n_total = len(q_all), len(r_all)
-    if q_all.shape[1] != r_all.shape[1]:
-        raise ValueError(f"queries have {q_all.shape[1]} values each, reference {r_all.shape[1]}")
-    if n_total == 0:
-        raise ValueError("reference is empty")
     k = min(k, n_total)
     r_sq = torch.linalg.vecdot(r_all, r_all)  # no [N, D] temporary
 
@@ -62,6 +55,19 @@ def nearest_neighbors(queries: Tensor, reference: Tensor, k: int, chunk: int = 4
     out_d = _exact_sq_dists(q_all, r_all, out_i)
     out_d, order = out_d.sort(dim=1)
     return out_d, out_i.gather(1, order)
+
+
+def _flat_pair(queries: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+    """Both sets flattened, on the queries' device, in float32 at least: distances of uint8 or half
+    images would overflow or lose every near-copy."""
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    q_all = queries.flatten(1).to(dtype)
+    r_all = reference.flatten(1).to(device=queries.device, dtype=dtype)
+    if q_all.shape[1] != r_all.shape[1]:
+        raise ValueError(f"queries have {q_all.shape[1]} values each, reference {r_all.shape[1]}")
+    if len(r_all) == 0:
+        raise ValueError("reference is empty")
+    return q_all, r_all
 
 
 def _merge_top_k(block: Tensor, offset: int, best_d: Tensor | None, best_i: Tensor | None,

@@ -27,3 +27,15 @@ def test_a_truncated_model_file_is_named_in_one_line(saved, damaged):
     file.write_bytes(data[: len(data) // 2])
     with pytest.raises(UnreadableFile, match=f"{file}: cannot be read"):
         load_pipeline(saved)
+
+
+def test_iet_agc_sample_says_a_truncated_model_in_one_line(saved, tmp_path):
+    from click.testing import CliRunner
+
+    from commands.cli import main
+
+    file = saved / "unet/diffusion_pytorch_model.safetensors"
+    file.write_bytes(file.read_bytes()[:100])
+    result = CliRunner().invoke(main, ["sample", "--model", str(saved), "--grid", str(tmp_path / "grid.png")])
+    assert result.exit_code == 1 and f"{file}: cannot be read" in result.output
+    assert "Traceback" not in result.output and not (tmp_path / "grid.png").exists()
