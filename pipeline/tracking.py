@@ -2,6 +2,7 @@
 model and round. Stages run as separate processes, so the parent is found again by a key tag."""
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -65,12 +66,30 @@ def pause_parents() -> None:
     _TRACKERS.clear()
 
 
+@contextmanager
+def _first_use(uri: str) -> Iterator[None]:
+    """One process at a time opens a SQLite store: the first opening creates its tables, and two
+    queued experiments doing it at once (`dvc queue start -j 2` on a new store) make the second
+    fail with `table runs already exists`. The lock file sits beside the store."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        yield
+        return
+    with open(uri[len("sqlite:///"):] + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 class Tracker:
     def __init__(self, params: Params):
         self.params = params
         self.open_runs: list[str] = []
-        self.client = MlflowClient(tracking_uri=check_tracking(params.tracking))
-        exp = self.client.get_experiment_by_name(params.tracking.experiment)
+        uri = check_tracking(params.tracking)
+        with _first_use(uri):
+            self.client = MlflowClient(tracking_uri=uri)
+            exp = self.client.get_experiment_by_name(params.tracking.experiment)  # creates a new store
         if exp is None:
             # Artifacts beside the store, not under the working directory: a queued DVC experiment
             # runs in a temporary copy that is deleted afterwards.

@@ -141,3 +141,18 @@ def test_a_resume_folder_that_cannot_be_written_is_said_in_one_line(store, tmp_p
     assert result.exit_code == 1 and "cannot write the resume state of baseline" in result.output
     assert "Traceback" not in result.output
     assert MlflowClient(store).get_experiment_by_name("readonly") is None  # no run was opened
+
+
+def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):
+    """`dvc queue start -j 2` on a fresh store: both experiments' first stage create the SQLite
+    tables at the same moment (it failed with `table runs already exists`)."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from pipeline.config import parse_params; from pipeline.tracking import Tracker; "
+              "Tracker(parse_params({'tracking': {'uri': sys.argv[1], 'experiment': 'race'}})); print('ok')")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    procs = [subprocess.Popen([sys.executable, "-c", script, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
