@@ -1,4 +1,4 @@
-"""AGC's selectivity (issue 23): for every IET-side model of the DVC experiments whose names start
+"""AGC's selectivity (issue 23): for every model trained by the DVC experiments whose names start
 with --prefix, the mean skip rate of duplicated and of unique samples in each round (the training
 run's `skip_rate_duplicated` / `skip_rate_unique`), the ROC AUC of the skip rate for the images the
 baseline copies (`risk.risk_skip_auc`, logged by the report where the experiment ran it: K > 1),
@@ -34,9 +34,9 @@ def main(prefix, params_path):
           "skip AUC for the baseline's copies | memorization ratio | FD |")
     print("|---|---|---|---|---|---|---|")
     for r in read_results(client, p.tracking.experiment):
-        if r.model != "iet" or not r.run_name.startswith(prefix) or r.training_id is None:
-            continue
-        auc = client.get_run(r.run_id).data.metrics.get("risk.risk_skip_auc")
+        if not r.run_name.startswith(prefix) or r.training_id is None:
+            continue  # (a baseline DVC restored from its cache has no training run here: listed once)
+        auc = client.get_run(r.run_id).data.metrics.get("risk.risk_skip_auc") if r.model == "iet" else None
         print(f"| {r.run_name} | {r.variant} | {_cells(_by_round(client, r.training_id, 'skip_rate_duplicated'))} | "
               f"{_cells(_by_round(client, r.training_id, 'skip_rate_unique'))} | "
               f"{'-' if auc is None else format(auc, '.3f')} | {r.metrics.get('mem_ratio', float('nan')):.3f} | "
