@@ -7,16 +7,20 @@ FD/KID at every checkpoint) must stay a small share of the pipeline.
 Needs a finished `dvc repro` (runs/<model>/model, runs/<model>/rounds, data/prepared, runs/features).
 """
 import argparse
+import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import privacy
+from pipeline.comparison import RESAMPLES, frontier_numbers
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import dedup_memorization_scores, duplicate_groups
-from pipeline.evaluation import LOSS_PAIRS, EvalData, checkpoints, copy_table, curve_over_training
+from pipeline.evaluation import LOSS_PAIRS, EvalData, checkpoints, copy_table, curve_over_training, reuses_final_samples
+from pipeline.metrics import MEMORIZED_RATIO
 from pipeline.features import load_feature_net
 from pipeline.models import load_pipeline
 from pipeline.sampling import sample
@@ -51,14 +55,20 @@ def main():
     _, t_mia = timed(lambda: privacy.membership_inference(unet, scheduler, members, data.heldout, seed=p.seeds.eval,
                                                           pairs=LOSS_PAIRS))
     points = len(checkpoints(run / args.model / "rounds"))
-    _, t_curve = timed(lambda: curve_over_training(unet, scheduler, run / args.model / "rounds", data, net, p))
+    held = np.asarray(dedup_memorization_scores(data.heldout, data.train, data.groups)["ratio"]) < MEMORIZED_RATIO
+    last = samples if reuses_final_samples(p) else None
+    (_, curve), t_curve = timed(lambda: curve_over_training(unet, scheduler, run / args.model / "rounds", data, net, p,
+                                                            held, last))
+    _, t_frontier = timed(lambda: frontier_numbers({"itself": [curve]}, [curve]))
     print(f"{args.model}: {p.eval.num_samples} samples, {len(members)} unique training images, "
-          f"{points} checkpoints x {p.eval.curve_samples} samples, {p.train.threads} thread(s)")
+          f"{points} checkpoints x {p.eval.curve_samples} samples (the last drawn again: "
+          f"{not reuses_final_samples(p)}), {p.train.threads} thread(s), load average {os.getloadavg()[0]:.2f}")
     for name, t in (("final DDIM sampling (reference)", t_sample), ("memorization scores", t_scores),
                     ("per-image copy table (loss of each image)", t_copies),
                     ("membership inference (loss attack + PIA)", t_mia),
                     (f"curve: {points} checkpoints, memorization + FD/KID", t_curve),
-                    ("  of which per checkpoint", t_curve / max(points, 1))):
+                    ("  of which per checkpoint", t_curve / max(points, 1)),
+                    (f"frontier comparison ({RESAMPLES} bootstraps, KID and FD)", t_frontier)):
         print(f"  {name:45s} {t:7.1f} s   {t / t_sample:5.2f} x sampling")
 
 

@@ -9,10 +9,12 @@ as mean and standard deviation over its seeds; the params in which groups differ
 columns.
 
 A variant may be trained without its own baseline (`dvc exp run ... evaluate@iet`, as the
-single-model variants are: their `iet.shards=1` would otherwise re-train the baseline): its
-memorization at matched quality is then read here, as the report stage reads it, against the
-curve of the baseline of the same setting and seed. Each variant's mean is marked where it differs
-from the baseline's by more than the seed spread explains (SIGNIFICANCE).
+single-model variants are: their `iet.shards=1` would otherwise re-train the baseline). Its
+memorization-quality frontier is compared here with the baseline's of the same setting, over all
+seeds of both (each evaluation's curve.npz artifact; pipeline/frontier.py): memorization at matched
+quality and the area between the frontiers, with 95% bootstrap intervals and a verdict. Each
+variant's other means are marked where they differ from the baseline's by more than the seed
+spread explains (SIGNIFICANCE).
 """
 from __future__ import annotations
 
@@ -23,9 +25,9 @@ import numpy as np
 import scipy.stats
 from mlflow import MlflowClient
 
-from commands.mlflow_results import ModelResult, curve, read_results, training_metrics
+from commands.mlflow_results import ModelResult, frontier_curve, read_results, training_metrics
 from pipeline import mitigation
-from pipeline.comparison import MATCHING_COLUMNS, at_matched_quality
+from pipeline.comparison import frontier_numbers, frontier_verdict
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 
@@ -52,10 +54,8 @@ def _setting(params: dict[str, str]) -> tuple:
 
 def collect(client: MlflowClient, experiment: str) -> list[dict]:
     """One record per model in the experiment (mlflow_results.read_results): variant, tau, K,
-    setting, seed, metrics (its training run's too) and its curve."""
-    records = [_record(client, result) for result in read_results(client, experiment)]
-    _match_quality(records)
-    return records
+    setting, seed, metrics (its training run's too) and its curve.npz (None without one)."""
+    return [_record(client, result) for result in read_results(client, experiment)]
 
 
 def _record(client: MlflowClient, result: ModelResult) -> dict:
@@ -64,28 +64,13 @@ def _record(client: MlflowClient, result: ModelResult) -> dict:
             "shards": 1 if result.model == "baseline" else int(params.get("iet.shards", 2)),
             "setting": _setting(params), "run": result.run_name,
             "metrics": {**result.metrics, **training_metrics(client, result, TRAINING_METRICS)},
-            "curve": curve(client, result, MATCHING_COLUMNS)}
-
-
-def _match_quality(records: list[dict]) -> None:
-    """Memorization at matched quality of every non-baseline record against the curve of the
-    baseline of its setting and seed (the first one trained), as the report stage computes it; a
-    record without such a baseline keeps what its report logged, if anything."""
-    baselines: dict[tuple, dict] = {}
-    for rec in records:
-        if rec["model"] == "baseline":
-            baselines.setdefault((rec["setting"], rec["seed"]), rec)
-    for rec in records:
-        base = baselines.get((rec["setting"], rec["seed"]))
-        if rec["model"] == "baseline" or base is None or not base["curve"] or not rec["curve"]:
-            continue
-        matched = at_matched_quality(base["curve"], rec["curve"])
-        rec["metrics"].update({k: v for k, v in matched.items() if k in BY_KEY})  # not its status
+            "frontier": frontier_curve(client, result)}
 
 
 def table(records: list[dict]) -> list[dict]:
     """Groups of records equal in variant, tau, K and setting: seeds, and per metric (mean, sd, n,
-    values) over the seeds where it is finite. A seed counts once per group: a model trained again
+    values) over the seeds where it is finite; each variant's frontier comparison with the baseline
+    of its setting (`compare_frontiers`). A seed counts once per group: a model trained again
     with the same seed and setting (an experiment queued without a target re-trains the baseline)
     is the same model, so the first record of it stands."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
@@ -96,17 +81,31 @@ def table(records: list[dict]) -> list[dict]:
     rows = []
     for (setting, label, tau, shards), recs in groups.items():
         stats = {}
-        for key in (m.key for m in METRICS):
+        for key in (m.key for m in METRICS if not m.vs_baseline):
             vals = [v for rec in recs if math.isfinite(v := rec["metrics"].get(key, math.nan))]
             if vals:
                 stats[key] = (float(np.mean(vals)), float(np.std(vals, ddof=1)) if len(vals) > 1 else math.nan,
                               len(vals), vals)
         rows.append({"variant": label, "tau": tau, "shards": shards, "setting": dict(setting),
                      "runs": [r["run"] for r in recs], "seeds": sorted({str(r["seed"]) for r in recs}),
-                     "stats": stats})
+                     "stats": stats, "curves": [r["frontier"] for r in recs], "frontier": {}})
     rows.sort(key=lambda r: (repr(list(r["setting"].values())), mitigation.variant_sort_key(r["variant"]),
                              r["tau"] or 0, r["shards"]))
+    compare_frontiers(rows)
     return rows
+
+
+def compare_frontiers(rows: list[dict]) -> None:
+    """Each variant's frontier, over its seeds, against the baseline's of its setting over the
+    baseline's seeds (comparison.frontier_numbers: a bootstrap over samples and seeds), where every
+    seed of both has a curve; into row["frontier"]."""
+    baselines = {repr(r["setting"]): r for r in rows if r["variant"] == "baseline"}
+    for row in rows:
+        base = baselines.get(repr(row["setting"]))
+        curves = [row["curves"], base["curves"] if base else []]
+        if row["variant"] == "baseline" or not all(curves) or None in curves[0] + curves[1]:
+            continue
+        row["frontier"] = frontier_numbers({row["variant"]: curves[0]}, curves[1])[row["variant"]]
 
 
 def differs(values: list[float], reference: list[float] | None) -> bool:
@@ -130,15 +129,18 @@ def differs(values: list[float], reference: list[float] | None) -> bool:
 
 
 def _cell(row: dict, metric, baseline: dict | None) -> str:
-    if metric.key not in row["stats"] or (row["variant"] == "baseline" and metric.vs_baseline):
-        return "-"  # the baseline against its own curve is the reference, not a result
+    if metric.vs_baseline:  # a frontier comparison with the baseline: estimate [95% interval] verdict
+        f = row["frontier"]
+        if row["variant"] == "baseline" or metric.key not in f:
+            return "-"  # the reference itself, or no curve to compare
+        return (f"{metric.format(f[metric.key])} [{metric.format(f[metric.key + '_low'])}, "
+                f"{metric.format(f[metric.key + '_high'])}] {frontier_verdict(f, metric.key)}")
+    if metric.key not in row["stats"]:
+        return "-"
     mean, sd, n, vals = row["stats"][metric.key]
     text = metric.format(mean) + ("" if math.isnan(sd) else f" ± {metric.format(sd).lstrip('+')}")
-    if row["variant"] == "baseline":
-        return text
-    if metric.vs_baseline:
-        return text + (MARK if differs(vals, None) else "")
-    if baseline is not None and metric.key in baseline["stats"] and differs(vals, baseline["stats"][metric.key][3]):
+    if row["variant"] != "baseline" and baseline is not None and metric.key in baseline["stats"] \
+            and differs(vals, baseline["stats"][metric.key][3]):
         return text + MARK
     return text
 
@@ -157,5 +159,7 @@ def markdown(rows: list[dict]) -> str:
         cells += [_cell(r, m, baselines.get(repr(r["setting"]))) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"mean ± sd over seeds; {MARK}: differs from the baseline of its setting beyond the seed spread "
-              f"(Welch's t-test over seeds, p < {SIGNIFICANCE:g}; matched-quality columns: against 0)"]
+              f"(Welch's t-test over seeds, p < {SIGNIFICANCE:g}). Columns against the baseline: the frontier "
+              "comparison over all seeds of both, estimate [95% bootstrap interval] and its verdict "
+              "(pipeline/frontier.py)"]
     return "\n".join(lines)

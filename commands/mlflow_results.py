@@ -15,20 +15,25 @@ experiment.
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per curve.npz would bury the table
 
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import Run  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline import mitigation  # noqa: E402
+from pipeline.frontier import Curve  # noqa: E402
 from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run, of_model  # noqa: E402
 
 MODELS = ("baseline", "iet")  # the models an execution trains, in the order results list them
 HEADLINE = "mem_ratio"        # every evaluation logs it: without it a model was not evaluated
 SAME_MODEL = ("mem_ratio", "fd", "fid")  # final metrics equal on these: the same model
 CURVE_NAMES = frozenset(curve_metric(c) for c in CURVE_COLUMNS)  # per checkpoint, not final
+CURVE_FILE = "curve.npz"  # the evaluation's artifact the frontier comparison reads
 _PARENT = "mlflow.parentRunId"
 _PAGE = 10000  # runs per search request
 
@@ -87,6 +92,21 @@ def curve(client: MlflowClient, result: ModelResult, columns: tuple[str, ...]) -
                  for c in columns}
     steps = sorted(set.intersection(*(set(v) for v in by_column.values())))
     return [{c: by_column[c][s] for c in columns} for s in steps]
+
+
+def frontier_curve(client: MlflowClient, result: ModelResult) -> Curve | None:
+    """The model's curve.npz (every checkpoint's memorized flags and features: pipeline/frontier.py),
+    from its evaluation's artifacts; None when it has none (restored by DVC, evaluated before curves
+    were kept, or with eval.curve_samples 0)."""
+    if result.evaluation_id is None or CURVE_FILE not in {a.path for a in client.list_artifacts(result.evaluation_id)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(result.evaluation_id, CURVE_FILE, tmp)
+        except (MlflowException, OSError):
+            return None
+        curve = Curve.load(path)
+    return curve if len(curve.progress) else None
 
 
 def training_metrics(client: MlflowClient, result: ModelResult, keys: tuple[str, ...]) -> dict[str, float]:

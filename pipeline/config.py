@@ -148,6 +148,7 @@ class IETConfig(_Group):
     local_epochs: float = Field(48, gt=0)
     split: Literal["random", "groups"] = "random"  # groups: near-duplicate groups stay whole in one shard
     near_duplicate: float = Field(0.02, ge=0, le=1)  # groups: RMS pixel distance ([0, 1]) joining near copies
+    checkpoints_per_round: int = Field(2, ge=1)  # evaluation checkpoints a round, the same for every model
 
 
 # ---- the mitigations' groups (pipeline/mitigation reads each through its registry entry) ----
@@ -206,6 +207,12 @@ class AmbientConfig(_Group):
     timestep: int = Field(500, ge=0)  # t_n: at and below it the clean image, above it only x_{t_n}
 
 
+class DedupConfig(_Group):
+    """Each duplicate group trained on once (pipeline/mitigation/dedup.py)."""
+    enabled: bool = False
+    near_duplicate: float = Field(0.0, ge=0, le=1)  # 0: exact duplicates; else RMS pixel distance joining near copies
+
+
 class DPConfig(_Group):
     """DP-SGD (Abadi et al. 2016) through Opacus: each sample's gradient clipped to max_grad_norm, Gaussian
     noise of sd noise_multiplier x max_grad_norm added to their sum (pipeline/mitigation/dp.py)."""
@@ -220,7 +227,7 @@ class EvalConfig(_Group):
     ddim_steps: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     weights: Literal["raw", "ema"] = "raw"
-    curve_samples: int = Field(64, ge=0)  # samples per round for the memorization-over-rounds curve; 0: none
+    curve_samples: int = Field(256, ge=0)  # samples per checkpoint for the memorization-quality curve; 0: none
     classifier_epochs: int = Field(3, ge=1)
     inception: bool | Literal["auto"] = "auto"  # Inception FID/KID; auto: only with CUDA
     sscd: bool = False  # SSCD copy detection (optional extra)
@@ -277,6 +284,7 @@ class Params(_Group):
     taa: TAAConfig = TAAConfig()
     augment: AugmentConfig = AugmentConfig()
     ambient: AmbientConfig = AmbientConfig()
+    dedup: DedupConfig = DedupConfig()
     dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()

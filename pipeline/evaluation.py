@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline import inception, metrics, privacy
 from pipeline.config import Params, resolve_device
 from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
 from pipeline.features import extract_features
+from pipeline.frontier import Curve
 from pipeline.io import load_tensors, read_json
 from pipeline.metric_names import CURVE_KEYS, CURVE_PROGRESS
 from pipeline.sampling import sample
@@ -39,13 +41,14 @@ class Evaluation:
     heldout_scores: dict    # the same for held-out real images
     by_round: list[dict]    # memorization and quality of each checkpoint, in training order (CURVE_COLUMNS)
     copies: list[dict]      # per unique training image: copies, nearest, size, loss
+    curve: Curve | None     # every checkpoint's samples as the frontier protocol reads them (None: no curve)
 
 
 def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, rounds_dir: Path,
              p: Params) -> Evaluation:
     """Everything the evaluate stage reports for one model, computed on train.device (the UNet and the
     feature net are moved there; the NN search runs on its queries' device). `unet` ends holding
-    the last round's weights (the curve loads each round's into it)."""
+    a checkpoint's weights (the curve loads each one's into it)."""
     device = resolve_device(p.train.device)
     unet.to(device)
     feature_net.to(device)
@@ -65,8 +68,10 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
         **inception_scores(samples, reference_dir, p.seeds.eval, device),
         **(sscd_scores(samples, data, p) if p.eval.sscd else {}),
     }
-    by_round = curve_over_training(unet, scheduler, rounds_dir, data, feature_net, p)
-    return Evaluation(result, samples, gen_scores, ref_scores, by_round, copies)
+    by_round, curve = curve_over_training(unet, scheduler, rounds_dir, data, feature_net, p,
+                                          np.asarray(ref_scores["ratio"]) < metrics.MEMORIZED_RATIO,
+                                          samples if reuses_final_samples(p) else None)
+    return Evaluation(result, samples, gen_scores, ref_scores, by_round, copies, curve)
 
 
 def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list[dict]:
@@ -101,23 +106,41 @@ def checkpoints(rounds_dir: Path) -> list[tuple[float, Path]]:
     return points
 
 
-def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, feature_net, p: Params) -> list[dict]:
+def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, feature_net, p: Params,
+                        heldout_memorized: np.ndarray, last: torch.Tensor | None = None) -> tuple[list[dict], Curve | None]:
     """Memorization and quality of every checkpoint (raw weights, whatever eval.weights says: EMA is
     not kept per round) on eval.curve_samples samples, the same seed for every point, so points
-    differ only by their weights: how copying grows against quality as training goes on."""
+    differ only by their weights: the rows of rounds.csv and the Curve the frontier protocol reads
+    (pipeline/frontier.py). `last`: samples already drawn from the last checkpoint's weights with
+    that seed and count (the final raw model's), reused instead of drawn again."""
     if p.eval.curve_samples == 0:
-        return []
+        return [], None
     f_pool = extract_features(feature_net, data.pool)
-    rows, points = [], checkpoints(rounds_dir)
+    rows, flags, feats, points = [], [], [], checkpoints(rounds_dir)
+    device = next(unet.parameters()).device
     for i, (progress, path) in enumerate(points, start=1):
-        unet.load_state_dict(load_tensors(path))
-        x = sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
-                   desc=f"checkpoint {i}/{len(points)}")
-        s = metrics.summarize(dedup_memorization_scores(x.to(next(unet.parameters()).device), data.train, data.groups))
-        f_gen = extract_features(feature_net, x)
+        x = last if i == len(points) and last is not None else _checkpoint_samples(
+            unet, scheduler, path, p, f"checkpoint {i}/{len(points)}")
+        scores = dedup_memorization_scores(x.to(device), data.train, data.groups)
+        s, f_gen = metrics.summarize(scores), extract_features(feature_net, x)
         s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool))
         rows.append({CURVE_PROGRESS: round(progress, 4), **{k: s[k] for k in CURVE_KEYS}})
-    return rows
+        flags.append(np.asarray(scores["ratio"]) < metrics.MEMORIZED_RATIO)
+        feats.append(f_gen)
+    curve = Curve(np.array([row[CURVE_PROGRESS] for row in rows]), np.stack(flags), np.stack(feats), f_pool,
+                  heldout_memorized)
+    return rows, curve
+
+
+def _checkpoint_samples(unet, scheduler, path: Path, p: Params, desc: str) -> torch.Tensor:
+    unet.load_state_dict(load_tensors(path))
+    return sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size, desc=desc)
+
+
+def reuses_final_samples(p: Params) -> bool:
+    """Whether the last curve point is the final evaluation's samples: the final raw model is the
+    last round's aggregate, sampled with the same seed and count."""
+    return p.eval.weights == "raw" and p.eval.curve_samples == p.eval.num_samples
 
 
 def inception_scores(samples: torch.Tensor, reference_dir: Path, seed: int, device: torch.device | str = "cpu") -> dict:

@@ -157,6 +157,29 @@ def save_curves(curves: dict[str, list[dict]], path, x_label: str, y_label: str,
     _save_figure(fig, path)
 
 
+def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str, reference: float | None = None) -> None:
+    """Each model's memorization-quality frontier (label -> comparison.frontier_lines' dict): its
+    checkpoints as points, the frontier (the least memorization at that quality or better) as a
+    line, its 95% bootstrap band shaded; `reference`, the held-out images' ratio, dotted."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for i, (label, f) in enumerate(frontiers.items()):
+        ax.plot(f["quality"], f["memorization"], color=f"C{i}", linestyle="none", marker=".", markersize=4)
+        ax.plot(f["levels"], f["frontier"], color=f"C{i}", linewidth=1.5, label=label)
+        ax.fill_between(f["levels"], f["low"], f["high"], color=f"C{i}", alpha=0.2, linewidth=0)
+    if reference is not None and math.isfinite(reference):
+        ax.axhline(reference, color="k", linestyle=":", linewidth=1, label="held-out real images")
+    if not frontiers:
+        ax.text(0.5, 0.5, "no checkpoint curve (eval.curve_samples is 0)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="best")
+    ax.set_title("Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band", fontsize=9)
+    _save_figure(fig, path)
+
+
 def _log_x(ax) -> None:
     """A log x axis labelled with plain numbers at 1, 2, 5 x 10^k (not 10^k only, in math text)."""
     ax.set_xscale("log")

@@ -30,12 +30,15 @@ as it was; this module is meant to replace it as the headline.
 """
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from scipy.optimize import isotonic_regression
 
+from pipeline.io import atomic_path, unreadable
 from pipeline.metrics import frechet_distance
 
 QualityFn = Callable[[np.ndarray], float]  # sample indices (with repeats) -> quality, lower is better
@@ -88,6 +91,49 @@ class Run:
         if len(ordered) < 1 or len({c.progress for c in ordered}) != len(ordered):
             raise ValueError("a run needs checkpoints with distinct progress values")
         object.__setattr__(self, "checkpoints", ordered)
+
+
+@dataclass(frozen=True)
+class Curve:
+    """One model's checkpoints as the evaluate stage measures them (its curve.npz): training
+    progress in rounds [C], whether each generated sample is memorized [C, n] (NN1/NN2 ratio below
+    metrics.MEMORIZED_RATIO), the samples' features [C, n, d], the real pool's features [P, d] (the
+    quality reference) and whether each held-out real image passes the same test [H] (what
+    memorization means nothing below: the floor)."""
+    progress: np.ndarray
+    memorized: np.ndarray
+    features: np.ndarray
+    reference: np.ndarray
+    heldout_memorized: np.ndarray
+
+    FIELDS = ("progress", "memorized", "features", "reference", "heldout_memorized")
+
+    def save(self, path) -> None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, **{name: getattr(self, name) for name in self.FIELDS})
+
+    @classmethod
+    def load(cls, path) -> "Curve":
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: no curve (run the evaluate stage)")
+        try:
+            with np.load(path) as z:
+                return cls(**{name: z[name] for name in cls.FIELDS})
+        except (OSError, ValueError, KeyError, EOFError) as e:  # truncated, not an npz, or an older version's
+            raise unreadable(path, e) from None
+
+    @classmethod
+    def empty(cls) -> "Curve":
+        """No checkpoint measured (eval.curve_samples 0)."""
+        return cls(*(np.zeros((0,) * ndim) for ndim in (1, 2, 3, 2, 1)))
+
+    @property
+    def floor(self) -> float:
+        return float(np.mean(self.heldout_memorized)) if len(self.heldout_memorized) else 0.0
+
+    def run(self) -> Run:
+        return Run(tuple(Checkpoint(float(g), m, features=f)
+                         for g, m, f in zip(self.progress, self.memorized, self.features)))
 
 
 # --- quality measures ---------------------------------------------------------------------------
@@ -452,18 +498,39 @@ def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0,
                               count, sum(d.reason is not None for d in draws))
 
 
-def compare_models(models: Mapping[str, Sequence[Run]], baseline: Sequence[Run], measure: Measure | None = None,
-                   resamples: int = 200, floor: float = 0.0, level: float = 0.95,
-                   seed: int = 0) -> dict[str, FrontierComparison]:
-    """Every model against the baseline (resampled once). Each model's random draws are seeded by
-    `seed` and its name, so adding or reordering models changes no other model's result."""
-    base = resample(baseline, measure, resamples, np.random.SeedSequence([seed, 0]))
+def resample_models(models: Mapping[str, Sequence[Run]], measure: Measure | None = None, resamples: int = 200,
+                    seed: int = 0) -> dict[str, tuple[Resampled, np.random.SeedSequence]]:
+    """Every model resampled, each seeded by `seed` and its name (so adding or reordering models
+    changes no other model's result), with the seed its comparison draws seeds from."""
     out = {}
     for name, runs in models.items():
         key = int.from_bytes(name.encode(), "little")  # stable across processes, unlike hash()
         seeds = np.random.SeedSequence([seed, 1, key]).spawn(2)
-        out[name] = compare_resampled(resample(runs, measure, resamples, seeds[0]), base, floor, level, seeds[1])
+        out[name] = (resample(runs, measure, resamples, seeds[0]), seeds[1])
     return out
+
+
+def compare_models(models: Mapping[str, Sequence[Run]], baseline: Sequence[Run], measure: Measure | None = None,
+                   resamples: int = 200, floor: float = 0.0, level: float = 0.95,
+                   seed: int = 0) -> dict[str, FrontierComparison]:
+    """Every model against the baseline (resampled once)."""
+    base = resample(baseline, measure, resamples, np.random.SeedSequence([seed, 0]))
+    return {name: compare_resampled(model, base, floor, level, draws)
+            for name, (model, draws) in resample_models(models, measure, resamples, seed).items()}
+
+
+def band(model: Resampled, levels: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
+    """Pointwise percentile interval of the model's frontier (mean over its seeds) at each quality
+    level, over its bootstrap replicates (seeds drawn as in the comparison, seeded): what a
+    figure shades around the frontier. NaN where fewer than half the replicates reach a level."""
+    rng = np.random.default_rng(0)
+    values = np.array([_mean_frontier(_replicate(model, b, rng), levels) for b in range(len(model.replicates[0]))])
+    tail = (1.0 - level) / 2.0
+    enough = np.isfinite(values).mean(0) >= 0.5
+    with warnings.catch_warnings():  # levels no replicate reaches: NaN, as meant
+        warnings.simplefilter("ignore", RuntimeWarning)
+        low, high = (np.nanquantile(values, q, axis=0) for q in (tail, 1.0 - tail))
+    return np.where(enough, low, np.nan), np.where(enough, high, np.nan)
 
 
 def compare(model: Sequence[Run], baseline: Sequence[Run], measure: Measure | None = None, resamples: int = 200,

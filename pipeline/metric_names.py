@@ -59,6 +59,13 @@ _INCEPTION_KID = MetricSpec("inception_kid", "Inception KID", ".3f", True)
 _SSCD_ABOVE = MetricSpec("sscd_above", "SSCD copies (similarity above the threshold)", ".3f", True)
 _SSCD_SIM = MetricSpec("sscd_mean_max_sim", "mean SSCD similarity to the nearest training image", ".3f", True)
 
+def _frontier(key: str, label: str, tables: tuple[str, ...] = ()) -> tuple[MetricSpec, ...]:
+    """A frontier comparison's estimate and its 95% bootstrap interval's ends."""
+    return (MetricSpec(key, label, "+.3f", True, tables, vs_baseline=True),
+            MetricSpec(key + "_low", label + ", 95% interval low", "+.3f", None, vs_baseline=True),
+            MetricSpec(key + "_high", label + ", 95% interval high", "+.3f", None, vs_baseline=True))
+
+
 # In the order tables show them.
 METRICS = (
     # memorization: generated samples against the training set, duplicates collapsed
@@ -75,11 +82,20 @@ METRICS = (
     MetricSpec("duplicated_samples", "training images stored more than once", "d", None),
     MetricSpec("unique_images", "unique training images", "d", None),
     MetricSpec("num_samples", "samples evaluated", "d", None),
-    # at matched quality (the report, or the ablation, against the baseline's curve)
-    MetricSpec("mem_at_matched_quality", "memorization at matched FD (vs baseline)", "+.3f", True, (REPORT, ABLATION),
+    # at matched quality, the frontiers (pipeline/frontier.py; comparison.frontier_numbers): model - baseline
+    *_frontier("mem_matched", "memorization at matched KID (vs baseline)", (REPORT, ABLATION, TRADEOFF)),
+    *_frontier("frontier_area", "area between frontiers, KID (vs baseline)", (REPORT, ABLATION)),
+    *_frontier("mem_matched_fd", "memorization at matched FD, frontier (vs baseline)", (ABLATION,)),
+    *_frontier("frontier_area_fd", "area between frontiers, FD (vs baseline)"),
+    MetricSpec("frontier_undefined", "share of bootstrap replicates not comparable (KID)", ".2f", None),
+    MetricSpec("frontier_undefined_fd", "share of bootstrap replicates not comparable (FD)", ".2f", None),
+    MetricSpec("baseline_copies_in_range", "baseline memorization at the best common KID", ".3f", None),
+    MetricSpec("baseline_copies_in_range_fd", "baseline memorization at the best common FD", ".3f", None),
+    # at matched quality, the first crossing of the last point (pipeline/matched.py): the earlier
+    # reading, kept for comparison; it has no interval and reads 0 - 0 where nothing copies
+    MetricSpec("mem_at_matched_quality", "memorization at matched FD, first crossing (vs baseline)", "+.3f", True,
                vs_baseline=True),
-    MetricSpec("nn1_at_matched_quality", "NN1 at matched FD (vs baseline)", "+.2f", False, (ABLATION,),
-               vs_baseline=True),
+    MetricSpec("nn1_at_matched_quality", "NN1 at matched FD (vs baseline)", "+.2f", False, vs_baseline=True),
     MetricSpec("baseline_mem_at_matched_quality", "baseline memorization at matched FD", ".3f", None),
     MetricSpec("matched_quality_crossings", "times the baseline's curve passes the matched FD", "d", None),
     # membership inference: training images against held-out ones

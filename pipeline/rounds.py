@@ -39,7 +39,8 @@ class Plan:
     rounds: int
     steps_per_round: int   # optimizer steps of each proxy per round
     mitigations: tuple[str, ...] = ()  # registry names (pipeline.mitigation), in hook order
-    checkpoints_per_round: int = 1  # weights saved this many times a round (evenly), the last at its end
+    checkpoints_per_round: int = 1  # weights saved this many times a round (evenly), the last at its end:
+    # the same share of every model's optimizer steps, so every model's curve is read alike
     # what variant names show of the mitigations' settings (mitigation.shown); params hold it too, so
     # it stays out of the repr that resume fingerprints read
     shown: tuple[tuple[str, object], ...] = field(default=(), repr=False)
@@ -49,14 +50,13 @@ class Plan:
         """With iet.shards = 1 the same steps as the baseline (dp.enabled trains DP-SGD that way)."""
         return cls(shards=p.iet.shards, rounds=p.iet.rounds, steps_per_round=iet_steps_per_round(p),
                    mitigations=mitigation.active(mitigation.enabled_in(p), p.iet.shards),
+                   checkpoints_per_round=p.iet.checkpoints_per_round,
                    shown=tuple(mitigation.shown(p).items()))
 
     @classmethod
     def baseline(cls, p: Params) -> "Plan":
-        # a checkpoint after every IET-round's worth of steps: its memorization-vs-quality curve
-        # then has K points a round, where the matched-quality comparison reads it
         return cls(shards=1, rounds=p.iet.rounds, steps_per_round=p.iet.shards * iet_steps_per_round(p),
-                   checkpoints_per_round=p.iet.shards)
+                   checkpoints_per_round=p.iet.checkpoints_per_round)
 
     @property
     def variant(self) -> str:
@@ -98,6 +98,7 @@ class Run:
     ranks: Ranks
     groups: np.ndarray | None    # near-duplicate group per position with iet.split: groups (MSR moves them whole)
     duplicated: np.ndarray       # whether each position's image occurs more than once (exact copies)
+    midpoints: dict = field(default_factory=dict)  # {checkpoint j: {proxy: weights}} of the round under way
 
 
 @dataclass
@@ -148,7 +149,7 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     steps = plan.rounds * plan.steps_per_round  # of each proxy
     proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) for k in owned}
     mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device,
-                              warmup_steps(params, steps))
+                              warmup_steps(params, steps), train.images)
     for k, proxy in proxies.items():
         mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
@@ -197,17 +198,15 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     combined over processes."""
     counts = RoundCounts.zeros(len(r.train), r.ranks.device)
     curves: dict[int, list[dict]] = {k: [] for k in r.proxies}
-    members = {k: torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device) for k in r.proxies}
-    if stacked.wanted(r.params, r.ranks.device, len(r.proxies)):
-        groups = [stacked.Stacked(r.proxies, r.params)]
-    else:
-        groups = [OneProxy(k, proxy, r.params) for k, proxy in r.proxies.items()]
-    for group in groups:
-        names = ", ".join(str(k + 1) for k in group.proxies)
-        train_steps(group, r.images, members, r.plan.steps_per_round, r.noise_schedule, r.params, r.mitigations,
+    members = {k: r.mitigations.members(k, torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device))
+               for k in range(r.plan.shards)}
+    steps = [r.plan.steps_per_round] * r.plan.shards
+    for group in _training_groups(r, steps, members):
+        names, first = ", ".join(str(k + 1) for k in group.proxies), next(iter(group.proxies))
+        train_steps(group, r.images, members, steps[first], r.noise_schedule, r.params, r.mitigations,
                     counts, desc=f"round {rnd + 1}/{r.plan.rounds} prox{'ies' if len(group.proxies) > 1 else 'y'} "
                     f"{names}/{r.plan.shards}", on_curve=lambda k, row: curves[k].append({"round": rnd, "proxy": k, **row}),
-                    on_step=_checkpointer(r, rnd, group.proxies))
+                    on_step=_checkpointer(r, steps[first], group))
         group.finish()
         for k in group.proxies:
             if r.ranks.is_main:
@@ -224,22 +223,32 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     return counts
 
 
-def _checkpointer(r: Run, rnd: int, proxies: dict[int, Proxy]):
-    """With checkpoints_per_round > 1 (one proxy: the baseline), a callback that saves the weights
-    as rounds/round_NN/checkpoint_JJ.safetensors after every 1/checkpoints_per_round of the round
-    but the last (the round's end is aggregated.safetensors)."""
-    every = r.plan.steps_per_round // r.plan.checkpoints_per_round
-    if r.plan.checkpoints_per_round == 1 or r.plan.shards > 1 or not r.ranks.is_main or every == 0:
-        return None
-    (proxy,) = proxies.values()
+def _training_groups(r: Run, steps: list[int], members: dict[int, torch.Tensor]) -> list:
+    """This process's proxies as train_steps groups: all of them stacked when train.stack_proxies
+    wants it and they take the same steps with the same batch size (one vmapped step for all), else
+    one by one."""
+    alike = len({(steps[k], min(r.params.train.batch_size, len(members[k]))) for k in r.proxies}) == 1
+    if alike and stacked.wanted(r.params, r.ranks.device, len(r.proxies)):
+        return [stacked.Stacked(r.proxies, r.params)]
+    return [OneProxy(k, proxy, r.params) for k, proxy in r.proxies.items()]
 
-    def save(done: int) -> None:
-        j, rest = divmod(done, every)
-        if rest == 0 and j < r.plan.checkpoints_per_round:
-            _round_dir(r, rnd).mkdir(parents=True, exist_ok=True)
-            with atomic_path(_round_dir(r, rnd) / f"checkpoint_{j:02d}.safetensors") as tmp:
-                save_file(proxy.model.state_dict(), str(tmp))
-    return save
+
+def _checkpointer(r: Run, steps: int, group):
+    """With checkpoints_per_round C > 1, a callback that keeps every proxy's weights after each
+    1/C of its `steps` this round but the last (its end is the round's aggregate), for
+    `average_proxies` to average into rounds/round_NN/checkpoint_JJ.safetensors. For evaluation
+    only: training never reads them, so the final weights are the same with or without
+    (tests/test_comparison.py)."""
+    if r.plan.checkpoints_per_round == 1:
+        return None
+    marks = {j: round(j * steps / r.plan.checkpoints_per_round) for j in range(1, r.plan.checkpoints_per_round)}
+
+    def keep(done: int) -> None:
+        for j, at in marks.items():
+            if at == done:
+                r.midpoints.setdefault(j, {}).update(group.current_weights())
+    keep(0)  # a proxy with fewer steps than checkpoints: its weights as the round starts
+    return keep
 
 
 def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:
@@ -251,15 +260,22 @@ def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:
     emas = [r.ranks.share_tensors(dict(enumerate(r.proxies[k].ema.shadow_params)) if k in r.proxies else None,
                                   r.like_ema, r.ranks.owner(k)) for k in range(r.plan.shards)]
     averaged = ensemble.aggregate(ends, sizes)
+    midpoints = {j: ensemble.aggregate(_shared(r, states), sizes) for j, states in sorted(r.midpoints.items())}
+    r.midpoints.clear()
     if r.ranks.is_main:
         round_dir = _round_dir(r, rnd)
         round_dir.mkdir(parents=True, exist_ok=True)
-        for k, state in enumerate(ends):
-            with atomic_path(round_dir / f"proxy_{k}.safetensors") as tmp:
+        files = {**{f"proxy_{k}": state for k, state in enumerate(ends)},
+                 **{f"checkpoint_{j:02d}": state for j, state in midpoints.items()}, "aggregated": averaged}
+        for name, state in files.items():  # aggregated last: checkpoints() reads a round by it
+            with atomic_path(round_dir / f"{name}.safetensors") as tmp:
                 save_file(state, str(tmp))
-        with atomic_path(round_dir / "aggregated.safetensors") as tmp:
-            save_file(averaged, str(tmp))
     return averaged, ensemble.aggregate(emas, sizes)
+
+
+def _shared(r: Run, states: dict[int, dict]) -> list[dict]:
+    """Every proxy's state of one mid-round checkpoint, sent from its owner."""
+    return [r.ranks.share_tensors(states.get(k), r.like_model, r.ranks.owner(k)) for k in range(r.plan.shards)]
 
 
 def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict:

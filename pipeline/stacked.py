@@ -35,7 +35,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from pipeline.config import Params
-from pipeline.training import Batch, Proxy, advance, autocast, diverged, finite, kept_loss
+from pipeline.training import Batch, Proxy, cpu_copy, advance, autocast, diverged, finite, kept_loss
 
 
 def wanted(p: Params, device: torch.device, local_proxies: int) -> bool:
@@ -129,6 +129,16 @@ class Stacked:
         per_proxy = list(zip(*(self.weights[n].unbind(0) for n in self.names)))
         for j, proxy in enumerate(self.proxies.values()):
             advance(proxy, per_proxy[j])
+
+    def current_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each proxy's current weights (a copy on the CPU), read from the stack: mid-round
+        evaluation checkpoints, without writing anything back."""
+        out = {}
+        for j, (k, proxy) in enumerate(self.proxies.items()):
+            state = proxy.model.state_dict()
+            state.update({n: self.weights[n][j] for n in self.names})
+            out[k] = cpu_copy(state)
+        return out
 
     def finish(self) -> None:
         """Write the stacked weights and Adam states back into each proxy."""

@@ -228,8 +228,16 @@ class OneProxy:
         for proxy in self.proxies.values():
             update(proxy, grad_clip)
 
+    def current_weights(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Each proxy's current weights (a copy on the CPU): mid-round evaluation checkpoints."""
+        return {k: cpu_copy(proxy.model.state_dict()) for k, proxy in self.proxies.items()}
+
     def finish(self) -> None:
         """Nothing to write back: the proxy trained in place."""
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: v.detach().to("cpu", copy=True) for name, v in state.items()}
 
 
 def masked_loss(losses: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

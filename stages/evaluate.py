@@ -12,13 +12,15 @@ from pipeline.data import ImageSet, to_uint8
 from pipeline.dedup import duplicate_groups
 from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
+from pipeline.frontier import Curve
 from pipeline.io import chosen_weights, write_csv, write_json
 from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
 from stages import params_option, path_option, stage
 
-FILES = ("samples.png", "copies.png", "most_copied.png", "ratio_hist.png", "metrics.json", "rounds.csv", "copied.csv")
+FILES = ("samples.png", "copies.png", "most_copied.png", "ratio_hist.png", "metrics.json", "rounds.csv", "copied.csv",
+         "curve.npz")
 COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
 
 
@@ -33,7 +35,8 @@ COPIED_FIELDS = ["sample_id", "group", "size", "copies", "nearest", "loss"]
 @path_option("--pool", "pool_path", help="prepared image pool (.npz)")
 @path_option("--features", "features_dir", help="feature classifier (features stage)")
 @path_option("--reference", "reference_dir", help="Inception statistics of the training set (fid_reference stage)")
-@path_option("--out", help="folder of " + ", ".join(FILES) + " and samples.npz")
+@path_option("--out", help="folder of " + ", ".join(FILES) + " and samples.npz (curve.npz: every checkpoint's "
+             "memorized flags and features, what the frontier comparison reads)")
 @stage
 def main(params_path, model_name, model_dir, model_ema_dir, rounds_dir, train_path, heldout_path, pool_path,
          features_dir, reference_dir, out):
@@ -72,6 +75,8 @@ def _write(result, data: EvalData, ids: np.ndarray, out: Path) -> None:
     figures.save_copies_figure(result.samples, data.train, result.scores, out / "copies.png")
     figures.save_ratio_histogram(result.scores, result.heldout_scores, out / "ratio_hist.png")
     write_csv(out / "rounds.csv", result.by_round, list(CURVE_COLUMNS))
+    # eval.curve_samples 0: an empty curve, so that the stage always writes the same files
+    (result.curve or Curve.empty()).save(out / "curve.npz")
     write_json(out / "metrics.json", result.metrics)
 
 

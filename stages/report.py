@@ -12,10 +12,12 @@ from pathlib import Path
 import click
 
 from pipeline import figures
-from pipeline.comparison import RISK_FIELDS, at_matched_quality, read_rows, risk_table, skip_rates
+from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
+                                 read_rows, risk_table, skip_rates)
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import duplicate_groups
+from pipeline.frontier import Curve
 from pipeline.io import publish, read_json, write_csv, write_json
 from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker
@@ -36,6 +38,7 @@ def _table(rows: dict[str, dict]) -> str:
 @pair_option("--metrics", "metrics_paths", help="evaluate's metrics.json")
 @pair_option("--train-info", "info_paths", help="the training stage's train_info.json")
 @pair_option("--curve", "curve_paths", help="evaluate's rounds.csv (memorization and FD at every checkpoint)")
+@pair_option("--frontier", "frontier_paths", help="evaluate's curve.npz (every checkpoint's memorized flags and features)")
 @pair_option("--samples", "samples_paths", help="evaluate's sample grid, logged to MLflow")
 @pair_option("--copies", "copies_paths", help="evaluate's copies beside their nearest training image, logged")
 @pair_option("--most-copied", "most_copied_paths", help="evaluate's most-copied training images, logged")
@@ -45,25 +48,30 @@ def _table(rows: dict[str, dict]) -> str:
 @path_option("--report", "report_path", help="the report (.md)")
 @path_option("--summary", "summary_path", help="every number of the report (.json)")
 @path_option("--curves", "curves_path", help="figure: both models' memorization vs quality over training (.png)")
+@path_option("--frontier-figure", "frontier_png", help="figure: both models' memorization-quality frontiers (.png)")
 @path_option("--risk-table", "risk_csv", help="per unique training image: copies, loss, skip rate (.csv)")
 @path_option("--risk-figure", "risk_png", help="figure: IET's skip rate vs the baseline's copies (.png)")
 @stage
-def main(params_path, metrics_paths, info_paths, curve_paths, samples_paths, copies_paths, most_copied_paths,
-         copied_path, rounds_dir, train_path, report_path, summary_path, curves_path, risk_csv, risk_png):
+def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, samples_paths, copies_paths,
+         most_copied_paths, copied_path, rounds_dir, train_path, report_path, summary_path, curves_path, frontier_png,
+         risk_csv, risk_png):
     p = load_params(params_path)
     # everything is read and computed before anything is written
     rows, curves = _rows(metrics_paths, info_paths, curve_paths)
+    frontiers = {m: Curve.load(frontier_paths[m]) for m in MODELS}
+    rows["iet"].update(_frontier_numbers(frontiers))
     train = ImageSet.load(train_path)
     risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows(copied_path),
                                  skip_rates(rounds_dir, train.ids))
     names = {"curve": curve_paths["baseline"].name, "curves": curves_path.name, "risk_csv": risk_csv.name,
-             "risk_png": risk_png.name}
+             "risk_png": risk_png.name, "frontier": frontier_png.name}
     text = _text(p, rows, risk, names)
     numbers = {**{f"{m}.{k}": v for m, r in rows.items() for k, v in r.items() if _number(v)},
                **{f"risk.{k}": v for k, v in risk.items()}}
     writers = {report_path: lambda path: path.write_text(text),
                summary_path: lambda path: write_json(path, numbers),
                curves_path: lambda path: _save_curves(rows, curves, path),
+               frontier_png: lambda path: _save_frontiers(rows, frontiers, path),
                risk_csv: lambda path: write_csv(path, risk_rows, RISK_FIELDS),
                risk_png: lambda path: figures.save_risk(risk_rows, path)}
     evaluation_files = {m: [curve_paths[m], samples_paths[m], copies_paths[m], most_copied_paths[m]] for m in MODELS}
@@ -95,6 +103,19 @@ def _rows(metrics_paths: dict, info_paths: dict, curve_paths: dict) -> tuple[dic
     for m in MODELS:
         rows[m].update(at_matched_quality(curves["baseline"], curves[m]))
     return rows, curves
+
+
+def _frontier_numbers(frontiers: dict[str, Curve]) -> dict[str, float]:
+    """The IET model's frontier against the baseline's (nothing without a curve: eval.curve_samples 0)."""
+    if not all(len(c.progress) for c in frontiers.values()):
+        return {}
+    return frontier_numbers({"iet": [frontiers["iet"]]}, [frontiers["baseline"]])["iet"]
+
+
+def _save_frontiers(rows: dict[str, dict], frontiers: dict[str, Curve], path: Path) -> None:
+    figures.save_frontiers(frontier_lines({rows[m]["variant"]: [frontiers[m]] for m in MODELS}), path,
+                           BY_KEY["kid"].axis_label + ", curve samples", BY_KEY["mem_ratio"].axis_label,
+                           reference=rows["baseline"].get("heldout_mem_ratio"))
 
 
 def _save_curves(rows: dict[str, dict], curves: dict[str, list], path: Path) -> None:
@@ -139,12 +160,7 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
         "is closer than 1/3 of the second nearest. Held-out reference: the same for real images never trained "
         "on. Membership AUC: the loss attack's ROC AUC, training images against held-out ones (0.5: no leak).", "",
         "## At matched quality", "",
-        f"{variant}'s last curve point read against the baseline's memorization-vs-FD curve (`{names['curve']}`): "
-        f"status `{matched['matched_quality_status']}`; memorization ratio {_signed(matched['mem_at_matched_quality'])} "
-        f"against the baseline at the same FD ({_fmt(matched['baseline_mem_at_matched_quality'])}), mean NN1 "
-        f"{_signed(matched['nn1_at_matched_quality'])}. Negative memorization (positive NN1) means it copies less "
-        "than a baseline stopped at the same quality; out of range means no baseline checkpoint has that FD. "
-        f"`{names['curves']}`: both models' memorization ratio against FD at every checkpoint.", "",
+        *_matched_text(variant, matched, names), "",
         "## Which images are at risk", "",
         f"{risk['risk_copied_images']} training images are copied by the baseline (`{names['risk_csv']}`, `{names['risk_png']}`). "
         f"ROC AUC for predicting them: {variant}'s AGC skip rate {_fmt(risk['risk_skip_auc'])}, the baseline's "
@@ -153,6 +169,27 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
         "## Across experiments", "",
         "This report reads this run's files only. Every variant and experiment logged to MLflow, side by side: "
         "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table).", ""])
+
+
+def _matched_text(variant: str, m: dict, names: dict[str, str]) -> list[str]:
+    """The frontier verdict, with the earlier first-crossing reading beside it."""
+    def interval(key):
+        return f"{_signed(m.get(key))} [{_signed(m.get(key + '_low'))}, {_signed(m.get(key + '_high'))}]"
+    return [
+        f"Verdict against the baseline at matched quality (KID): **{frontier_verdict(m)}**; checked under FD: "
+        f"**{frontier_verdict(m, 'mem_matched_fd')}**. Memorization at matched KID, {variant} - baseline, "
+        f"{interval('mem_matched')} (95% bootstrap interval over each checkpoint's samples); mean difference "
+        f"between the frontiers over the common quality range {interval('frontier_area')}; under FD "
+        f"{interval('mem_matched_fd')}. The baseline's memorization at the best quality both reach: "
+        f"{_fmt(m.get('baseline_copies_in_range'))}; {_fmt(m.get('frontier_undefined'))} of the bootstrap "
+        "replicates were not comparable. A frontier is the least memorization a user gets at that quality or "
+        "better by stopping training early (memorization and quality fitted monotone over checkpoints); "
+        "'not comparable' means the two never reach a common quality at which either copies more than real "
+        f"held-out images do. `{names['frontier']}`: both frontiers and their bands.", "",
+        f"The earlier reading, {variant}'s last checkpoint on the baseline's curve at its FD (first crossing, no "
+        f"interval; `{names['curve']}`): status `{m['matched_quality_status']}`, memorization "
+        f"{_signed(m['mem_at_matched_quality'])} against the baseline's {_fmt(m['baseline_mem_at_matched_quality'])}. "
+        f"`{names['curves']}`: both models' memorization against FD at every checkpoint."]
 
 
 def _fmt(v) -> str:

@@ -2,6 +2,8 @@
 per experiment with the flattened params, nested evaluate/training runs), grouped per variant
 over seeds, a baseline counted where it was trained only."""
 import os
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import scipy.stats
@@ -14,13 +16,14 @@ from mlflow import MlflowClient  # noqa: E402
 
 from commands import ablation  # noqa: E402
 from commands.cli import main  # noqa: E402
+from tiny import synthetic_curve  # noqa: E402
 
 BASE = {"seeds.train": "0", "agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True",
         "agc.tau": "0.5", "data.train_size": "32", "iet.rounds": "4"}
 
 
 def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], trained: dict[str, float],
-                curves: dict[str, list] | None = None, epsilon: float | None = None):
+                curves: dict[str, list] | None = None, epsilon: float | None = None, frontiers: dict | None = None):
     parent = client.create_run(exp_id, run_name=name).info.run_id
     for k, v in params.items():
         client.log_param(parent, k, v)
@@ -31,6 +34,10 @@ def _experiment(client, exp_id, name, params, evaluated: dict[str, dict], traine
         for step, (progress, fd, mem, nn1) in enumerate((curves or {}).get(model, []), start=1):
             for k, v in (("progress", progress), ("fd", fd), ("mem_ratio", mem), ("mean_nn1", nn1)):
                 client.log_metric(child, f"round_{k}", v, step=step)
+        if model in (frontiers or {}):
+            with tempfile.TemporaryDirectory() as tmp:
+                frontiers[model].save(Path(tmp) / "curve.npz")
+                client.log_artifact(child, str(Path(tmp) / "curve.npz"))
         client.set_terminated(child)
     for model, seconds in trained.items():
         child = client.create_run(exp_id, run_name=model, tags={"mlflow.parentRunId": parent}).info.run_id
@@ -112,13 +119,15 @@ def variants(tmp_path_factory):
     exp = client.create_experiment("iet-agc", artifact_location=(tmp_path / "a").as_uri())
     base = {**BASE, "iet.shards": "4"}
     single = {**base, "iet.shards": "1", "agc.enabled": "False", "dp.enabled": "True", "dp.noise_multiplier": "1.0"}
+    shifts = [2.0, 1.0, 0.5, 0.0]
     for seed, mem in (("0", 0.40), ("1", 0.42)):
         _experiment(client, exp, f"def-s{seed}", {**base, "seeds.train": seed},
-                    {"baseline": {"mem_ratio": mem, "fd": 2.0}}, {"baseline": 300.0}, curves={"baseline": BASELINE_CURVE})
-        # its last curve point at FD 6.0: the baseline's curve there (between 8.0 and 4.0) copies 0.1
+                    {"baseline": {"mem_ratio": mem, "fd": 2.0}}, {"baseline": 300.0},
+                    frontiers={"baseline": synthetic_curve([0.0, 0.1, 0.25, mem], shifts, seed=int(seed))})
+        # the same qualities, nothing copied: better at matched quality
         _experiment(client, exp, f"dp-s{seed}", {**single, "seeds.train": seed},
                     {"iet": {"mem_ratio": 0.0, "fd": 6.0}}, {"iet": 800.0}, epsilon=56.5,
-                    curves={"iet": [(0.5, 12.0, 0.0, 6.0), (1.0, 6.0, 0.0, 5.5)]})
+                    frontiers={"iet": synthetic_curve([0.0] * 4, shifts, seed=10 + int(seed))})
     return uri
 
 
@@ -128,14 +137,15 @@ def test_a_variant_without_its_own_baseline_is_matched_against_its_seeds_baselin
     assert [(r["variant"], r["shards"]) for r in rows] == [("baseline", 1), ("DP-SGD (sigma=1.0)", 1)]
     assert rows[0]["setting"] == rows[1]["setting"]
     dp = rows[1]["stats"]
-    assert dp["mem_at_matched_quality"][:3] == (pytest.approx(-0.1), pytest.approx(0.0), 2)
-    assert dp["nn1_at_matched_quality"][0] == pytest.approx(5.5 - 4.5)
     assert dp["dp_epsilon"][0] == pytest.approx(56.5) and dp["train_seconds"][0] == pytest.approx(800.0)
+    frontier = rows[1]["frontier"]
+    assert frontier["mem_matched_high"] < 0 and frontier["frontier_area"] < 0  # copies less at every matched KID
     table = ablation.markdown(rows)
-    # no spread, -0.1 on both seeds: beyond it; memorization 0 against 0.40 and 0.42: beyond it too
-    assert "| DP-SGD (sigma=1.0) | 1 | - | 0,1 | 0.000 ± 0.000* |" in table and "| -0.100 ± 0.000* |" in table
-    head, _, base_line = [line.split(" | ") for line in table.splitlines()[:3]]
-    assert base_line[head.index("memorization at matched FD (vs baseline)")] == "-"  # the reference itself
+    head, _, base_line, dp_line = [line.split(" | ") for line in table.splitlines()[:4]]
+    column = head.index("memorization at matched KID (vs baseline)")
+    assert dp_line[column].endswith("] better") and dp_line[column].startswith("-0.")
+    assert "| DP-SGD (sigma=1.0) | 1 | - | 0,1 | 0.000 ± 0.000* |" in table  # 0 against 0.40 and 0.42
+    assert base_line[column] == "-"  # the reference itself
 
 
 def test_differs_is_welchs_t_test_over_seeds():

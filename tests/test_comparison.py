@@ -22,10 +22,9 @@ def test_the_baseline_saves_k_checkpoints_a_round_in_training_order(tmp_path):
     p = parse_params({"data": {"train_size": 12, "resolution": 8},
                       "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
                       "train": {"batch_size": 8, "warmup_share": 0.05, "threads": 1},
-                      "eval": {"ddim_steps": 10}, "iet": {"shards": 3, "rounds": 2, "local_epochs": 4}})
-    g = np.random.default_rng(0)
-    train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
-                     ids=np.arange(12))
+                      "eval": {"ddim_steps": 10},
+                      "iet": {"shards": 3, "rounds": 2, "local_epochs": 4, "checkpoints_per_round": 3}})
+    train = _random_train()
     plan = rounds.Plan.baseline(p)
     assert plan.checkpoints_per_round == 3 and plan.steps_per_round % 3 == 0
     rounds.run(p, plan, train, np.zeros(12, dtype=np.int64), tmp_path / "out", tmp_path / "state")
@@ -36,6 +35,50 @@ def test_the_baseline_saves_k_checkpoints_a_round_in_training_order(tmp_path):
     from safetensors.torch import load_file
     states = [load_file(str(f))["conv_in.weight"] for _, f in points]
     assert all(not torch.equal(a, b) for a, b in zip(states, states[1:]))  # each a later state
+
+
+def _random_train(n: int = 12) -> ImageSet:
+    g = np.random.default_rng(0)
+    return ImageSet(images=g.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8), labels=np.arange(n) % 3, ids=np.arange(n))
+
+
+def _iet_params(checkpoints_per_round: int):
+    return parse_params({"data": {"train_size": 12, "resolution": 8},
+                         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
+                         "train": {"batch_size": 4, "warmup_share": 0.05, "threads": 1},
+                         "agc": {"enabled": False}, "eval": {"ddim_steps": 10},
+                         "iet": {"shards": 3, "rounds": 1, "local_epochs": 4,
+                                 "checkpoints_per_round": checkpoints_per_round}})
+
+
+def test_an_iet_mid_round_checkpoint_is_the_shard_weighted_average_and_changes_no_training(tmp_path):
+    """The checkpoint halfway through a round equals the proxies trained half the round's steps by
+    hand and averaged by shard size; the final weights are bit for bit those of a run without it."""
+    from safetensors.torch import load_file
+
+    from pipeline.ensemble import aggregate
+    from pipeline.training import OneProxy, RoundCounts, train_steps
+
+    train, shard = _random_train(), np.array([0] * 6 + [1] * 4 + [2] * 2)
+    p = _iet_params(2)
+    plan = rounds.Plan.iet(p)
+    assert plan.steps_per_round % 2 == 0
+    rounds.run(p, plan, train, shard, tmp_path / "two", tmp_path / "state2")
+    rounds.run(_iet_params(1), rounds.Plan.iet(_iet_params(1)), train, shard, tmp_path / "one", tmp_path / "state1")
+    final = [load_file(str(tmp_path / f"{name}/rounds/round_00/aggregated.safetensors")) for name in ("two", "one")]
+    assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
+    assert not (tmp_path / "one/rounds/round_00/checkpoint_01.safetensors").exists()
+
+    r = rounds._start(p, plan, train, shard, tmp_path / "hand", tmp_path / "state3", rounds.Hooks(),
+                      rounds.Ranks(device=torch.device("cpu")))
+    for k, proxy in r.proxies.items():
+        train_steps(OneProxy(k, proxy, p), r.images, {k: torch.from_numpy(np.flatnonzero(shard == k))},
+                    plan.steps_per_round // 2, r.noise_schedule, p, r.mitigations, RoundCounts.zeros(12))
+    by_hand = aggregate([r.proxies[k].model.state_dict() for k in range(3)], [6, 4, 2])
+    mid = load_file(str(tmp_path / "two/rounds/round_00/checkpoint_01.safetensors"))
+    assert all(torch.equal(mid[k], by_hand[k]) for k in by_hand)
+    assert not torch.equal(mid["conv_in.weight"], final[0]["conv_in.weight"])
+    assert [x for x, _ in checkpoints(tmp_path / "two/rounds")] == [0.5, 1.0]
 
 
 def test_checkpoints_of_an_iet_run_are_its_rounds(tmp_path):

@@ -15,6 +15,8 @@ from urllib.request import url2pathname
 import pytest
 import yaml
 
+from pipeline.config import Params
+from pipeline.frontier import Curve
 from tiny import project_copy, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,12 +100,14 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     for m in ("baseline", "iet"):
         assert (repo / f"runs/eval/{m}/samples.png").stat().st_size > 0
         assert (repo / f"runs/{m}/model/unet/diffusion_pytorch_model.safetensors").is_file()
-        # the memorization-over-rounds curve: one point per round, each a fraction
+        # the curve over training: iet.checkpoints_per_round points a round for both models, each a fraction
         curve = list(csv.DictReader(open(repo / f"runs/eval/{m}/rounds.csv")))
-        # the baseline also has a point after every IET-round's worth of its steps: K a round
-        per_round = TINY["iet"]["shards"] if m == "baseline" else 1
+        per_round = Params().iet.checkpoints_per_round
         assert [float(r["round"]) for r in curve] == pytest.approx(
             [i / per_round for i in range(1, TINY["iet"]["rounds"] * per_round + 1)]), curve
+        samples = Curve.load(repo / f"runs/eval/{m}/curve.npz")  # the same checkpoints, each sample's flags
+        assert samples.memorized.shape == (len(curve), TINY["eval"]["curve_samples"])
+        assert samples.memorized.mean(1) == pytest.approx([float(r["mem_ratio"]) for r in curve])
         assert all(0.0 <= float(r["mem_ratio"]) <= 1.0 and float(r["fd"]) >= 0 for r in curve), curve
         metrics = json.loads((repo / f"runs/eval/{m}/metrics.json").read_text())
         assert 0.0 <= metrics["mia_auc_low"] <= metrics["mia_auc"] <= metrics["mia_auc_high"] <= 1.0, metrics
@@ -111,9 +115,10 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
         assert len(copied) == metrics["unique_images"]
         assert sum(int(r["copies"]) > 0 for r in copied) == metrics["distinct_copied"]
     summary = json.loads((repo / "reports/summary.json").read_text())
-    assert {"baseline.mem_at_matched_quality", "iet.mia_auc", "iet.distinct_copied", "risk.risk_skip_auc"} <= \
-        summary.keys(), sorted(summary)
-    assert "## At matched quality" in report and (repo / "reports/risk.png").stat().st_size > 0
+    assert {"iet.mem_matched", "iet.mem_matched_low", "iet.frontier_area_fd", "iet.mia_auc", "iet.distinct_copied",
+            "risk.risk_skip_auc"} <= summary.keys(), sorted(summary)
+    assert "## At matched quality" in report and "Verdict against the baseline" in report
+    assert (repo / "reports/risk.png").stat().st_size > 0 and (repo / "reports/frontier.png").stat().st_size > 0
 
     # the registered model samples with one command
     # the console script's code as this copy has it (pyproject's entry point: test_cli checks it),

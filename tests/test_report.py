@@ -16,7 +16,7 @@ from pipeline.config import Params, TrackingConfig
 from pipeline.data import ImageSet
 from pipeline.tracking import PARENT_KEY, Tracker
 from stages import report
-from tiny import dvc_args, dvc_paths, dvc_stage
+from tiny import dvc_args, dvc_paths, dvc_stage, synthetic_curve
 
 OUTPUTS = [o for key in ("outs", "metrics", "plots") for o in dvc_paths(dvc_stage("report")[key])]
 METRICS = {"mem_ratio": 0.6, "heldout_mem_ratio": 0.01, "fd": 1.5, "official_below_0.15": 0.5, "mean_nn1": 2.0,
@@ -39,6 +39,8 @@ def inputs(tmp_path, monkeypatch):
         for name in ("samples.png", "copies.png", "most_copied.png"):
             Image.new("L", (8, 8)).save(f"runs/eval/{m}/{name}")
         Path(f"runs/eval/{m}/rounds.csv").write_text(CURVE)
+        synthetic_curve([0.0, 0.1, 0.3] if m == "baseline" else [0.0, 0.0, 0.1], [2.0, 1.0, 0.0]).save(
+            f"runs/eval/{m}/curve.npz")
     Path("runs/eval/baseline/copied.csv").write_text("sample_id,group,size,copies,nearest,loss\n0,0,1,3,5,0.1\n1,1,1,0,1,0.4\n")
     Path("runs/iet/rounds/round_00").mkdir(parents=True)
     Path("runs/iet/rounds/round_00/loss_table.csv").write_text("sample_id,drawn,skip_rate\n0,4,0.75\n1,4,0.0\n")

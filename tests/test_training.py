@@ -100,3 +100,4 @@ def test_the_stage_reports_a_diverged_run_in_one_line_and_exits_1():
     assert result.exit_code == 1
     assert "Error: round 1/4 proxy 2/4: loss is nan at step 7" in result.output
     assert "Traceback" not in result.output
+

@@ -111,3 +111,19 @@ def stop_after_round(last: int):
                 raise Stop
 
     return StopAfterRound()
+
+
+def synthetic_curve(memorization, shifts, samples: int = 64, seed: int = 0):
+    """A frontier.Curve of one run: at checkpoint c, a share memorization[c] of its samples
+    memorized and its features the reference's distribution shifted by shifts[c] (0: as good as
+    real images); 2 held-out images, none memorized."""
+    import numpy as np
+
+    from pipeline.frontier import Curve
+
+    g = np.random.default_rng(seed)
+    reference = g.normal(size=(256, 4))
+    memorized = np.array([np.arange(samples) < round(m * samples) for m in memorization])
+    features = np.stack([g.normal(size=(samples, 4)) + s for s in shifts])
+    return Curve(np.arange(1, len(shifts) + 1, dtype=float) / len(shifts), memorized, features, reference,
+                 np.zeros(2, bool))

@@ -43,6 +43,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
     Entry("dp", "DP-SGD", "pipeline.mitigation.dp:DPSGD", shows=("sigma", "noise_multiplier")),
     Entry("ambient", "ambient", "pipeline.mitigation.ambient:Ambient", shows=("t_n", "timestep")),
+    Entry("dedup", "dedup", "pipeline.mitigation.dedup:Dedup"),
 )}
 # the paper's name for IET with all three of its parts (P2: IET-AGC+)
 FULL_METHOD = ("agc", "msr", "taa")
@@ -133,13 +134,13 @@ class Mitigations:
     """The active mitigations of one run; each hook calls theirs in registry order."""
 
     def __init__(self, names: tuple[str, ...], params, samples: int, proxies: tuple[int, ...],
-                 device: torch.device | str = "cpu", warmup_steps: int = 0):
+                 device: torch.device | str = "cpu", warmup_steps: int = 0, images=None):
         built: dict[str, Mitigation] = {}
         for name in names:
             entry = REGISTRY[name]
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
                           torch.device(device), params.train.batch_size, warmup_steps,
-                          derived_seed(params.seeds.train, AMBIENT))
+                          derived_seed(params.seeds.train, AMBIENT), images)
             built[name] = entry.load()(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())
@@ -147,6 +148,11 @@ class Mitigations:
     def attach(self, k: int, proxy) -> None:
         for m in self.items:
             m.attach(k, proxy)
+
+    def members(self, k: int, positions: torch.Tensor) -> torch.Tensor:
+        for m in self.items:
+            positions = m.members(k, positions)
+        return positions
 
     def transform(self, k: int, x0: torch.Tensor, positions, generator) -> torch.Tensor:
         for m in self.items:

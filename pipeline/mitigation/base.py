@@ -26,6 +26,7 @@ class Context:
     batch_size: int = 1          # train.batch_size: samples of one optimizer step
     warmup_steps: int = 0        # of each proxy's LR schedule
     seed: int = 0                # for a mitigation's own fixed draws (seeds.train's AMBIENT stream)
+    images: np.ndarray | None = None  # the training images (uint8, [N, ...]) by position
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,11 @@ class Mitigation:
         """Once, when proxy k (a pipeline.training.Proxy) is built, before it trains or resumes. A
         mitigation that changes how a step turns the backward pass into an update (DP-SGD) wraps
         the proxy's optimizer here and may hook its model; the loop then steps as always."""
+
+    def members(self, k: int, positions: torch.Tensor) -> torch.Tensor:
+        """The training-set positions proxy k draws its batches from in a round, of its shard's
+        `positions`; the round's optimizer steps do not change."""
+        return positions
 
     def transform(self, k: int, x0: torch.Tensor, positions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """The batch proxy k trains on, from the clean images x0 (before noise is added)."""
