@@ -64,7 +64,9 @@ class Plan:
 
 
 def iet_steps_per_round(p: Params) -> int:
-    """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full batches."""
+    """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full
+    batches: K times it is a round's steps, the baseline's, which proxy_steps shares out by the
+    shards' sizes as they are."""
     shard = math.ceil(p.data.train_samples / p.iet.shards)
     return max(1, math.ceil(p.iet.local_epochs * shard / p.train.batch_size))
 
@@ -193,14 +195,14 @@ def _resume(r: Run, shard: np.ndarray) -> Progress:
 
 
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
-    """Every proxy of this process trains its steps on its shard, one after another or stacked
-    (train.stack_proxies); then the draw/skip counts, the mitigations' state and the curves are
-    combined over processes."""
+    """Every proxy of this process trains on its shard as it is, its share of the round's steps
+    (`proxy_steps`), one after another or stacked (train.stack_proxies); then the draw/skip
+    counts, the mitigations' state and the curves are combined over processes."""
     counts = RoundCounts.zeros(len(r.train), r.ranks.device)
     curves: dict[int, list[dict]] = {k: [] for k in r.proxies}
     members = {k: r.mitigations.members(k, torch.from_numpy(np.flatnonzero(progress.shard == k)).to(r.ranks.device))
                for k in range(r.plan.shards)}
-    steps = [r.plan.steps_per_round] * r.plan.shards
+    steps = proxy_steps(r.plan.shards * r.plan.steps_per_round, [len(members[k]) for k in range(r.plan.shards)])
     for group in _training_groups(r, steps, members):
         names, first = ", ".join(str(k + 1) for k in group.proxies), next(iter(group.proxies))
         train_steps(group, r.images, members, steps[first], r.noise_schedule, r.params, r.mitigations,
@@ -223,11 +225,25 @@ def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
     return counts
 
 
+def proxy_steps(total: int, sizes: list[int]) -> list[int]:
+    """The round's optimizer steps split over the proxies in proportion to the samples each draws
+    from (largest remainder, so that they add up to `total`, the baseline's steps of a round): every
+    proxy trains the same number of epochs (iet.local_epochs) of its shard as MSR left it, where a
+    fixed count would give a shrunk shard more epochs and a grown one fewer."""
+    share = total * np.asarray(sizes, np.float64) / max(sum(sizes), 1)
+    steps = np.floor(share).astype(np.int64)
+    steps[np.argsort(steps - share, kind="stable")[: total - int(steps.sum())]] += 1
+    return steps.tolist()
+
+
 def _training_groups(r: Run, steps: list[int], members: dict[int, torch.Tensor]) -> list:
     """This process's proxies as train_steps groups: all of them stacked when train.stack_proxies
-    wants it and they take the same steps with the same batch size (one vmapped step for all), else
-    one by one."""
-    alike = len({(steps[k], min(r.params.train.batch_size, len(members[k]))) for k in r.proxies}) == 1
+    wants it and they take the same steps with the same batch size, and took the same steps before
+    (one vmapped step for all), else one by one. Once MSR has made the shards unequal, the proxies'
+    steps differ (proxy_steps) and the rest of the run trains them one by one."""
+    # one step count for the stack's Adam and LR schedule: the proxies must have taken the same steps so far too
+    alike = len({(steps[k], min(r.params.train.batch_size, len(members[k])), proxy.step)
+                 for k, proxy in r.proxies.items()}) == 1
     if alike and stacked.wanted(r.params, r.ranks.device, len(r.proxies)):
         return [stacked.Stacked(r.proxies, r.params)]
     return [OneProxy(k, proxy, r.params) for k, proxy in r.proxies.items()]

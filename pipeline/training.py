@@ -75,15 +75,16 @@ def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device
 
 
 def _batches(shard: torch.Tensor, batch_size: int, generator: torch.Generator):
-    """Endless stream of full batches from successive random permutations of the shard, so a
-    shard smaller than the batch still gives full batches (the compute stays that of the baseline)."""
-    buffer = shard[:0]
+    """Endless epochs of the shard: each a fresh random permutation cut into full batches, the
+    remainder dropped (drop_last, as the official loader), so that no batch repeats a sample; a
+    shard smaller than the batch is one batch of itself an epoch."""
+    size = min(batch_size, shard.numel())
+    if size == 0:
+        raise ValueError("a proxy with steps to take has no training samples in its shard")
     while True:
-        while buffer.numel() < batch_size:
-            buffer = torch.cat([buffer, shard[torch.randperm(shard.numel(), generator=generator,
-                                                             device=shard.device)]])
-        yield buffer[:batch_size]
-        buffer = buffer[batch_size:]
+        order = shard[torch.randperm(shard.numel(), generator=generator, device=shard.device)]
+        for start in range(0, order.numel() - size + 1, size):
+            yield order[start:start + size]
 
 
 @dataclass(frozen=True)

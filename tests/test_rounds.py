@@ -45,7 +45,10 @@ def test_round_loop_writes_artifacts_and_is_deterministic(tiny, tmp_path):
         d = tmp_path / f"a/rounds/round_{r:02d}"
         table = np.genfromtxt(d / "loss_table.csv", delimiter=",", names=True)
         assert sorted(table["sample_id"].astype(int)) == list(range(100, 112))
-        assert table["drawn"].sum() == 3 * 2 * 8  # every drawn image counted once
+        # every drawn image counted once: each proxy its steps, each a batch of 8 or its shard whole
+        sizes = np.bincount(table["shard"].astype(int), minlength=3)
+        steps = rounds.proxy_steps(3 * plan.steps_per_round, sizes.tolist())
+        assert table["drawn"].sum() == sum(s * min(8, n) for s, n in zip(steps, sizes))
         shards = np.genfromtxt(d / "shards.csv", delimiter=",", names=True)
         assert sorted(shards["sample_id"].astype(int)) == list(range(100, 112))
         # the aggregated checkpoint is the size-weighted mean of the saved proxies

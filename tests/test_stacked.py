@@ -30,8 +30,10 @@ def _run(tmp_path, stack: str, hooks=None, **groups):
     rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "state",
                hooks=hooks)
     weights = load_file(str(tmp_path / "out/model/unet/diffusion_pytorch_model.safetensors"))
-    with open(tmp_path / "out/rounds/round_02/moves.csv") as f:
-        moves = [row["sample_id"] for row in csv.DictReader(f)]
+    moves = []
+    for table in sorted((tmp_path / "out/rounds").glob("round_*/moves.csv")):
+        with open(table) as f:
+            moves += [(table.parent.name, row["sample_id"]) for row in csv.DictReader(f)]
     with open(tmp_path / "out/curves.csv") as f:
         curve = [(row["proxy"], row["step"], round(float(row["kept"]), 3)) for row in csv.DictReader(f)]
     return p, torch.cat([w.flatten() for _, w in sorted(weights.items())]), moves, curve

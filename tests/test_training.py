@@ -101,3 +101,28 @@ def test_the_stage_reports_a_diverged_run_in_one_line_and_exits_1():
     assert "Error: round 1/4 proxy 2/4: loss is nan at step 7" in result.output
     assert "Traceback" not in result.output
 
+
+def test_an_epoch_is_a_permutation_in_full_batches_of_distinct_samples():
+    from pipeline.training import _batches
+
+    shard = torch.arange(10, 20)
+    stream = _batches(shard, 4, torch.Generator().manual_seed(0))
+    epochs = [[next(stream) for _ in range(2)] for _ in range(3)]  # 10 // 4 = 2 full batches an epoch
+    for batches in epochs:
+        drawn = torch.cat(batches)
+        assert len(set(drawn.tolist())) == 8 and set(drawn.tolist()) <= set(shard.tolist())  # no repeat, 2 left out
+    assert [b.tolist() for b in epochs[0]] != [b.tolist() for b in epochs[1]]  # a fresh permutation each
+    small = _batches(torch.arange(3), 8, torch.Generator().manual_seed(0))
+    assert sorted(next(small).tolist()) == [0, 1, 2]  # smaller than a batch: one batch of itself
+    with pytest.raises(ValueError, match="no training samples"):
+        next(_batches(torch.arange(0), 8, torch.Generator()))
+
+
+def test_the_round_steps_follow_the_shard_sizes_and_add_up_to_the_baselines():
+    from pipeline.rounds import proxy_steps
+
+    assert proxy_steps(288, [98, 98, 98, 98]) == [72] * 4
+    steps = proxy_steps(288, [72, 120, 98, 102])  # shards as MSR left them
+    assert sum(steps) == 288 and steps == [53, 88, 72, 75]  # 288 x 72/392 = 52.9, ...: the same epochs each
+    assert proxy_steps(10, [1, 1, 1]) in ([4, 3, 3], [3, 4, 3], [3, 3, 4]) and sum(proxy_steps(10, [1, 1, 1])) == 10
+    assert proxy_steps(5, [0, 4]) == [0, 5]
