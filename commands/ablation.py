@@ -18,6 +18,7 @@ spread explains (SIGNIFICANCE).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 
@@ -28,6 +29,7 @@ from mlflow import MlflowClient
 from commands.mlflow_results import ModelResult, frontier_curve, read_results, training_metrics
 from pipeline import mitigation
 from pipeline.comparison import frontier_numbers, frontier_verdict
+from pipeline.frontier import BETTER, WORSE
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 
@@ -88,7 +90,8 @@ def table(records: list[dict]) -> list[dict]:
                               len(vals), vals)
         rows.append({"variant": label, "tau": tau, "shards": shards, "setting": dict(setting),
                      "runs": [r["run"] for r in recs], "seeds": sorted({str(r["seed"]) for r in recs}),
-                     "stats": stats, "curves": [r["frontier"] for r in recs], "frontier": {}})
+                     "stats": stats, "curves": [r["frontier"] for r in recs],
+                     "curve_seeds": [str(r["seed"]) for r in recs], "frontier": {}})
     rows.sort(key=lambda r: (repr(list(r["setting"].values())), mitigation.variant_sort_key(r["variant"]),
                              r["tau"] or 0, r["shards"]))
     compare_frontiers(rows)
@@ -106,6 +109,36 @@ def compare_frontiers(rows: list[dict]) -> None:
         if row["variant"] == "baseline" or not all(curves) or None in curves[0] + curves[1]:
             continue
         row["frontier"] = frontier_numbers({row["variant"]: curves[0]}, curves[1])[row["variant"]]
+
+
+def null_check(rows: list[dict]) -> list[dict]:
+    """The protocol on a null: each baseline seed compared, as a model, with each other seed of the
+    same setting as the baseline (frontier_numbers). Every pair should come out indistinguishable;
+    one that says better or worse is a false verdict."""
+    out = []
+    for row in rows:
+        curves = dict(zip(row["curve_seeds"], row["curves"])) if row["variant"] == "baseline" else {}
+        for model, baseline in itertools.permutations([s for s, c in curves.items() if c is not None], 2):
+            numbers = frontier_numbers({model: [curves[model]]}, [curves[baseline]])[model]
+            out.append({"setting": row["setting"], "model": model, "baseline": baseline, **numbers,
+                        "verdict": frontier_verdict(numbers), "verdict_fd": frontier_verdict(numbers, "mem_matched_fd")})
+    return out
+
+
+def null_markdown(pairs: list[dict]) -> str:
+    """null_check's pairs, and how often each measure gave a false verdict."""
+    if not pairs:
+        return ""
+    spec = BY_KEY["mem_matched"]
+    lines = ["", "The null: each baseline seed against another seed of the baseline (should be indistinguishable)", "",
+             "| seed | against seed | memorization at matched KID [95%] | verdict | under FD |", "|---|---|---|---|---|"]
+    for q in pairs:
+        lines.append(f"| {q['model']} | {q['baseline']} | {spec.format(q['mem_matched'])} [{spec.format(q['mem_matched_low'])}, "
+                     f"{spec.format(q['mem_matched_high'])}] | {q['verdict']} | {q['verdict_fd']} |")
+    false = {key: sum(q[key] in (BETTER, WORSE) for q in pairs) for key in ("verdict", "verdict_fd")}
+    lines += ["", f"false verdicts: {false['verdict']} of {len(pairs)} ordered pairs under KID, "
+              f"{false['verdict_fd']} under FD"]
+    return "\n".join(lines)
 
 
 def differs(values: list[float], reference: list[float] | None) -> bool:

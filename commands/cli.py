@@ -186,8 +186,9 @@ def ablation(experiment, tracking_uri):
     iet-agc ablation
 
     A variant queued with the target evaluate@iet (single-model ones: -S iet.shards=1) does not
-    re-train the baseline; its memorization at matched quality is read against the curve of the
-    baseline of the same seed and setting.
+    re-train the baseline; its frontier is compared with the baseline's of the same setting, over
+    the seeds of both (95% bootstrap intervals, a verdict). With two or more baseline seeds, the
+    null follows: each seed against another, which should be indistinguishable.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -201,7 +202,8 @@ def ablation(experiment, tracking_uri):
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
     if not records:
         raise click.ClickException(f"no finished evaluations in MLflow experiment '{experiment}'")
-    click.echo(ab.markdown(ab.table(records)))
+    rows = ab.table(records)
+    click.echo(ab.markdown(rows) + ab.null_markdown(ab.null_check(rows)))
 
 
 def _cli_value(value) -> str:
