@@ -142,18 +142,10 @@ def save_curves(curves: dict[str, list[dict]], path, x_label: str, y_label: str,
             ax.plot(fd, mem, color=f"C{i}", linewidth=1, marker=".", markersize=4, label=label)
             ax.plot(fd[-1:], mem[-1:], color=f"C{i}", marker="o", markersize=6)
             drawn = True
-    if reference is not None and math.isfinite(reference):
-        ax.axhline(reference, color="k", linestyle=":", linewidth=1, label="held-out real images")
     if drawn:
         _log_x(ax)  # FD spans decades over training
-    else:
-        ax.text(0.5, 0.5, "no checkpoint curve (eval.curve_samples is 0)", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(y_label)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=7, loc="best")
-    ax.set_title("Memorization vs quality over training: a point per checkpoint, large the last", fontsize=9)
+    _finish_curve_axes(ax, drawn, reference, x_label, y_label,
+                       "Memorization vs quality over training: a point per checkpoint, large the last")
     _save_figure(fig, path)
 
 
@@ -167,17 +159,23 @@ def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str,
         ax.plot(f["quality"], f["memorization"], color=f"C{i}", linestyle="none", marker=".", markersize=4)
         ax.plot(f["levels"], f["frontier"], color=f"C{i}", linewidth=1.5, label=label)
         ax.fill_between(f["levels"], f["low"], f["high"], color=f"C{i}", alpha=0.2, linewidth=0)
+    _finish_curve_axes(ax, bool(frontiers), reference, x_label, y_label,
+                       "Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band")
+    _save_figure(fig, path)
+
+
+def _finish_curve_axes(ax, drawn: bool, reference: float | None, x_label: str, y_label: str, title: str) -> None:
+    """The held-out reference line, a note where there is no curve, labels, legend and title."""
     if reference is not None and math.isfinite(reference):
         ax.axhline(reference, color="k", linestyle=":", linewidth=1, label="held-out real images")
-    if not frontiers:
+    if not drawn:
         ax.text(0.5, 0.5, "no checkpoint curve (eval.curve_samples is 0)", ha="center", va="center",
                 transform=ax.transAxes)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="best")
-    ax.set_title("Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band", fontsize=9)
-    _save_figure(fig, path)
+    ax.set_title(title, fontsize=9)
 
 
 def _log_x(ax) -> None:
