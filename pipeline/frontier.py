@@ -31,6 +31,7 @@ as it was; this module is meant to replace it as the headline.
 from __future__ import annotations
 
 import warnings
+import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,7 @@ class Curve:
         try:
             with np.load(path) as z:
                 return cls(**{name: z[name] for name in cls.FIELDS})
-        except (OSError, ValueError, KeyError, EOFError) as e:  # truncated, not an npz, or an older version's
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:  # truncated, or not this format
             raise unreadable(path, e) from None
 
     @classmethod

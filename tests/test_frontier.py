@@ -267,3 +267,21 @@ def test_checkpoints_need_one_quality_source_and_runs_distinct_progress():
         F.Run((point, point))
     later = F.Checkpoint(0.9, flags, quality=lambda i: 0.0)
     assert [c.progress for c in F.Run((later, point)).checkpoints] == [0.5, 0.9]  # put in training order
+
+
+def test_a_curve_file_round_trips_and_a_truncated_one_is_named(tmp_path):
+    from pipeline.frontier import Curve
+    from pipeline.io import UnreadableFile
+    from tiny import synthetic_curve
+
+    curve = synthetic_curve([0.0, 0.5], [1.0, 0.0])
+    curve.save(tmp_path / "curve.npz")
+    back = Curve.load(tmp_path / "curve.npz")
+    assert all(np.array_equal(getattr(back, f), getattr(curve, f)) for f in Curve.FIELDS)
+    assert [c.memorized.mean() for c in back.run().checkpoints] == [0.0, 0.5] and back.floor == 0.0
+    data = (tmp_path / "curve.npz").read_bytes()
+    (tmp_path / "curve.npz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UnreadableFile, match="curve.npz"):
+        Curve.load(tmp_path / "curve.npz")
+    with pytest.raises(FileNotFoundError, match="run the evaluate stage"):
+        Curve.load(tmp_path / "missing.npz")
