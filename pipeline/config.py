@@ -142,6 +142,15 @@ class TrainConfig(_Group):
         return self
 
 
+class PretrainConfig(_Group):
+    """The fine-tuning regime's own pretrained model (stages/pretrain.py): trained on the pool's
+    images that are neither training nor held-out images, so it has seen none of them."""
+    enabled: bool = False          # off: the stage writes only its info.json (training from scratch)
+    images: int = Field(2000, ge=1)  # at most this many pool images, seeded
+    steps: int = Field(2000, ge=1)  # optimizer steps of train.batch_size
+    rounds: int = Field(4, ge=1)    # checkpoints (and resume points) over those steps
+
+
 class IETConfig(_Group):
     shards: int = Field(4, ge=1)
     rounds: int = Field(4, ge=1)
@@ -284,6 +293,7 @@ class Params(_Group):
     taa: TAAConfig = TAAConfig()
     augment: AugmentConfig = AugmentConfig()
     ambient: AmbientConfig = AmbientConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     dedup: DedupConfig = DedupConfig()
     dp: DPConfig = DPConfig()
     eval: EvalConfig = EvalConfig()

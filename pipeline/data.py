@@ -392,3 +392,13 @@ def add_duplicates(train: ImageSet, dup: Duplicates, seed: int, first_id: int) -
     grown = ImageSet(np.concatenate([train.images, train.images[extra]]),
                      np.concatenate([train.labels, train.labels[extra]]), np.concatenate([train.ids, new_ids]))
     return grown, np.concatenate([train.ids, train.ids[extra]])
+
+
+def unseen_images(pool: ImageSet, seen: list[ImageSet], count: int, seed: int) -> ImageSet:
+    """At most `count` images of the pool (seeded choice) pixel-identical to none of the `seen`
+    sets' images: what a model may be pretrained on without ever seeing them."""
+    known = {row.tobytes() for s in seen for row in np.ascontiguousarray(s.images).reshape(len(s.images), -1)}
+    flat = np.ascontiguousarray(pool.images).reshape(len(pool.images), -1)
+    unseen = np.flatnonzero([row.tobytes() not in known for row in flat])
+    chosen = np.sort(np.random.default_rng(seed).permutation(unseen)[:count])
+    return ImageSet(images=pool.images[chosen], labels=pool.labels[chosen], ids=pool.ids[chosen])

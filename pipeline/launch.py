@@ -26,6 +26,18 @@ def read_shards(path: str | Path, train: ImageSet) -> np.ndarray:
     return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
 
 
+def check_pretrained(p: Params, pretrained: str | Path) -> None:
+    """A model.init_from inside the pretrain stage's folder needs that stage to have trained one:
+    one line saying so, instead of a missing-file error at the model's path."""
+    pretrained = Path(pretrained)
+    source = p.model.init_from
+    if source is None or not Path(source).resolve().is_relative_to(pretrained.resolve()):
+        return
+    if not (pretrained / "model").is_dir():
+        raise click.ClickException(f"model.init_from names {source}, but the pretrain stage trained no model "
+                                   f"in {pretrained}: set pretrain.enabled true (-S pretrain.enabled=true)")
+
+
 def _check_writable(state: Path) -> None:
     """The resume folder must hold the lock and the state: a read-only or misplaced one is said in
     one line before any training (it would fail at the lock, or after the first round)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 # stream ids: one per use, so that adding a use never shifts another's draws
-PROXY, PROFILE, PROFILE_DRAWS, MIA_PAIR, DUPLICATES, AMBIENT = 1, 2, 3, 4, 5, 6
+PROXY, PROFILE, PROFILE_DRAWS, MIA_PAIR, DUPLICATES, AMBIENT, PRETRAIN = 1, 2, 3, 4, 5, 6, 7
 
 
 def derived_seed(*keys: int) -> int:

@@ -12,7 +12,7 @@ from pipeline.config import ConfigError, load_params
 # Stages that log to MLflow: they check the tracking server before any work, so that a dead one
 # costs seconds, not a trained model (MLflow would retry it for minutes, at the end).
 # By file name: under `python -m stages.iet` the module is called __main__.
-TRACKED = {"baseline", "iet", "evaluate", "report", "register"}
+TRACKED = {"pretrain", "baseline", "iet", "evaluate", "report", "register"}
 
 
 def stage(fn):

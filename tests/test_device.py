@@ -56,7 +56,7 @@ def test_every_computing_stage_refuses_an_absent_device_before_any_work(command,
     assert not (tmp_path / "runs").exists()
 
 
-TINY = tiny(iet={'shards': 2, 'rounds': 1, 'local_epochs': 12}, taa={'rise': 0.5}, agc={'tau': 0.9}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
+TINY = tiny(train={'batch_size': 4}, iet={'shards': 2, 'rounds': 1, 'local_epochs': 12}, taa={'rise': 0.5}, agc={'tau': 0.9}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -77,7 +77,7 @@ def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
     assert {proxy.generator.device.type for proxy in r.proxies.values()} == {want}
     assert {r.bank.device.type for r in agc.refs.values()} == {want} and taa.strength.device.type == want
     counts = rounds.train_proxies(r, rounds.Progress(shard), 0)
-    assert counts.drawn.device.type == want and int(counts.drawn.sum()) == 2 * plan.steps_per_round * 8
+    assert counts.drawn.device.type == want and int(counts.drawn.sum()) == 2 * plan.steps_per_round * 4
     assert all(torch.isfinite(q).all() for q in r.proxies[0].model.parameters())
     assert float(taa.strength.max()) > 0, "TAA raised strengths on the device"
 

@@ -52,7 +52,7 @@ def _stage(cwd: Path, launcher: list[str]):
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
     out = subprocess.run([*launcher, "-m", "stages.iet", "--train", "train.npz", "--shards", "shards.csv",
-                          "--out", "out", "--resume", "state"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+                          "--out", "out", "--resume", "state", "--pretrained", "pretrain"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, f"{launcher} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
     return out
 

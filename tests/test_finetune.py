@@ -161,3 +161,41 @@ def test_a_broken_init_from_model_is_one_config_error_naming_it(pretrained, tmp_
     message = str(err.value)
     assert message.startswith(f"model.init_from: {root}") and words in message and "\n" not in message
     assert "None" not in message
+
+
+def test_the_pretrain_stage_trains_on_unseen_pool_images_and_a_run_fine_tunes_from_it(tmp_path, monkeypatch):
+    """stages/pretrain.py: off, only its info.json; on, a model trained on pool images that are no
+    training or held-out image, which model.init_from: <out>/model then starts a run from."""
+    import yaml
+    from click.testing import CliRunner
+
+    from pipeline.data import unseen_images
+    from stages import pretrain
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    g = np.random.default_rng(0)
+    pool = ImageSet(images=g.integers(0, 256, (20, 1, 8, 8), dtype=np.uint8), labels=np.arange(20) % 2,
+                    ids=np.arange(20))
+    train, heldout = (ImageSet(images=pool.images[idx], labels=pool.labels[idx], ids=pool.ids[idx])
+                      for idx in (np.arange(8), np.arange(8, 11)))
+    paths = {name: tmp_path / f"{name}.npz" for name in ("pool", "train", "heldout")}
+    for name, images in zip(paths, (pool, train, heldout)):
+        images.save(paths[name])
+    assert unseen_images(pool, [train, heldout], 100, 0).ids.tolist() == list(range(11, 20))
+    assert len(unseen_images(pool, [train, heldout], 4, 0)) == 4
+
+    def stage(enabled: bool):
+        raw = {g: dict(v) for g, v in TINY.items()} | {"pretrain": {"enabled": enabled, "steps": 4, "rounds": 2}}
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(parse_params(raw).model_dump(mode="json")))
+        args = ["--params", str(tmp_path / "params.yaml"), *(f"--{n}={p}" for n, p in paths.items()),
+                f"--out={tmp_path / 'pre'}", f"--resume={tmp_path / 'state'}"]
+        result = CliRunner().invoke(pretrain.main, args)
+        assert result.exit_code == 0, result.output
+    stage(False)
+    assert sorted(p.name for p in (tmp_path / "pre").iterdir()) == ["info.json"]
+    stage(True)
+    assert (tmp_path / "pre/model/unet/config.json").is_file()
+    p = _params(tmp_path / "pre/model")
+    start = initial_unet(p, 0).state_dict()
+    saved = load_file(str(tmp_path / "pre/model/unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(start[k], saved[k]) for k in saved)

@@ -113,6 +113,6 @@ def test_dvc_repro_after_a_sigkill_resumes_the_iet_stage(project):
     assert not (repo / "runs/.resume/iet").exists()
 
     _run([sys.executable, "-m", "stages.iet", "--train", "data/prepared/train.npz", "--shards", "runs/split/shards.csv",
-          "--out", "runs/iet_reference", "--resume", "runs/.resume/iet_reference"], repo, env)  # uninterrupted
+          "--out", "runs/iet_reference", "--resume", "runs/.resume/iet_reference", "--pretrained", "runs/pretrain"], repo, env)  # uninterrupted
     wa, wb = _weights(repo / "runs/iet"), _weights(repo / "runs/iet_reference")
     assert all(torch.equal(wa[m][k], wb[m][k]) for m in wa for k in wa[m])
