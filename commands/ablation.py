@@ -166,6 +166,8 @@ def _cell(row: dict, metric, baseline: dict | None) -> str:
         f = row["frontier"]
         if row["variant"] == "baseline" or metric.key not in f:
             return "-"  # the reference itself, or no curve to compare
+        if not math.isfinite(f[metric.key]):
+            return frontier_verdict(f, metric.key)  # no common quality at which either copies: no number
         return (f"{metric.format(f[metric.key])} [{metric.format(f[metric.key + '_low'])}, "
                 f"{metric.format(f[metric.key + '_high'])}] {frontier_verdict(f, metric.key)}")
     if metric.key not in row["stats"]:

@@ -6,6 +6,7 @@ It reads only the files its options name (the stage's deps in dvc.yaml) and no o
 so the same inputs give the same report whatever else the store holds; the comparison across
 experiments is `iet-agc tradeoff` and `iet-agc ablation`. It logs to MLflow, and puts its outputs in
 place only once everything, the logging included, has succeeded: a failed report writes none."""
+import math
 import tempfile
 from pathlib import Path
 
@@ -174,6 +175,8 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
 def _matched_text(variant: str, m: dict, names: dict[str, str]) -> list[str]:
     """The frontier verdict, with the earlier first-crossing reading beside it."""
     def interval(key):
+        if not math.isfinite(m.get(key, math.nan)):
+            return "n/a (not comparable)"
         return f"{_signed(m.get(key))} [{_signed(m.get(key + '_low'))}, {_signed(m.get(key + '_high'))}]"
     return [
         f"Verdict against the baseline at matched quality (KID): **{frontier_verdict(m)}**; checked under FD: "
