@@ -159,6 +159,8 @@ def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str,
         ax.plot(f["quality"], f["memorization"], color=f"C{i}", linestyle="none", marker=".", markersize=4)
         ax.plot(f["levels"], f["frontier"], color=f"C{i}", linewidth=1.5, label=label)
         ax.fill_between(f["levels"], f["low"], f["high"], color=f"C{i}", alpha=0.2, linewidth=0)
+    if frontiers and all(np.min(f["levels"]) > 0 and np.min(f["quality"]) > 0 for f in frontiers.values()):
+        _log_x(ax)  # KID spans decades over training (unbiased, it can fall below 0 near real images' own)
     _finish_curve_axes(ax, bool(frontiers), reference, x_label, y_label,
                        "Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band")
     _save_figure(fig, path)
