@@ -49,7 +49,8 @@ def test_prepare_then_split_on_the_digits_source(tmp_path):
     out = tmp_path / "prepared"
     assert CliRunner().invoke(prepare.main, ["--params", params, "--out", str(out)]).exit_code == 0
     shards = tmp_path / "shards.csv"
-    result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards)])
+    result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards),
+                                             "--groups", str(tmp_path / "groups.json")])
     assert result.exit_code == 0, result.output
     table = np.genfromtxt(shards, delimiter=",", names=True, dtype=int)
     assert len(table) == 40 and np.bincount(table["shard"]).tolist() == [10, 10, 10, 10]
@@ -74,9 +75,13 @@ def test_prepare_with_duplicates_records_them_and_split_shards_every_sample(tmp_
     copies = np.genfromtxt(out / "copy_of.csv", delimiter=",", names=True, dtype=int)
     assert len(copies) == 8 and len(set(copies["copy_of"])) == 2
     shards = tmp_path / "shards.csv"
-    result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards)])
+    result = CliRunner().invoke(split.main, ["--params", params, "--train", str(out / "train.npz"), "--out", str(shards),
+                                             "--groups", str(tmp_path / "groups.json")])
     assert result.exit_code == 0, result.output
     assert len(np.genfromtxt(shards, delimiter=",", names=True, dtype=int)) == 48
+    groups = yaml.safe_load((tmp_path / "groups.json").read_text())  # the 2 planted images, 5 samples each
+    assert groups["exact"]["duplicate_groups"] >= 2 and groups["near"]["duplicate_groups"] >= groups["exact"]["duplicate_groups"]
+    assert groups["near_duplicate"] == 0.02
 
 
 VALIDATED = "runs/validate/params_ok"  # a dependency of every stage that none reads: it orders them after validate
