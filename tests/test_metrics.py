@@ -43,11 +43,12 @@ def smooth_images(n: int, seed: int, channels: int = 3, size: int = 16) -> torch
 # ---------------------------------------------------------------- nearest neighbours
 
 @pytest.mark.parametrize("k, chunk", [
-    (1, 4096),  # one chunk each way, plain top-k
-    (3, 64),    # chunked both ways; 64/16 = 4 groups > k, so the pruned merge runs, and the
-    (5, 128),   # last reference chunk (300 % 64 = 44 columns) takes the plain path
-    (50, 32),   # k larger than a chunk: the running best fills up over several chunks
+    (1, 4096),  # one block each way
+    (3, 64),    # chunked both ways; 64/16 = 4 groups > k: the first block's threshold is the
+    (5, 128),   # k-th group max; the last block (300 % 64 = 44 columns) is padded to 48
+    (50, 32),   # k larger than a block: the running best fills up over several blocks
     (500, 64),  # k > N: clipped to N, every reference image returned in order
+    (7, 100),   # blocks of 100 columns, not a multiple of GROUP: every block padded
 ])
 def test_nearest_neighbors_match_brute_force(k, chunk):
     g = torch.Generator().manual_seed(k)
@@ -99,6 +100,54 @@ def test_nearest_neighbors_pruned_path_on_a_single_reference_chunk(k):
     queries, reference = torch.randn(20, 64, generator=g), torch.randn(1024, 64, generator=g)
     d, i = metrics.nearest_neighbors(queries, reference, k)
     assert_same_neighbours(d, i, torch.cdist(queries, reference, compute_mode="donot_use_mm_for_euclid_dist").square())
+
+
+@pytest.mark.parametrize("k", [1, 50])
+@pytest.mark.parametrize("chunk", [64, 100, 1000, 4096])
+def test_nearest_neighbors_match_brute_force_with_duplicated_reference_images(k, chunk):
+    # Exact duplicates tie at every threshold the pruning compares with (one image 80 times: more
+    # than k copies, all at distance 0 from the queries that copy it); the tied set may come in
+    # any order, but it must be k distinct images at the k smallest distances.
+    g = torch.Generator().manual_seed(k + chunk)
+    unique = torch.randn(1500, 40, generator=g)
+    picks = torch.randint(0, 1500, (500,), generator=g)
+    reference = torch.cat([unique, unique[picks], unique[3].expand(80, 40)])
+    reference = reference[torch.randperm(len(reference), generator=g)]
+    queries = torch.cat([torch.randn(150, 40, generator=g), unique[[3, 5, 8]], unique[picks[:20]]])
+    d, i = metrics.nearest_neighbors(queries, reference, k, chunk=chunk)
+
+    exact = torch.cdist(queries, reference, compute_mode="donot_use_mm_for_euclid_dist").square()
+    ref_d = exact.sort(dim=1).values[:, :k]
+    torch.testing.assert_close(d, ref_d, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(exact.gather(1, i), ref_d, rtol=1e-5, atol=1e-6)
+    assert all(len(set(row.tolist())) == k for row in i)
+    assert (d[150] == 0).all() and (d[150:, 0] == 0).all()
+
+
+def test_nearest_neighbors_when_every_reference_image_is_the_same():
+    # Every value of every block ties with the threshold: all of them stay candidates.
+    g = torch.Generator().manual_seed(4)
+    reference, queries = torch.randn(1, 24, generator=g).expand(700, 24), torch.randn(30, 24, generator=g)
+    d, i = metrics.nearest_neighbors(queries, reference, 50, chunk=256)
+    torch.testing.assert_close(d, ((queries - reference[:1]) ** 2).sum(1, keepdim=True).expand(30, 50))
+    assert all(len(set(row.tolist())) == 50 for row in i) and i.max() < 700
+
+
+@pytest.mark.parametrize("chunk", [64, 4096])
+def test_nearest_neighbors_skip_a_nan_image_and_keep_the_rest_of_its_group(chunk):
+    # A NaN reference image makes its group's max NaN; the group's other images must still be
+    # found, and a NaN query must come back as NaN distances, not as an error.
+    g = torch.Generator().manual_seed(5)
+    reference, queries = torch.randn(1000, 32, generator=g), torch.randn(40, 32, generator=g)
+    queries[:20] = reference[[1, 2, 3, 4, 5] * 4] + 0.01 * torch.randn(20, 32, generator=g)
+    reference[[0, 6, 500]] = float("nan")  # beside images 1-5, in their group of 16
+    queries[39] = float("nan")
+    d, i = metrics.nearest_neighbors(queries, reference, 50, chunk=chunk)
+
+    exact = torch.cdist(queries[:39], reference, compute_mode="donot_use_mm_for_euclid_dist").square()
+    exact[:, [0, 6, 500]] = torch.inf
+    assert_same_neighbours(d[:39], i[:39], exact)
+    assert d[39].isnan().all()
 
 
 def test_nearest_neighbors_distances_of_near_copies_are_exact():
