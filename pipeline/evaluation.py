@@ -74,6 +74,23 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
     return Evaluation(result, samples, gen_scores, ref_scores, by_round, copies, curve)
 
 
+def glance(unet, scheduler, data: EvalData, feature_net, p: Params) -> dict[str, float]:
+    """The short check of a model that no stage trains on `data.train` (the fine-tuning regime's
+    pretrained model): of eval.num_samples samples, the share copying a training image and how many
+    distinct ones (it should be the held-out floor: it never saw them), and the feature FD/KID that
+    the fine-tuned models' curves start from."""
+    device = resolve_device(p.train.device)
+    unet.to(device)
+    feature_net.to(device)
+    samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size,
+                     desc="pretrained model")
+    scores = dedup_memorization_scores(samples.to(device), data.train, data.groups)
+    held = dedup_memorization_scores(data.heldout.to(device), data.train, data.groups)
+    return {**metrics.summarize(scores), **metrics.summarize(held, prefix="heldout_"),
+            **copy_headline(copy_counts(scores, data.groups)), **feature_quality(feature_net, samples, data),
+            "num_samples": p.eval.num_samples}
+
+
 def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list[dict]:
     """dedup.copy_counts, each unique image also with its denoising loss under this model
     (the loss attack's score, negated): which images are copied, and whether low loss predicts it."""

@@ -92,7 +92,7 @@ def _stale_stages_follow_what_changed(repo, env):
 def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
-    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "baseline", "iet", "evaluate@baseline",
+    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "pretrain_check", "baseline", "iet", "evaluate@baseline",
                   "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
     report = (repo / "reports/report.md").read_text()

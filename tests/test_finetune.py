@@ -1,5 +1,7 @@
 """Fine-tuning: model.init_from makes the baseline and IET start from a pretrained model on disk or
 in MLflow, and a model that does not fit the data stops with a message naming it."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from pipeline.models import build_scheduler, build_unet, save_pipeline
 from pipeline.pretrained import initial_unet
-from tiny import arch, tiny
+from tiny import ARCH as ARCH_KEYS, arch, project_copy, run, tiny
 
 ARCH = arch()
 TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_share': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
@@ -199,3 +201,22 @@ def test_the_pretrain_stage_trains_on_unseen_pool_images_and_a_run_fine_tunes_fr
     start = initial_unet(p, 0).state_dict()
     saved = load_file(str(tmp_path / "pre/model/unet/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(start[k], saved[k]) for k in saved)
+
+
+def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path):
+    """pretrain.enabled: the pretrain stage trains on pool images only, pretrain_check samples the model
+    and writes its copy rate and quality; an evaluation parameter re-runs the check, never the
+    pretraining (nor, then, the fine-tuning that depends on it)."""
+    params = tiny(pretrain={"enabled": True, "images": 32, "steps": 8, "rounds": 2},
+                  model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
+                  eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1, "curve_samples": 0})
+    repo, env = project_copy(tmp_path / "repo", params)
+    run(["dvc", "repro", "pretrain_check"], repo, env)
+    check = json.loads((repo / "runs/pretrain_check/metrics.json").read_text())
+    assert check["pretrained"] is True and check["images"] == 32 and check["num_samples"] == 8
+    assert 0.0 <= check["mem_ratio"] <= 1.0 and np.isfinite(check["kid"]) and check["fd"] >= 0
+    assert check["distinct_copied"] <= round(check["mem_ratio"] * 8)
+    text = (repo / "params.yaml").read_text()
+    (repo / "params.yaml").write_text(text.replace("num_samples: 8", "num_samples: 16"))
+    stale = set(json.loads(run(["dvc", "status", "--json"], repo, env).splitlines()[-1] or "{}"))
+    assert "pretrain_check" in stale and not stale & {"prepare", "features", "pretrain"}, stale  # of the stages run
