@@ -103,6 +103,11 @@ def test_variants_of_agc_are_named_by_what_differs_from_the_official_one():
     assert mitigation.variant_name(4, mitigation.FULL_METHOD,
                                    {"agc.reference": "pooled", "agc.score": "image"}) == "IET-AGC+ [pooled, image]"
     assert mitigation.variant_name(1, ("agc",), {"agc.reference": "pooled"}) == "AGC [pooled]"
+    # the shard split is named where there are shards, and is no setting of its own in the ablation
+    groups = {"agc.reference": "pooled", "agc.score": "draw", "iet.split": "groups"}
+    assert mitigation.variant_name(4, mitigation.FULL_METHOD, groups) == "IET-AGC+ [pooled, groups]"
+    assert mitigation.variant_name(1, ("agc",), groups) == "AGC [pooled]"
+    assert "iet.split" in mitigation.shown_keys()
 
 
 def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_path):

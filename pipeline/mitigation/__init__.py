@@ -77,9 +77,14 @@ def shown(params) -> dict[str, object]:
     return {key: getattr(getattr(params, key.split(".")[0]), key.split(".")[1]) for key in shown_keys()}
 
 
+# how IET's shards are drawn, not a mitigation's: variant names show its non-default value too
+SPLIT = "iet.split"
+
+
 def shown_keys() -> list[str]:
-    """Every 'group.key' a variant name can show (its entry's `shows` and `options`)."""
-    return [f"{name}.{key}" for name, e in REGISTRY.items() for key in ((e.shows[1],) if e.shows else ()) + e.options]
+    """Every 'group.key' a variant name can show (its entry's `shows` and `options`, and SPLIT)."""
+    return [f"{name}.{key}" for name, e in REGISTRY.items()
+            for key in ((e.shows[1],) if e.shows else ()) + e.options] + [SPLIT]
 
 
 def _label(name: str, settings: Mapping[str, object]) -> str:
@@ -96,11 +101,14 @@ def _label(name: str, settings: Mapping[str, object]) -> str:
     return f"{e.label} ({e.shows[0]}={value})"
 
 
-def _options(names: tuple[str, ...], settings: Mapping[str, object]) -> str:
-    """' [pooled, image]': the active mitigations' options that differ from their defaults."""
+def _options(names: tuple[str, ...], settings: Mapping[str, object], shards: int) -> str:
+    """' [pooled, image]': the active mitigations' options that differ from their defaults, and a
+    non-default shard split when there are shards ('groups')."""
     defaults = Params()
     changed = [str(settings[key]) for name in names for key in (f"{name}.{o}" for o in REGISTRY[name].options)
                if key in settings and str(settings[key]) != str(getattr(getattr(defaults, name), key.split(".")[1]))]
+    if shards > 1 and str(settings.get(SPLIT, defaults.iet.split)) != defaults.iet.split:
+        changed.append(str(settings[SPLIT]))
     return f" [{', '.join(changed)}]" if changed else ""
 
 
@@ -113,7 +121,7 @@ def variant_name(shards: int, names: tuple[str, ...], settings: Mapping[str, obj
     if full:
         labels = "AGC+" + (f" with {labels}" if labels else "")
     return ("-".join(part for part in ("IET" if shards > 1 else "", labels) if part) or "plain") + _options(
-        names, settings or {})
+        names, settings or {}, shards)
 
 
 def logged_variant(flat: Mapping[str, str], model: str) -> str:
