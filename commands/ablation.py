@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 import scipy.stats
@@ -28,7 +29,8 @@ from mlflow import MlflowClient
 
 from commands.mlflow_results import ModelResult, frontier_curve, read_results, training_metrics
 from pipeline import mitigation
-from pipeline.comparison import frontier_numbers, frontier_verdict
+from pipeline import figures
+from pipeline.comparison import frontier_lines, frontier_numbers, frontier_verdict
 from pipeline.frontier import BETTER, WORSE
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
@@ -123,6 +125,25 @@ def null_check(rows: list[dict]) -> list[dict]:
             out.append({"setting": row["setting"], "model": model, "baseline": baseline, **numbers,
                         "verdict": frontier_verdict(numbers), "verdict_fd": frontier_verdict(numbers, "mem_matched_fd")})
     return out
+
+
+def save_frontier_figures(rows: list[dict], path: Path) -> list[Path]:
+    """One figure per setting (a regime): every variant's frontier over its seeds, with its 95%
+    bootstrap band and checkpoints (comparison.frontier_lines), at `path`, or `path` with the
+    setting's number appended when there are several. Variants without curves are left out."""
+    settings: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["curves"] and None not in row["curves"]:
+            settings[repr(row["setting"])].append(row)
+    written = []
+    for i, group in enumerate(settings.values(), start=1):
+        target = path if len(settings) == 1 else path.with_name(f"{path.stem}-{i}{path.suffix}")
+        floor = float(np.mean([c.floor for c in group[0]["curves"]]))  # held-out images' ratio: the same data
+        figures.save_frontiers(frontier_lines({r["variant"]: r["curves"] for r in group}), target,
+                               BY_KEY["kid"].axis_label + ", curve samples", BY_KEY["mem_ratio"].axis_label,
+                               reference=floor)
+        written.append(target)
+    return written
 
 
 def null_markdown(pairs: list[dict]) -> str:

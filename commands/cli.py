@@ -175,7 +175,9 @@ def tradeoff(out, experiment, tracking_uri):
 @main.command()
 @click.option("--experiment", default=None, help="MLflow experiment  [default: tracking.experiment of ./params.yaml]")
 @click.option("--tracking-uri", default=None, help="MLflow store  [default: as for `sample`]")
-def ablation(experiment, tracking_uri):
+@click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="also draw every variant's frontier and band here (one file per setting)")
+def ablation(experiment, tracking_uri, figure):
     """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow; *
     where a variant differs from the baseline beyond the seed spread (Welch's t-test, p < 0.05).
 
@@ -204,6 +206,8 @@ def ablation(experiment, tracking_uri):
         raise click.ClickException(f"no finished evaluations in MLflow experiment '{experiment}'")
     rows = ab.table(records)
     click.echo(ab.markdown(rows) + ab.null_markdown(ab.null_check(rows)))
+    for path in ab.save_frontier_figures(rows, figure) if figure else []:
+        click.echo(f"wrote {path}")
 
 
 def _cli_value(value) -> str:

@@ -174,3 +174,15 @@ def test_the_null_compares_each_baseline_seed_with_the_others(variants):
     assert all(q["verdict"] == "indistinguishable" for q in pairs), pairs
     text = ablation.null_markdown(pairs)
     assert "false verdicts: 0 of 2 ordered pairs under KID" in text
+
+
+def test_the_figure_draws_every_variant_of_a_setting_in_one_file(variants, tmp_path):
+    rows = ablation.table(ablation.collect(MlflowClient(tracking_uri=variants), "iet-agc"))
+    path = tmp_path / "frontiers.png"
+    assert ablation.save_frontier_figures(rows, path) == [path] and path.stat().st_size > 0
+    # two settings: a file each, numbered
+    other = [{**rows[1], "setting": {**rows[1]["setting"], "data.train_size": "99"}}]
+    written = ablation.save_frontier_figures(rows + other, path)
+    assert written == [tmp_path / "frontiers-1.png", tmp_path / "frontiers-2.png"]
+    result = CliRunner().invoke(main, ["ablation", "--tracking-uri", variants, "--figure", str(path)])
+    assert result.exit_code == 0 and f"wrote {path}" in result.output, result.output
