@@ -87,8 +87,8 @@ def glance(unet, scheduler, data: EvalData, feature_net, p: Params) -> dict[str,
     scores = dedup_memorization_scores(samples.to(device), data.train, data.groups)
     held = dedup_memorization_scores(data.heldout.to(device), data.train, data.groups)
     return {**metrics.summarize(scores), **metrics.summarize(held, prefix="heldout_"),
-            **copy_headline(copy_counts(scores, data.groups)), **feature_quality(feature_net, samples, data),
-            "num_samples": p.eval.num_samples}
+            **copy_headline(copy_counts(scores, data.groups)), **data.groups.summary(),
+            **feature_quality(feature_net, samples, data), "num_samples": p.eval.num_samples}
 
 
 def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list[dict]:

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from pipeline import rounds
@@ -13,7 +14,7 @@ from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from pipeline.models import build_scheduler, build_unet, save_pipeline
 from pipeline.pretrained import initial_unet
-from tiny import ARCH as ARCH_KEYS, arch, project_copy, run, tiny
+from tiny import ROOT, arch, dvc_args, dvc_stage, tiny
 
 ARCH = arch()
 TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_share': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
@@ -203,20 +204,31 @@ def test_the_pretrain_stage_trains_on_unseen_pool_images_and_a_run_fine_tunes_fr
     assert all(torch.equal(start[k], saved[k]) for k in saved)
 
 
-def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path):
+
+def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path, monkeypatch):
     """pretrain.enabled: the pretrain stage trains on pool images only, pretrain_check samples the model
-    and writes its copy rate and quality; an evaluation parameter re-runs the check, never the
-    pretraining (nor, then, the fine-tuning that depends on it)."""
-    params = tiny(pretrain={"enabled": True, "images": 32, "steps": 8, "rounds": 2},
-                  model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
-                  eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1, "curve_samples": 0})
-    repo, env = project_copy(tmp_path / "repo", params)
-    run(["dvc", "repro", "pretrain_check"], repo, env)
-    check = json.loads((repo / "runs/pretrain_check/metrics.json").read_text())
+    and writes its copy rate and quality. The check is its own stage so that an evaluation parameter
+    re-runs it, never the pretraining (nor the fine-tuning that depends on it)."""
+    from click.testing import CliRunner
+
+    from stages import features, prepare, pretrain, pretrain_check
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for group, values in tiny(pretrain={"enabled": True, "images": 32, "steps": 8, "rounds": 2},
+                              eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1},
+                              data={"duplicates": {"images": 2, "copies": 3}}).items():
+        raw[group].update(values)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(tmp_path)
+    for name, module in (("prepare", prepare), ("features", features), ("pretrain", pretrain),
+                         ("pretrain_check", pretrain_check)):
+        result = CliRunner().invoke(module.main, dvc_args(name))
+        assert result.exit_code == 0, (name, result.output)
+    check = json.loads((tmp_path / "runs/pretrain_check/metrics.json").read_text())
     assert check["pretrained"] is True and check["images"] == 32 and check["num_samples"] == 8
     assert 0.0 <= check["mem_ratio"] <= 1.0 and np.isfinite(check["kid"]) and check["fd"] >= 0
-    assert check["distinct_copied"] <= round(check["mem_ratio"] * 8)
-    text = (repo / "params.yaml").read_text()
-    (repo / "params.yaml").write_text(text.replace("num_samples: 8", "num_samples: 16"))
-    stale = set(json.loads(run(["dvc", "status", "--json"], repo, env).splitlines()[-1] or "{}"))
-    assert "pretrain_check" in stale and not stale & {"prepare", "features", "pretrain"}, stale  # of the stages run
+    assert check["distinct_copied"] <= round(check["mem_ratio"] * 8) and check["unique_images"] == 12
+    assert "pretrained model: memorization ratio" in result.output
+    training, checking = dvc_stage("pretrain"), dvc_stage("pretrain_check")
+    assert not [k for k in training["params"] if str(k).startswith("eval")] and "runs/features/net" not in training["deps"]
+    assert {"eval.num_samples", "eval.ddim_steps", "seeds.eval"} <= set(checking["params"])
