@@ -54,17 +54,19 @@ def _check_writable(state: Path) -> None:
 
 
 def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str | Path,
-                state: str | Path, data: dict[str, str | Path] | None = None) -> None:
+                state: str | Path, data: dict[str, str | Path] | None = None, tracked: Params | None = None) -> None:
     """Train into `out`, resuming from and saving to the folder `state` after each round. Under
     `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
-    `name`: the MLflow run's; `data`: the files read, MLflow dataset context -> path."""
+    `name`: the MLflow run's; `data`: the files read, MLflow dataset context -> path; `tracked`: the
+    params the pipeline's MLflow run is found by and records, when `p` is a stage's own variant of
+    them (the pretrain stage trains from scratch whatever model.init_from says)."""
     ranks = Ranks.from_environment(p.train.device)
     state = Path(state)
     if not ranks.is_main:
         rounds.run(p, plan, train, shard, out, state, ranks=ranks)
         return
     _check_writable(state)
-    tracker = Tracker(p)
+    tracker = Tracker(tracked or p)
     run_id = tracker.child(name)
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
                                 "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",

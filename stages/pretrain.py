@@ -38,7 +38,7 @@ def main(params_path, pool_path, train_path, heldout_path, out, state):
     scratch = p.model_copy(update={"model": p.model.model_copy(update={"init_from": None})})
     plan = Plan(shards=1, rounds=cfg.rounds, steps_per_round=math.ceil(cfg.steps / cfg.rounds))
     train_model("pretrain", scratch, plan, images, np.zeros(len(images), dtype=np.int64), out, state,
-                data={"pool": pool_path})
+                data={"pool": pool_path}, tracked=p)
     write_json(out / "info.json", {"pretrained": True, "images": len(images), "steps": plan.rounds * plan.steps_per_round})
 
 

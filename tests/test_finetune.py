@@ -14,7 +14,7 @@ from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
 from pipeline.models import build_scheduler, build_unet, save_pipeline
 from pipeline.pretrained import initial_unet
-from tiny import ROOT, arch, dvc_args, dvc_stage, tiny
+from tiny import ARCH as ARCH_KEYS, ROOT, arch, dvc_args, dvc_stage, tiny
 
 ARCH = arch()
 TINY = tiny(data={'train_size': 8}, train={'batch_size': 4, 'lr': 0.0001, 'warmup_share': 0}, iet={'shards': 2, 'local_epochs': 2}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5})
@@ -215,6 +215,8 @@ def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path, monkeypatch)
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     for group, values in tiny(pretrain={"enabled": True, "images": 32, "steps": 8, "rounds": 2},
+                              model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
+                              tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                               eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1},
                               data={"duplicates": {"images": 2, "copies": 3}}).items():
         raw[group].update(values)
@@ -229,6 +231,14 @@ def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path, monkeypatch)
     assert 0.0 <= check["mem_ratio"] <= 1.0 and np.isfinite(check["kid"]) and check["fd"] >= 0
     assert check["distinct_copied"] <= round(check["mem_ratio"] * 8) and check["unique_images"] == 12
     assert "pretrained model: memorization ratio" in result.output
+    # the pretraining belongs to the user's pipeline run, whose params say what the user set
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(raw["tracking"]["experiment"]).experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and parents[0].data.params["model.init_from"] == "runs/pretrain/model"
+    assert [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id] == ["pretrain"]
     training, checking = dvc_stage("pretrain"), dvc_stage("pretrain_check")
     assert not [k for k in training["params"] if str(k).startswith("eval")] and "runs/features/net" not in training["deps"]
     assert {"eval.num_samples", "eval.ddim_steps", "seeds.eval"} <= set(checking["params"])
