@@ -149,6 +149,8 @@ class PretrainConfig(_Group):
     images: int = Field(2000, ge=1)  # at most this many pool images, seeded
     steps: int = Field(2000, ge=1)  # optimizer steps of train.batch_size
     rounds: int = Field(4, ge=1)    # checkpoints (and resume points) over those steps
+    # its weights' init and batches: not seeds.train, so that every training seed fine-tunes one model
+    seed: int = Field(0, ge=0, le=SEED_MAX)
 
 
 class IETConfig(_Group):

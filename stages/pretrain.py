@@ -34,8 +34,10 @@ def main(params_path, pool_path, train_path, heldout_path, out, state):
     resolve_device(p.train.device)
     images = unseen_images(ImageSet.load(pool_path), [ImageSet.load(train_path), ImageSet.load(heldout_path)],
                            cfg.images, derived_seed(p.seeds.data, PRETRAIN))
-    # its own model from scratch, whatever model.init_from says (it names this stage's output)
-    scratch = p.model_copy(update={"model": p.model.model_copy(update={"init_from": None})})
+    # its own model from scratch, whatever model.init_from says (it names this stage's output), with
+    # its own seed: the fine-tuning seeds (seeds.train) all start from this one model
+    scratch = p.model_copy(update={"model": p.model.model_copy(update={"init_from": None}),
+                                   "seeds": p.seeds.model_copy(update={"train": cfg.seed})})
     plan = Plan(shards=1, rounds=cfg.rounds, steps_per_round=math.ceil(cfg.steps / cfg.rounds))
     train_model("pretrain", scratch, plan, images, np.zeros(len(images), dtype=np.int64), out, state,
                 data={"pool": pool_path}, tracked=p)

@@ -205,32 +205,53 @@ def test_the_pretrain_stage_trains_on_unseen_pool_images_and_a_run_fine_tunes_fr
 
 
 
+def _run_stages(root, monkeypatch, names, **groups) -> None:
+    """The stages `names`, in-process as `dvc repro` runs them, in `root` with the tiny params,
+    pretrain.enabled and `groups`' keys."""
+    import importlib
+
+    from click.testing import CliRunner
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    groups = {"pretrain": {"enabled": True, "images": 32, "steps": 8, "rounds": 2}, **groups}
+    for group, values in tiny(**groups).items():
+        raw[group].update(values)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.chdir(root)
+    for name in names:
+        result = CliRunner().invoke(importlib.import_module(f"stages.{name}").main, dvc_args(name))
+        assert result.exit_code == 0, (name, result.output)
+
+
+def test_every_training_seed_fine_tunes_one_pretrained_model(tmp_path, monkeypatch):
+    """pretrain.seed, not seeds.train, seeds the pretrained model: seeds of the fine-tuning are
+    replicates of it, not of the pretraining (and DVC does not pretrain again for each)."""
+    weights = {}
+    for seeds_train, seed in ((0, 0), (1, 0), (0, 1)):
+        root = tmp_path / f"train{seeds_train}-pretrain{seed}"
+        _run_stages(root, monkeypatch, ("prepare", "pretrain"), seeds={"train": seeds_train},
+                    pretrain={"enabled": True, "images": 32, "steps": 4, "rounds": 1, "seed": seed})
+        weights[seeds_train, seed] = load_file(str(root / "runs/pretrain/model/unet/diffusion_pytorch_model.safetensors"))
+    assert _distance(weights[1, 0], weights[0, 0]) == 0.0 and _distance(weights[0, 1], weights[0, 0]) > 0
+    params = dvc_stage("pretrain")["params"]
+    assert "seeds.train" not in params and "pretrain" in params
+
+
 def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path, monkeypatch):
     """pretrain.enabled: the pretrain stage trains on pool images only, pretrain_check samples the model
     and writes its copy rate and quality. The check is its own stage so that an evaluation parameter
     re-runs it, never the pretraining (nor the fine-tuning that depends on it)."""
-    from click.testing import CliRunner
-
-    from stages import features, prepare, pretrain, pretrain_check
-
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for group, values in tiny(pretrain={"enabled": True, "images": 32, "steps": 8, "rounds": 2},
-                              model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
-                              tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
-                              eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1},
-                              data={"duplicates": {"images": 2, "copies": 3}}).items():
-        raw[group].update(values)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    monkeypatch.chdir(tmp_path)
-    for name, module in (("prepare", prepare), ("features", features), ("pretrain", pretrain),
-                         ("pretrain_check", pretrain_check)):
-        result = CliRunner().invoke(module.main, dvc_args(name))
-        assert result.exit_code == 0, (name, result.output)
+    _run_stages(tmp_path, monkeypatch, ("prepare", "features", "pretrain", "pretrain_check"),
+                model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
+                tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+                eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1},
+                data={"duplicates": {"images": 2, "copies": 3}})
+    raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     check = json.loads((tmp_path / "runs/pretrain_check/metrics.json").read_text())
     assert check["pretrained"] is True and check["images"] == 32 and check["num_samples"] == 8
     assert 0.0 <= check["mem_ratio"] <= 1.0 and np.isfinite(check["kid"]) and check["fd"] >= 0
     assert check["distinct_copied"] <= round(check["mem_ratio"] * 8) and check["unique_images"] == 12
-    assert "pretrained model: memorization ratio" in result.output
     # the pretraining belongs to the user's pipeline run, whose params say what the user set
     from mlflow import MlflowClient
 
