@@ -14,7 +14,7 @@ import torch
 
 from pipeline import inception, metrics, privacy
 from pipeline.config import Params, resolve_device
-from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores
+from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores, duplicate_groups
 from pipeline.features import extract_features
 from pipeline.frontier import Curve
 from pipeline.io import load_tensors, read_json
@@ -31,6 +31,11 @@ class EvalData:
     heldout: torch.Tensor
     pool: torch.Tensor
     groups: DuplicateGroups  # exact duplicates in train: scores are against one image per group
+
+    @classmethod
+    def of(cls, train, heldout, pool) -> EvalData:
+        """From the prepared sets (pipeline.data.ImageSet), as the evaluate and pretrain_check stages load them."""
+        return cls(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
 
 
 @dataclass

@@ -9,7 +9,6 @@ import torch
 from pipeline import figures
 from pipeline.config import load_params, resolve_device
 from pipeline.data import ImageSet, to_uint8
-from pipeline.dedup import duplicate_groups
 from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.frontier import Curve
@@ -46,7 +45,7 @@ def main(params_path, model_name, model_dir, model_ema_dir, rounds_dir, train_pa
     unet, scheduler = load_pipeline(chosen_weights(model_dir, model_ema_dir, p.eval.weights))
     arrays = {"train": train_path, "heldout": heldout_path, "pool": pool_path}
     train, heldout, pool = (ImageSet.load(path) for path in arrays.values())
-    data = EvalData(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
+    data = EvalData.of(train, heldout, pool)
     result = evaluate(unet, scheduler, data, load_feature_net(features_dir), reference_dir, rounds_dir, p)
     _write(result, data, train.ids, out)
 

@@ -7,7 +7,6 @@ import torch
 
 from pipeline.config import load_params
 from pipeline.data import ImageSet
-from pipeline.dedup import duplicate_groups
 from pipeline.evaluation import EvalData, glance
 from pipeline.features import load_feature_net
 from pipeline.io import read_json, write_json
@@ -33,7 +32,7 @@ def main(params_path, pretrained, train_path, heldout_path, pool_path, features_
     torch.set_num_threads(p.train.threads)
     unet, scheduler = load_pipeline(pretrained / "model")
     train, heldout, pool = (ImageSet.load(path) for path in (train_path, heldout_path, pool_path))
-    data = EvalData(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
+    data = EvalData.of(train, heldout, pool)
     check = glance(unet, scheduler, data, load_feature_net(features_dir), p)
     write_json(out, {**info, **check})
     click.echo(f"pretrained model: memorization ratio {check['mem_ratio']:.3f} of the training set "
