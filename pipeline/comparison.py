@@ -62,7 +62,8 @@ def frontier_lines(models: dict[str, list[frontier.Curve]], points: int = 64) ->
 
 def _interval_numbers(result: frontier.FrontierComparison, suffix: str) -> dict[str, float]:
     numbers = {}
-    for key, interval in (("mem_matched", result.matched), ("frontier_area", result.area)):
+    for key, interval in (("mem_matched", result.matched), ("frontier_area", result.area),
+                          ("mem_matched_relative", result.relative)):
         numbers.update({key + suffix: interval.estimate, f"{key}{suffix}_low": interval.low,
                         f"{key}{suffix}_high": interval.high})
     numbers[f"frontier_undefined{suffix}"] = result.undefined / result.resamples

@@ -351,13 +351,15 @@ class Matched:
     [best, worst]; `matched`: mean over the baseline's fitted checkpoint qualities in the range,
     `area`: mean over the whole range (the area between the frontiers / the range's width). Both
     NaN, and `reason` set, when not comparable. `baseline_copies`: the baseline's frontier at
-    `best`, the most it copies in the range."""
+    `best`, the most it copies in the range. `relative`: `matched` over the baseline's own mean
+    memorization at those qualities (-0.5: half the baseline's copying), NaN where that is 0."""
     matched: float
     area: float
     best: float
     worst: float
     baseline_copies: float
     reason: str | None = None
+    relative: float = np.nan
 
 
 def _mean_frontier(frontiers: Sequence[Frontier], q) -> np.ndarray:
@@ -386,9 +388,10 @@ def matched_difference(model: Sequence[Frontier], baseline: Sequence[Frontier], 
     if not len(levels):  # the range lies between two baseline checkpoints
         levels = np.array([best])
     matched = float(np.mean(_mean_frontier(model, levels) - _mean_frontier(baseline, levels)))
+    reference = float(np.mean(_mean_frontier(baseline, levels)))
     area = float(np.mean([f.mean_over(best, worst) for f in model])
                  - np.mean([f.mean_over(best, worst) for f in baseline]))
-    return Matched(matched, area, best, worst, copies)
+    return Matched(matched, area, best, worst, copies, relative=matched / reference if reference > 0 else np.nan)
 
 
 # --- bootstrap and verdict ----------------------------------------------------------------------
@@ -471,7 +474,8 @@ class FrontierComparison:
     """One model against the baseline: `verdict` on `matched` (memorization at matched quality),
     `area_verdict` on `area` (the mean difference over the common quality range), both model -
     baseline with their intervals; `point` the comparison on all samples; `undefined` how many
-    of the `resamples` replicates were not comparable (left out of the intervals)."""
+    of the `resamples` replicates were not comparable (left out of the intervals); `relative`
+    `matched` over the baseline's memorization there (Matched.relative), with its interval."""
     verdict: str
     area_verdict: str
     matched: Interval
@@ -479,6 +483,7 @@ class FrontierComparison:
     point: Matched
     resamples: int
     undefined: int
+    relative: Interval = Interval(np.nan, np.nan, np.nan)
 
 
 def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0, level: float = 0.95,
@@ -494,9 +499,10 @@ def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0,
     draws = [matched_difference(_replicate(model, b, rng), _replicate(baseline, b, rng), floor) for b in range(count)]
     matched = _percentile_interval(point.matched, np.array([d.matched for d in draws]), level)
     area = _percentile_interval(point.area, np.array([d.area for d in draws]), level)
+    relative = _percentile_interval(point.relative, np.array([d.relative for d in draws]), level)
     comparable = point.reason is None
     return FrontierComparison(verdict(matched, comparable), verdict(area, comparable), matched, area, point,
-                              count, sum(d.reason is not None for d in draws))
+                              count, sum(d.reason is not None for d in draws), relative)
 
 
 def resample_models(models: Mapping[str, Sequence[Run]], measure: Measure | None = None, resamples: int = 200,

@@ -85,6 +85,8 @@ METRICS = (
     # at matched quality, the frontiers (pipeline/frontier.py; comparison.frontier_numbers): model - baseline
     *_frontier("mem_matched", "memorization at matched KID (vs baseline)", (REPORT, ABLATION, TRADEOFF)),
     *_frontier("frontier_area", "area between frontiers, KID (vs baseline)", (REPORT, ABLATION)),
+    *_frontier("mem_matched_relative", "memorization at matched KID, relative to the baseline's there"),
+    *_frontier("mem_matched_relative_fd", "memorization at matched FD, relative to the baseline's there"),
     *_frontier("mem_matched_fd", "memorization at matched FD, frontier (vs baseline)", (ABLATION,)),
     *_frontier("frontier_area_fd", "area between frontiers, FD (vs baseline)"),
     MetricSpec("frontier_undefined", "share of bootstrap replicates not comparable (KID)", ".2f", None),

@@ -91,6 +91,21 @@ def test_one_outlier_checkpoint_moves_the_answer_by_its_share_only():
     assert raw == pytest.approx(-0.152) and abs(raw) > 4 * abs(fitted.matched)
 
 
+def test_relative_difference_is_the_share_of_the_baselines_copying_at_matched_quality():
+    """What a "46.7% less memorization" claim reads: a model copying half the baseline's rate at
+    every quality is -0.5; the relative number is the matched difference over the baseline's own
+    memorization at the same checkpoints, and undefined where the baseline copies nothing."""
+    base = hand_frontier()
+    half = F.matched_difference([F.Frontier(base.quality, base.memorization * 0.5)], [base])
+    assert half.relative == pytest.approx(-0.5)
+    lower = F.matched_difference([F.Frontier(base.quality, base.memorization - 0.1)], [base])
+    assert lower.relative == pytest.approx(-0.1 / np.mean(base(base.quality)))
+    assert lower.relative == pytest.approx(-0.1 / ((0.0 + 0.2 + 0.2 + 0.5) / 4))
+    silent = F.Frontier(np.array([10.0, 2.0]), np.array([0.0, 0.0]))
+    copying = F.matched_difference([F.Frontier(np.array([10.0, 2.0]), np.array([0.1, 0.2]))], [silent])
+    assert copying.reason is None and np.isnan(copying.relative)
+
+
 def test_matched_difference_by_hand_and_when_not_comparable():
     base = hand_frontier()
     lower = F.Frontier(base.quality, base.memorization - 0.1)
@@ -183,6 +198,9 @@ def test_a_model_copying_less_at_equal_quality_is_better_and_read_back():
     for interval in (out.matched, out.area):
         assert interval.low <= -0.08 <= interval.high and interval.low <= interval.estimate <= interval.high
     assert out.undefined == 0 and out.resamples == 100
+    # relative: -0.08 over a baseline copying 0.13 to 0.40 over the run
+    assert out.relative.estimate == out.point.relative and -0.08 / 0.13 < out.relative.estimate < -0.08 / 0.40
+    assert out.relative.low <= out.relative.estimate <= out.relative.high < 0
 
 
 def test_several_seeds_are_resampled_and_the_shift_read_back():
