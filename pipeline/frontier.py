@@ -387,8 +387,9 @@ def matched_difference(model: Sequence[Frontier], baseline: Sequence[Frontier], 
     levels = levels[(levels >= best) & (levels <= worst)]
     if not len(levels):  # the range lies between two baseline checkpoints
         levels = np.array([best])
-    matched = float(np.mean(_mean_frontier(model, levels) - _mean_frontier(baseline, levels)))
-    reference = float(np.mean(_mean_frontier(baseline, levels)))
+    copied = _mean_frontier(baseline, levels)
+    matched = float(np.mean(_mean_frontier(model, levels) - copied))
+    reference = float(np.mean(copied))
     area = float(np.mean([f.mean_over(best, worst) for f in model])
                  - np.mean([f.mean_over(best, worst) for f in baseline]))
     return Matched(matched, area, best, worst, copies, relative=matched / reference if reference > 0 else np.nan)
