@@ -4,12 +4,12 @@ Memorization and quality both grow with training, so a model that copies less ma
 earlier point of the baseline's own curve, which stopping the baseline early would give too. This
 module compares what a user who may stop at any point of training can get from each model:
 
-1. Fits along training progress (`fit_run`): each run's memorization ratio and quality at its
-   checkpoints are fitted monotone over training order by isotonic regression (memorization
-   non-decreasing, quality improving: lower is better, as KID and FD), so that one noisy checkpoint
-   does not decide the answer.
+1. A fit along training progress (`fit_run`): each run's memorization ratios at its checkpoints
+   are fitted non-decreasing over training order by isotonic regression, so that one noisy
+   checkpoint does not decide the answer; quality (lower is better, as KID and FD) is fitted
+   unimodal: it improves, and may degrade again.
 2. The frontier of a run (`Frontier`): at each quality level q, the least fitted memorization of
-   the fitted curve (checkpoints joined linearly in training order) at quality q or better.
+   the run's curve (checkpoints joined linearly in training order) at quality q or better.
 3. The comparison of a model with the baseline over the quality range both reach
    (`matched_difference`): the mean of model frontier - baseline frontier at the baseline's
    checkpoints in that range ("matched"), and the mean difference over the whole range ("area").
@@ -252,14 +252,18 @@ class FDInfinity:
 @dataclass(frozen=True)
 class Frontier:
     """The least memorization a user can get at quality q or better by stopping one run early:
-    the run's fitted curve, its checkpoints in training order joined by straight lines (stopping
-    between two checkpoints), read at the first point where it reaches quality q.
+    the least memorization on the run's curve (its checkpoints in training order joined by straight
+    lines: stopping between two checkpoints) over the points whose quality is q or better.
 
-    Both fits are monotone (quality non-increasing, memorization non-decreasing in training order),
-    so the first point reaching q is also the least-memorizing one: frontier(q) is non-increasing
-    in q (more memorization is needed for better quality), memorization[0] for every q worse than
-    the first checkpoint, undefined (NaN) for q better than the last. Where the quality fit is flat
-    over several checkpoints the frontier jumps at that level (the first of them reaches it).
+    Memorization is fitted non-decreasing in training order, quality unimodal (fit_run). Where
+    quality only improves, the least-memorizing point at quality q is the first one reaching
+    it. Where it improves and then degrades (fine-tuning: the baseline's samples get worse as it
+    starts copying), the degraded late checkpoints add nothing a user would stop at, so the frontier
+    is that of the run stopped at its best checkpoint; a monotone quality fit would instead pool
+    them with the good early ones into a plateau of their mean, which no checkpoint had
+    (docs/results.md, the fine-tuning diagnosis). frontier(q) is non-increasing in q,
+    memorization[0] for every q worse than the first checkpoint (`worst`), undefined (NaN) for q
+    better than the run ever gets (`best`).
     Linear, not a step function at the checkpoints: a step would read a model whose checkpoint
     lands just short of the baseline's quality at its next checkpoint, a bias of half a
     checkpoint's memorization increment against whichever model is read between checkpoints
@@ -268,51 +272,66 @@ class Frontier:
     memorization: np.ndarray
 
     def __post_init__(self):
-        # "the first point reaching q" is the least-memorizing one only on monotone curves: refuse
-        # raw, unfitted values (NaN, a failed measurement, passes and makes the comparison NaN)
-        if np.any(np.diff(self.quality) > 0) or np.any(np.diff(self.memorization) < 0):
-            raise ValueError("a frontier needs quality non-increasing and memorization non-decreasing "
-                             "in training order: fit them first (fit_run)")
+        # the least memorization of a segment lies at its earlier end only on a fitted curve
+        if np.any(np.diff(self.memorization) < 0):
+            raise ValueError("a frontier needs memorization non-decreasing in training order: fit it first (fit_run)")
 
     @property
     def best(self) -> float:
-        return float(self.quality[-1])
+        return float(np.min(self.quality))  # NaN if a measure failed anywhere
 
     @property
     def worst(self) -> float:
         return float(self.quality[0])
 
     def __call__(self, q, left: bool = False) -> np.ndarray:
-        """frontier(q); left=True: its limit from better qualities (q - 0), where a flat stretch of
-        the quality fit makes it jump."""
+        """frontier(q); left=True: its limit from better qualities (q - 0), the infimum over points
+        of quality strictly better than q, where the frontier jumps (a flat stretch of quality, a
+        checkpoint better than both neighbours)."""
         q = np.asarray(q, np.float64)
-        # the first checkpoint at quality q or better (left: strictly better); -quality is sorted
-        i = np.searchsorted(-self.quality, -q, side="right" if left else "left")
         if len(self.quality) == 1:
-            return np.where(i == 0, self.memorization[0], np.nan)
-        j = np.clip(i, 1, len(self.quality) - 1)  # the segment (j - 1, j) reaching q
-        qa, qb, ma, mb = self.quality[j - 1], self.quality[j], self.memorization[j - 1], self.memorization[j]
-        with np.errstate(invalid="ignore", divide="ignore"):  # qa == qb only where i is 0 or past the end
-            value = ma + (qa - q) / (qa - qb) * (mb - ma)
-        value = np.where(i == 0, self.memorization[0], value)
-        return np.where(i >= len(self.quality), np.nan, value)
+            reached = self.quality[0] < q if left else self.quality[0] <= q
+            return np.where(reached, self.memorization[0], np.nan)
+        qa, qb = self.quality[:-1], self.quality[1:]
+        ma, mb = self.memorization[:-1], self.memorization[1:]
+        qq = q[..., None]
+        start = qa < qq if left else qa <= qq  # the segment's least-memorizing end is reached
+        crosses = (qb < qq if left else qb <= qq) & ~start  # only its later part is: from where it crosses q
+        with np.errstate(invalid="ignore", divide="ignore"):
+            crossing = ma + (qa - qq) / (qa - qb) * (mb - ma)
+        value = np.where(start, ma, np.where(crosses, crossing, np.inf)).min(-1)
+        return np.where(np.isinf(value), np.nan, value)
+
+    def _lines(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every piece the frontier is made of as a line m = a + b q: each checkpoint's memorization
+        (b = 0) and each segment's crossing."""
+        qa, qb = self.quality[:-1], self.quality[1:]
+        ma, mb = self.memorization[:-1], self.memorization[1:]
+        sloped = qa != qb
+        slope = -(mb - ma)[sloped] / (qa - qb)[sloped]
+        intercept = ma[sloped] - slope * qa[sloped]
+        return (np.concatenate([self.memorization, intercept]),
+                np.concatenate([np.zeros(len(self.memorization)), slope]))
 
     def mean_over(self, best: float, worst: float) -> float:
-        """The mean of frontier(q) over q in [best, worst], exactly: it is linear between the
-        fitted quality levels, so the trapezoid rule on those levels (right value at a piece's
-        start, left limit at its end) integrates it."""
+        """The mean of frontier(q) over q in [best, worst], exactly: between the checkpoints' quality
+        levels and the points where two of its lines cross it is linear, so the trapezoid rule on
+        those points (right value at a piece's start, left limit at its end) integrates it."""
         if worst <= best:
             return float(self(best))
-        inner = self.quality[(self.quality > best) & (self.quality < worst)]
-        q = np.unique(np.concatenate([[best, worst], inner]))
+        intercept, slope = self._lines()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            crossings = (intercept[:, None] - intercept[None, :]) / (slope[None, :] - slope[:, None])
+        q = np.concatenate([[best, worst], self.quality, crossings[np.isfinite(crossings)]])
+        q = np.unique(q[(q >= best) & (q <= worst)])
         pieces = np.diff(q) * (self(q[:-1]) + self(q[1:], left=True)) / 2.0
         return float(pieces.sum() / (worst - best))
 
 
 @dataclass(frozen=True)
 class Fit:
-    """One run's isotonic fits in training order, with the values they were fitted to (a report
-    can show how far the data are from monotone)."""
+    """One run's fits in training order (fit_run), with the values they were fitted to (a report
+    can show how far the data are from the fits' shapes)."""
     memorization: np.ndarray
     quality: np.ndarray
     raw_memorization: np.ndarray
@@ -323,24 +342,43 @@ class Fit:
         return Frontier(self.quality, self.memorization)
 
 
-def fit_run(memorization, quality, samples=None) -> Fit:
-    """Memorization ratios fitted non-decreasing and qualities non-increasing (improving, lower is
-    better) over a run's checkpoints in training order, by isotonic regression: the least-squares
-    monotone fit, pool adjacent violators (Ayer et al. 1955; Barlow et al. 1972, "Statistical
-    Inference under Order Restrictions"; scipy.optimize.isotonic_regression). One noisy checkpoint
-    is pooled with its neighbours instead of deciding the frontier alone: it still moves the fit's
-    mean by its share, no more.
+def unimodal_fit(values) -> np.ndarray:
+    """The least-squares fit that first does not increase and then does not decrease (a valley:
+    quality that improves and may degrade again), over every split of the sequence into a
+    non-increasing isotonic fit before and a non-decreasing one after (Stout 2008, "Unimodal
+    regression via prefix isotonic regression"; a non-increasing sequence followed by a
+    non-decreasing one is a valley wherever they meet). NaN anywhere gives NaN everywhere."""
+    values = np.asarray(values, np.float64)
+    if not np.isfinite(values).all():
+        return np.full(len(values), np.nan)
+    fits = [np.concatenate([isotonic_regression(values[:k], increasing=False).x if k else [],
+                            isotonic_regression(values[k:], increasing=True).x if k < len(values) else []])
+            for k in range(len(values) + 1)]
+    return min(fits, key=lambda fit: float(np.sum((fit - values) ** 2)))
 
-    Memorization is weighted by each checkpoint's sample count (`samples`), so a pooled block's
-    value is the memorization ratio of all its samples; quality unweighted. This is a fit, not
-    the data: where the data clearly are not monotone (FD dips and rises again when a model starts
-    copying, or memorization falls when a mitigation acts late) the fit is still monotone, the
-    violating stretch pooled into a plateau at its mean; the raw values are kept in the Fit."""
-    mem, qual = np.asarray(memorization, np.float64), np.asarray(quality, np.float64)
+
+def fit_run(memorization, quality, samples=None) -> Fit:
+    """A run's checkpoints fitted in training order by isotonic regression, the least-squares
+    monotone fit, pool adjacent violators (Ayer et al. 1955; Barlow et al. 1972, "Statistical
+    Inference under Order Restrictions"; scipy.optimize.isotonic_regression): one noisy checkpoint
+    is pooled with its neighbours instead of deciding the frontier alone, and moves the fit's mean by
+    its share, no more.
+
+    Memorization is fitted non-decreasing, weighted by each checkpoint's sample count (`samples`), so
+    a pooled block's value is the memorization ratio of all its samples. Where it clearly falls (a
+    mitigation acting late) the fit pools the fall into a plateau at its mean: the frontier then
+    credits the mitigation less than its late checkpoints would, never more.
+
+    Quality is fitted unimodal (`unimodal_fit`: improving, then possibly degrading), not monotone: a
+    fine-tuned baseline's samples get worse as it starts copying, and a monotone fit pooled those
+    late checkpoints with its good early ones into a plateau no checkpoint had, which left the
+    fine-tuning regime with no quality in common between the baseline and any mitigation
+    (docs/results.md). Fitted rather than read raw, a stretch where quality holds flat is pooled,
+    so the frontier is not decided by whichever of its checkpoints drew the luckiest samples."""
+    mem = np.asarray(memorization, np.float64)
     weights = None if samples is None else np.asarray(samples, np.float64)
-    fitted_mem = isotonic_regression(mem, weights=weights, increasing=True).x
-    fitted_qual = isotonic_regression(qual, increasing=False).x
-    return Fit(fitted_mem, fitted_qual, mem, qual)
+    fitted = isotonic_regression(mem, weights=weights, increasing=True).x
+    return Fit(fitted, unimodal_fit(quality), mem, np.asarray(quality, np.float64))
 
 
 # --- comparison ---------------------------------------------------------------------------------
