@@ -156,7 +156,7 @@ class PretrainConfig(_Group):
 class IETConfig(_Group):
     shards: int = Field(4, ge=1)
     rounds: int = Field(4, ge=1)
-    local_epochs: float = Field(48, gt=0)
+    local_epochs: float = Field(24, gt=0)
     split: Literal["random", "groups"] = "random"  # groups: near-duplicate groups stay whole in one shard
     near_duplicate: float = Field(0.02, ge=0, le=1)  # groups: RMS pixel distance ([0, 1]) joining near copies
     checkpoints_per_round: int = Field(2, ge=1)  # evaluation checkpoints a round, the same for every model
@@ -238,7 +238,7 @@ class EvalConfig(_Group):
     ddim_steps: int = Field(50, ge=1)
     batch_size: int = Field(256, ge=1)
     weights: Literal["raw", "ema"] = "raw"
-    curve_samples: int = Field(256, ge=0)  # samples per checkpoint for the memorization-quality curve; 0: none
+    curve_samples: int = Field(128, ge=0)  # samples per checkpoint for the memorization-quality curve; 0: none
     classifier_epochs: int = Field(3, ge=1)
     inception: bool | Literal["auto"] = "auto"  # Inception FID/KID; auto: only with CUDA
     sscd: bool = False  # SSCD copy detection (optional extra)
