@@ -259,9 +259,8 @@ class Frontier:
     quality only improves, the least-memorizing point at quality q is the first one reaching
     it. Where it improves and then degrades (fine-tuning: the baseline's samples get worse as it
     starts copying), the degraded late checkpoints add nothing a user would stop at, so the frontier
-    is that of the run stopped at its best checkpoint; a monotone quality fit would instead pool
-    them with the good early ones into a plateau of their mean, which no checkpoint had
-    (docs/results.md, the fine-tuning diagnosis). frontier(q) is non-increasing in q,
+    is that of the run stopped at its best checkpoint (why quality is not fitted monotone: fit_run).
+    frontier(q) is non-increasing in q,
     memorization[0] for every q worse than the first checkpoint (`worst`), undefined (NaN) for q
     better than the run ever gets (`best`).
     Linear, not a step function at the checkpoints: a step would read a model whose checkpoint
