@@ -113,18 +113,28 @@ def compare_frontiers(rows: list[dict]) -> None:
         row["frontier"] = frontier_numbers({row["variant"]: curves[0]}, curves[1])[row["variant"]]
 
 
-def null_check(rows: list[dict]) -> list[dict]:
-    """The protocol on a null: each baseline seed compared, as a model, with each other seed of the
-    same setting as the baseline (frontier_numbers). Every pair should come out indistinguishable;
-    one that says better or worse is a false verdict."""
+def null_check(rows: list[dict], size: int | None = None) -> list[dict]:
+    """The protocol on a null: each group of `size` baseline seeds compared, as a model, with each
+    disjoint group of as many other seeds of the same setting as the baseline (frontier_numbers).
+    Every pair should come out indistinguishable; one that says better or worse is a false verdict.
+    `size` defaults to half the seeds with curves (1 with 2 or 3 seeds), so that the null resamples
+    as many seeds a side as a variant compared with the baseline does."""
     out = []
     for row in rows:
         curves = dict(zip(row["curve_seeds"], row["curves"])) if row["variant"] == "baseline" else {}
-        for model, baseline in itertools.permutations([s for s, c in curves.items() if c is not None], 2):
-            numbers = frontier_numbers({model: [curves[model]]}, [curves[baseline]])[model]
-            out.append({"setting": row["setting"], "model": model, "baseline": baseline, **numbers,
-                        "verdict": frontier_verdict(numbers), "verdict_fd": frontier_verdict(numbers, "mem_matched_fd")})
+        seeds = [s for s, c in curves.items() if c is not None]
+        for model, baseline in _seed_groups(seeds, size or max(1, len(seeds) // 2)):
+            numbers = frontier_numbers({"null": [curves[s] for s in model]}, [curves[s] for s in baseline])["null"]
+            out.append({"setting": row["setting"], "model": ",".join(model), "baseline": ",".join(baseline),
+                        **numbers, "verdict": frontier_verdict(numbers),
+                        "verdict_fd": frontier_verdict(numbers, "mem_matched_fd")})
     return out
+
+
+def _seed_groups(seeds: list[str], size: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Ordered pairs of disjoint groups of `size` seeds each (permutations of the seeds for size 1)."""
+    return [(model, baseline) for model in itertools.combinations(seeds, size)
+            for baseline in itertools.combinations([s for s in seeds if s not in model], size)]
 
 
 def save_frontier_figures(rows: list[dict], path: Path) -> list[Path]:
@@ -151,8 +161,8 @@ def null_markdown(pairs: list[dict]) -> str:
     if not pairs:
         return ""
     spec = BY_KEY["mem_matched"]
-    lines = ["", "The null: each baseline seed against another seed of the baseline (should be indistinguishable)", "",
-             "| seed | against seed | memorization at matched KID [95%] | verdict | under FD |", "|---|---|---|---|---|"]
+    lines = ["", "The null: baseline seeds against other seeds of the baseline (should be indistinguishable)", "",
+             "| seeds | against seeds | memorization at matched KID [95%] | verdict | under FD |", "|---|---|---|---|---|"]
     for q in pairs:
         lines.append(f"| {q['model']} | {q['baseline']} | {spec.format(q['mem_matched'])} [{spec.format(q['mem_matched_low'])}, "
                      f"{spec.format(q['mem_matched_high'])}] | {q['verdict']} | {q['verdict_fd']} |")

@@ -177,7 +177,9 @@ def tradeoff(out, experiment, tracking_uri):
 @click.option("--tracking-uri", default=None, help="MLflow store  [default: as for `sample`]")
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw every variant's frontier and band here (one file per setting)")
-def ablation(experiment, tracking_uri, figure):
+@click.option("--null-seeds", type=click.IntRange(min=1), default=None,
+              help="baseline seeds a side in the null  [default: half the baseline's seeds]")
+def ablation(experiment, tracking_uri, figure, null_seeds):
     """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow; *
     where a variant differs from the baseline beyond the seed spread (Welch's t-test, p < 0.05).
 
@@ -190,7 +192,8 @@ def ablation(experiment, tracking_uri, figure):
     A variant queued with the target evaluate@iet (single-model ones: -S iet.shards=1) does not
     re-train the baseline; its frontier is compared with the baseline's of the same setting, over
     the seeds of both (95% bootstrap intervals, a verdict). With two or more baseline seeds, the
-    null follows: each seed against another, which should be indistinguishable.
+    null follows: baseline seeds against disjoint other seeds (half of them a side, or
+    --null-seeds), which should be indistinguishable.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -205,7 +208,7 @@ def ablation(experiment, tracking_uri, figure):
     if not records:
         raise click.ClickException(f"no finished evaluations in MLflow experiment '{experiment}'")
     rows = ab.table(records)
-    click.echo(ab.markdown(rows) + ab.null_markdown(ab.null_check(rows)))
+    click.echo(ab.markdown(rows) + ab.null_markdown(ab.null_check(rows, null_seeds)))
     for path in ab.save_frontier_figures(rows, figure) if figure else []:
         click.echo(f"wrote {path}")
 

@@ -176,6 +176,15 @@ def test_the_null_compares_each_baseline_seed_with_the_others(variants):
     assert "false verdicts: 0 of 2 ordered pairs under KID" in text
 
 
+def test_the_null_pairs_disjoint_groups_of_seeds():
+    pairs = ablation._seed_groups(["0", "1", "2", "3", "4", "5"], 3)
+    assert len(pairs) == 20 and len(set(pairs)) == 20  # C(6,3) groups, each against the one left
+    assert all(len(a) == len(b) == 3 and not set(a) & set(b) for a, b in pairs)
+    assert ablation._seed_groups(["0", "1", "2"], 1) == [(("0",), ("1",)), (("0",), ("2",)), (("1",), ("0",)),
+                                                         (("1",), ("2",)), (("2",), ("0",)), (("2",), ("1",))]
+    assert ablation._seed_groups(["0", "1", "2"], 2) == []  # not two disjoint groups of two
+
+
 def test_the_figure_draws_every_variant_of_a_setting_in_one_file(variants, tmp_path):
     rows = ablation.table(ablation.collect(MlflowClient(tracking_uri=variants), "iet-agc"))
     path = tmp_path / "frontiers.png"
