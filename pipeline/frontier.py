@@ -30,6 +30,7 @@ as it was; this module is meant to replace it as the headline.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
@@ -38,9 +39,10 @@ from pathlib import Path
 
 import numpy as np
 from scipy.optimize import isotonic_regression
+from threadpoolctl import threadpool_limits
 
 from pipeline.io import atomic_path, unreadable
-from pipeline.metrics import frechet_distance
+from pipeline.metrics import gaussian, gaussian_frechet_distance
 
 QualityFn = Callable[[np.ndarray], float]  # sample indices (with repeats) -> quality, lower is better
 Measure = Callable[[np.ndarray], QualityFn]  # a checkpoint's features -> its QualityFn
@@ -207,11 +209,11 @@ def fd_infinity(features: np.ndarray, reference: np.ndarray, fractions: Sequence
     sizes = sizes[(sizes >= 2) & (sizes <= len(x))]
     if len(sizes) < 2:
         raise ValueError(f"FD at {len(x)} samples gives fewer than two subset sizes to extrapolate from")
-    inverse, fd = [], []
+    inverse, fd, fitted = [], [], gaussian(reference)
     for size in sizes:
         for _ in range(1 if size == len(x) else repeats):  # the full set is the same every time
             inverse.append(1.0 / size)
-            fd.append(frechet_distance(x[rng.choice(len(x), size, replace=False)], reference))
+            fd.append(gaussian_frechet_distance(gaussian(x[rng.choice(len(x), size, replace=False)]), fitted))
     _, intercept = np.polyfit(inverse, fd, 1)
     return float(intercept)
 
@@ -226,8 +228,12 @@ class FD:
     bootstrap distribution is centred on its estimate (see KID)."""
     reference: np.ndarray
 
+    @functools.cached_property
+    def _reference(self) -> tuple[np.ndarray, np.ndarray]:
+        return gaussian(self.reference)  # once: every resample of every checkpoint is measured against it
+
     def __call__(self, features: np.ndarray) -> QualityFn:
-        return lambda indices: frechet_distance(features[indices], self.reference)
+        return lambda indices: gaussian_frechet_distance(gaussian(features[indices]), self._reference)
 
 
 @dataclass(frozen=True)
@@ -462,7 +468,10 @@ def resample(runs: Sequence[Run], measure: Measure | None = None, resamples: int
     rng = np.random.default_rng(seed)
     point, replicates = [], []
     for run in runs:
-        values = np.stack([_checkpoint_values(c, measure, resamples, rng) for c in run.checkpoints], 1)
+        # One BLAS thread: the resamples' matrices are small (256 x 64 features here), and threads
+        # beside a training process made each covariance 50x slower on 2 cores (results.md, Benchmarks).
+        with threadpool_limits(limits=1, user_api="blas"):
+            values = np.stack([_checkpoint_values(c, measure, resamples, rng) for c in run.checkpoints], 1)
         samples = [len(c.memorized) for c in run.checkpoints]
         fits = [fit_run(v[:, 0], v[:, 1], samples) for v in values]
         point.append(fits[0])

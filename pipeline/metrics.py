@@ -192,11 +192,21 @@ def summarize(scores: dict, prefix: str = "") -> dict[str, float]:
     return {prefix + key: value for key, value in out.items()}
 
 
+def gaussian(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The mean and covariance of feature rows, as frechet_distance fits them."""
+    x = np.asarray(feats, np.float64)
+    return x.mean(0), np.atleast_2d(np.cov(x, rowvar=False))
+
+
 def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray, eps: float = 1e-6) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^(1/2)), as in the FID papers and pytorch-fid."""
-    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
+    return gaussian_frechet_distance(gaussian(feats_a), gaussian(feats_b), eps)
+
+
+def gaussian_frechet_distance(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray],
+                              eps: float = 1e-6) -> float:
+    """frechet_distance between two fitted gaussians (`gaussian`): a fixed reference is fitted once."""
+    (mu_a, cov_a), (mu_b, cov_b) = a, b
     import scipy.linalg  # here, not at the top: the NN search must import without scipy (benchmarks/gpu.py)
 
     covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
