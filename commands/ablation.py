@@ -72,11 +72,18 @@ def _record(client: MlflowClient, result: ModelResult) -> dict:
 
 
 def table(records: list[dict]) -> list[dict]:
+    """`group`'s rows, each variant with its frontier comparison with the baseline of its setting
+    (`compare_frontiers`)."""
+    rows = group(records)
+    compare_frontiers(rows)
+    return rows
+
+
+def group(records: list[dict]) -> list[dict]:
     """Groups of records equal in variant, tau, K and setting: seeds, and per metric (mean, sd, n,
-    values) over the seeds where it is finite; each variant's frontier comparison with the baseline
-    of its setting (`compare_frontiers`). A seed counts once per group: a model trained again
-    with the same seed and setting (an experiment queued without a target re-trains the baseline)
-    is the same model, so the first record of it stands."""
+    values) over the seeds where it is finite, and their curves. A seed counts once per group: a
+    model trained again with the same seed and setting (an experiment queued without a target
+    re-trains the baseline) is the same model, so the first record of it stands."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
         group = groups[(rec["setting"], rec["variant"], rec["tau"], rec["shards"])]
@@ -96,7 +103,6 @@ def table(records: list[dict]) -> list[dict]:
                      "curve_seeds": [str(r["seed"]) for r in recs], "frontier": {}})
     rows.sort(key=lambda r: (repr(list(r["setting"].values())), mitigation.variant_sort_key(r["variant"]),
                              r["tau"] or 0, r["shards"]))
-    compare_frontiers(rows)
     return rows
 
 

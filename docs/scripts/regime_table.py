@@ -43,7 +43,7 @@ def _mean(row: dict, key: str, fmt: str) -> str:
     return format(mean, fmt) + ("" if math.isnan(sd) else " ± " + format(sd, fmt))
 
 
-def _interval(f: dict, key: str, fmt: str = "+.3f") -> str:
+def interval(f: dict, key: str, fmt: str = "+.3f") -> str:
     if key not in f or not math.isfinite(f[key]):
         return "-"
     return f"{f[key]:{fmt}} [{f[key + '_low']:{fmt}}, {f[key + '_high']:{fmt}}]"
@@ -56,8 +56,8 @@ def line(row: dict, best: dict) -> str:
     f = row["frontier"]
     verdict = "reference" if row["variant"] == "baseline" else (
         f"{frontier_verdict(f)}; {frontier_verdict(f, 'mem_matched_fd')}" if f else "no curve")
-    cells = [row["variant"], ",".join(row["seeds"]), verdict, _interval(f, "mem_matched"),
-             _interval(f, "mem_matched_relative", "+.0%"), _interval(f, "frontier_area"),
+    cells = [row["variant"], ",".join(row["seeds"]), verdict, interval(f, "mem_matched"),
+             interval(f, "mem_matched_relative", "+.0%"), interval(f, "frontier_area"),
              f"{fd:.2f}", f"{kid:.3f}", _mean(row, "mem_ratio", ".3f"), _mean(row, "mia_auc", ".3f"),
              _mean(row, "train_seconds", ".0f")]
     return "| " + " | ".join(cells) + " |"

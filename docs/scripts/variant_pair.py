@@ -1,0 +1,50 @@
+"""Variants of one benchmark compared with each other instead of with the baseline: the frontier
+protocol of `iet-agc ablation` (comparison.frontier_numbers, a bootstrap over samples and seeds)
+with the second variant in the baseline's place, in each setting (regime) where both have curves.
+It answers "does AGC add anything on top of IET at the same quality".
+
+    python docs/scripts/variant_pair.py --tracking-uri sqlite:///$PWD/mlflow.db --pair IET-AGC+ IET --pair AGC baseline
+
+Variants are named as in the ablation's table.
+"""
+import os
+
+import click
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+from mlflow import MlflowClient  # noqa: E402
+
+from commands import ablation  # noqa: E402
+from pipeline.comparison import frontier_numbers, frontier_verdict  # noqa: E402
+from regime_table import interval  # noqa: E402  (docs/scripts, this script's folder)
+
+HEAD = ["variant", "seeds", "against", "seeds", "verdict (KID; FD)", "memorization difference at matched KID [95%]",
+        "relative [95%]", "area between frontiers, KID [95%]"]
+
+
+def line(row: dict, against: dict) -> str:
+    numbers = frontier_numbers({row["variant"]: row["curves"]}, against["curves"])[row["variant"]]
+    cells = [row["variant"], ",".join(row["seeds"]), against["variant"], ",".join(against["seeds"]),
+             f"{frontier_verdict(numbers)}; {frontier_verdict(numbers, 'mem_matched_fd')}",
+             interval(numbers, "mem_matched"), interval(numbers, "mem_matched_relative", "+.0%"),
+             interval(numbers, "frontier_area")]
+    return "| " + " | ".join(cells) + " |"
+
+
+@click.command()
+@click.option("--tracking-uri", required=True)
+@click.option("--experiment", default="iet-agc", show_default=True)
+@click.option("--pair", "pairs", nargs=2, multiple=True, required=True, metavar="VARIANT AGAINST")
+def main(tracking_uri, experiment, pairs):
+    rows = ablation.group(ablation.collect(MlflowClient(tracking_uri=tracking_uri), experiment))
+    for setting in dict.fromkeys(repr(r["setting"]) for r in rows):
+        by_variant = {r["variant"]: r for r in rows if repr(r["setting"]) == setting and all(r["curves"])}
+        click.echo("\n| " + " | ".join(HEAD) + " |\n" + "|---" * len(HEAD) + "|")
+        for variant, against in pairs:
+            if variant in by_variant and against in by_variant:
+                click.echo(line(by_variant[variant], by_variant[against]))
+
+
+if __name__ == "__main__":
+    main()
