@@ -86,9 +86,9 @@ def group(records: list[dict]) -> list[dict]:
     re-trains the baseline) is the same model, so the first record of it stands."""
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for rec in records:
-        group = groups[(rec["setting"], rec["variant"], rec["tau"], rec["shards"])]
-        if all(other["seed"] != rec["seed"] for other in group):
-            group.append(rec)
+        members = groups[(rec["setting"], rec["variant"], rec["tau"], rec["shards"])]
+        if all(other["seed"] != rec["seed"] for other in members):
+            members.append(rec)
     rows = []
     for (setting, label, tau, shards), recs in groups.items():
         stats = {}

@@ -43,6 +43,11 @@ def _mean(row: dict, key: str, fmt: str) -> str:
     return format(mean, fmt) + ("" if math.isnan(sd) else " ± " + format(sd, fmt))
 
 
+def head(columns: list[str]) -> str:
+    """A markdown table's header, after a blank line."""
+    return "\n| " + " | ".join(columns) + " |\n" + "|---" * len(columns) + "|"
+
+
 def interval(f: dict, key: str, fmt: str = "+.3f") -> str:
     if key not in f or not math.isfinite(f[key]):
         return "-"
@@ -71,7 +76,7 @@ def main(tracking_uri, experiment):
     rows = ablation.table(ablation.collect(client, experiment))
     best = best_quality(client, experiment)
     for setting in dict.fromkeys(repr(r["setting"]) for r in rows):
-        click.echo("\n| " + " | ".join(HEAD) + " |\n" + "|---" * len(HEAD) + "|")
+        click.echo(head(HEAD))
         for row in (r for r in rows if repr(r["setting"]) == setting):
             click.echo(line(row, best))
 

@@ -17,7 +17,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from commands import ablation  # noqa: E402
 from pipeline.comparison import frontier_numbers, frontier_verdict  # noqa: E402
-from regime_table import interval  # noqa: E402  (docs/scripts, this script's folder)
+from regime_table import head, interval  # noqa: E402  (docs/scripts, this script's folder)
 
 HEAD = ["variant", "seeds", "against", "seeds", "verdict (KID; FD)", "memorization difference at matched KID [95%]",
         "relative [95%]", "area between frontiers, KID [95%]"]
@@ -40,7 +40,7 @@ def main(tracking_uri, experiment, pairs):
     rows = ablation.group(ablation.collect(MlflowClient(tracking_uri=tracking_uri), experiment))
     for setting in dict.fromkeys(repr(r["setting"]) for r in rows):
         by_variant = {r["variant"]: r for r in rows if repr(r["setting"]) == setting and all(r["curves"])}
-        click.echo("\n| " + " | ".join(HEAD) + " |\n" + "|---" * len(HEAD) + "|")
+        click.echo(head(HEAD))
         for variant, against in pairs:
             if variant in by_variant and against in by_variant:
                 click.echo(line(by_variant[variant], by_variant[against]))
