@@ -88,6 +88,17 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def artifact_root(uri: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: beside the store file. MLflow's
+    own default is ./mlruns under the working directory, which for a queued DVC experiment is a
+    temporary copy that DVC deletes, and the runs' curves and figures with it. None (the server's or
+    MLflow's default) for any other store."""
+    path = uri[len("sqlite:///"):] if urllib.parse.urlparse(uri).scheme == "sqlite" else ""
+    if not path or path == ":memory:":
+        return None
+    return (Path(path).resolve().parent / "mlartifacts").as_uri()
+
+
 def check_tracking(cfg: TrackingConfig) -> str:
     """The tracking URI, after making sure it answers within seconds: MLflow itself retries a dead
     server for minutes. A SQLite store that does not exist yet is fine, the pipeline creates it."""

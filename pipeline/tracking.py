@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline.config import Params, flatten  # noqa: E402
-from pipeline.store import check_tracking, repo_root  # noqa: E402
+from pipeline.store import artifact_root, check_tracking  # noqa: E402
 
 PARENT_KEY = "iet_agc.pipeline_key"
 _TRACKERS: list["Tracker"] = []  # of this process, so that a failing stage can close what it opened
@@ -91,13 +91,9 @@ class Tracker:
             self.client = MlflowClient(tracking_uri=uri)
             exp = self.client.get_experiment_by_name(params.tracking.experiment)  # creates a new store
         if exp is None:
-            # Artifacts beside the store, not under the working directory: a queued DVC experiment
-            # runs in a temporary copy that is deleted afterwards.
-            location = (repo_root() / "mlartifacts").as_uri() if not (
-                params.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI")) else None
             try:
                 self.experiment_id = self.client.create_experiment(params.tracking.experiment,
-                                                                   artifact_location=location)
+                                                                   artifact_location=artifact_root(uri))
             except MlflowException:  # created meanwhile by a concurrent experiment
                 self.experiment_id = self.client.get_experiment_by_name(params.tracking.experiment).experiment_id
         else:

@@ -156,3 +156,18 @@ def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):
                               text=True) for _ in range(2)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+
+
+def test_a_store_given_by_the_environment_keeps_artifacts_beside_it(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI pointing at a SQLite file: a stage run from a queued DVC experiment's
+    temporary copy must not put the experiment's artifacts (curves, figures) under that copy,
+    which DVC deletes (MLflow's default is ./mlruns of the working directory)."""
+    store = tmp_path / "shared/mlflow.db"
+    store.parent.mkdir()
+    copy = tmp_path / "repo/.dvc/tmp/exps/tmpcopy"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store}")
+    tracker = Tracker(parse_params({"tracking": {"experiment": "env"}}))
+    location = tracker.client.get_experiment(tracker.experiment_id).artifact_location
+    assert location == (store.parent / "mlartifacts").as_uri()
