@@ -29,7 +29,7 @@ def inputs(tmp_path, monkeypatch):
     """A project folder holding every file the report stage reads, at dvc.yaml's paths."""
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # dvc.yaml's paths are relative; MLflow's artifacts go to ./mlruns
+    monkeypatch.chdir(tmp_path)  # dvc.yaml's paths are relative
     for m in ("baseline", "iet"):
         for folder in (f"runs/eval/{m}", f"runs/{m}"):
             Path(folder).mkdir(parents=True, exist_ok=True)
