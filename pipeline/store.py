@@ -36,13 +36,13 @@ def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None
     if parsed.scheme in ("http", "https"):
         _check_server(uri, timeout)
     elif parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
-        if not path or path == ":memory:":
+        path = sqlite_file(uri)
+        if path is None:
             return
-        if must_exist and not Path(path).is_file():
+        if must_exist and not path.is_file():
             raise StoreError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
                              "or give the right tracking URI")
-        _check_folder(Path(path).parent, uri)
+        _check_folder(path.parent, uri)
     elif parsed.scheme in ("file", "") or len(parsed.scheme) == 1:  # a path; one letter: a Windows drive
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
             raise StoreError(f"tracking URI {uri} is a file store, which MLflow 3 refuses unless "
@@ -88,15 +88,19 @@ def tracking_uri(cfg: TrackingConfig) -> str:
     return cfg.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The file of a SQLite store (sqlite:///<path>); None for an in-memory one or another store."""
+    path = uri[len("sqlite:///"):] if uri.startswith("sqlite:///") else ""
+    return Path(path) if path and path != ":memory:" else None
+
+
 def artifact_root(uri: str) -> str | None:
     """Where a new experiment of a SQLite store keeps its artifacts: beside the store file. MLflow's
     own default is ./mlruns under the working directory, which for a queued DVC experiment is a
     temporary copy that DVC deletes, and the runs' curves and figures with it. None (the server's or
     MLflow's default) for any other store."""
-    path = uri[len("sqlite:///"):] if urllib.parse.urlparse(uri).scheme == "sqlite" else ""
-    if not path or path == ":memory:":
-        return None
-    return (Path(path).resolve().parent / "mlartifacts").as_uri()
+    path = sqlite_file(uri)
+    return None if path is None else (path.resolve().parent / "mlartifacts").as_uri()
 
 
 def check_tracking(cfg: TrackingConfig) -> str:

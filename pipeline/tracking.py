@@ -22,7 +22,7 @@ from mlflow.entities import Metric, Param  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline.config import Params, flatten  # noqa: E402
-from pipeline.store import artifact_root, check_tracking  # noqa: E402
+from pipeline.store import artifact_root, check_tracking, sqlite_file  # noqa: E402
 
 PARENT_KEY = "iet_agc.pipeline_key"
 _TRACKERS: list["Tracker"] = []  # of this process, so that a failing stage can close what it opened
@@ -71,10 +71,11 @@ def _first_use(uri: str) -> Iterator[None]:
     """One process at a time opens a SQLite store: the first opening creates its tables, and two
     queued experiments doing it at once (`dvc queue start -j 2` on a new store) make the second
     fail with `table runs already exists`. The lock file sits beside the store."""
-    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+    path = sqlite_file(uri)
+    if path is None:
         yield
         return
-    with open(uri[len("sqlite:///"):] + ".lock", "a") as lock:
+    with open(f"{path}.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield

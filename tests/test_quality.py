@@ -236,7 +236,7 @@ def _log_run(uri, metrics, **groups):
 def store(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)  # nothing a stage writes beside its working directory lands in the repository
+    monkeypatch.chdir(tmp_path)  # the test's files stay in its own folder
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_run(uri, {"mem_ratio": 0.0, "heldout_mem_ratio": 0.01, "fd": 10.0})
     _log_run(uri, {"mem_ratio": 0.1, "heldout_mem_ratio": 0.01, "fd": 6.0}, agc={"tau": 0.8})
