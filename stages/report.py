@@ -13,12 +13,13 @@ from pathlib import Path
 import click
 
 from pipeline import figures
+from pipeline import verdict
 from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
-                                 read_rows, risk_table, skip_rates)
+                                 read_comparison, read_rows, risk_table, skip_rates)
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import duplicate_groups
-from pipeline.frontier import Curve
+from pipeline.frontier import NO_COMPARABLE_QUALITY, Curve
 from pipeline.io import publish, read_json, write_csv, write_json
 from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker
@@ -146,22 +147,19 @@ def _number(v) -> bool:
 def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
     """The markdown report; `names`: the file names it mentions (curve, curves, risk_csv, risk_png)."""
     variant = rows["iet"]["variant"]
-    base, iet = rows["baseline"]["mem_ratio"], rows["iet"]["mem_ratio"]
-    change = f"{(iet - base) / base:+.1%}" if base > 0 else "n/a (baseline ratio is 0)"
-    matched = rows["iet"]
     return "\n".join([
         f"# Baseline vs {variant}", "",
+        _lead(variant, rows["iet"]), "",
         f"Data: {p.data.source}, {p.data.train_size} training images at {p.data.resolution}px "
         f"({rows['iet'].get('unique_images', '?')} unique, {rows['iet'].get('duplicate_groups', 0)} duplicated); "
         f"{variant}: {rows['iet']['shards']} shards x {rows['iet']['rounds']} rounds "
         "(the params of its mitigations are in MLflow and params.yaml).", "",
         _table(rows), "",
-        f"Relative change of the memorization ratio, {variant} vs baseline: {change}.", "",
         "Memorization ratio: fraction of generated samples whose nearest training image (duplicates collapsed) "
         "is closer than 1/3 of the second nearest. Held-out reference: the same for real images never trained "
         "on. Membership AUC: the loss attack's ROC AUC, training images against held-out ones (0.5: no leak).", "",
         "## At matched quality", "",
-        *_matched_text(variant, matched, names), "",
+        *_matched_text(variant, rows["iet"], names), "",
         "## Which images are at risk", "",
         f"{risk['risk_copied_images']} training images are copied by the baseline (`{names['risk_csv']}`, `{names['risk_png']}`). "
         f"ROC AUC for predicting them: {variant}'s AGC skip rate {_fmt(risk['risk_skip_auc'])}, the baseline's "
@@ -169,26 +167,47 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
         f"{_fmt(risk['skip_rate_duplicated'])}, of unique ones {_fmt(risk['skip_rate_unique'])}.", "",
         "## Across experiments", "",
         "This report reads this run's files only. Every variant and experiment logged to MLflow, side by side: "
-        "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table).", ""])
+        "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table, and "
+        "verdicts over seeds).", ""])
+
+
+def _lead(variant: str, m: dict) -> str:
+    """The answer first: the verdict in words at matched KID, with what it rests on."""
+    if "mem_matched" not in m:
+        return "**No comparison at matched quality** (eval.curve_samples is 0: no checkpoint was measured)."
+    c = read_comparison(m)
+    words = verdict.word(c)
+    if c.reason is not None:
+        why = ("neither copies more than held-out real images at any quality both reach"
+               if c.reason == NO_COMPARABLE_QUALITY else f"{c.reason}: the two never reach a common quality")
+        return f"**{variant} vs baseline at matched quality: {words}** ({why})."
+    sides = f"{variant} {_side(c.model_scores, c.model_bound)}, baseline {_side(c.baseline_scores, c.baseline_bound)}"
+    if min(c.seeds) < 2:
+        return (f"**{variant} vs baseline at matched quality: {words}, no verdict.** Memorization at matched KID: "
+                f"{sides}; difference {_signed(c.estimate)}. One training seed a side measures one run of each, not "
+                f"the method: train {verdict.seeds_for_power(verdict.POWER_EFFECT_SD)} or more seeds a side "
+                "and compare them with `iet-agc ablation` for a verdict.")
+    return (f"**{variant} vs baseline at matched quality: {words}.** Memorization at matched KID: {sides}; difference "
+            f"{_signed(c.estimate)} [{_signed(c.low)}, {_signed(c.high)}] (Welch 95% over seeds), exact permutation "
+            f"p = {c.p:.3f} ({c.seeds[0]} vs {c.seeds[1]} seeds).")
+
+
+def _side(scores, bound: float) -> str:
+    return f"copies nothing there (at most {bound:.3f}, 95%)" if math.isfinite(bound) else _fmt(sum(scores) / len(scores))
 
 
 def _matched_text(variant: str, m: dict, names: dict[str, str]) -> list[str]:
-    """The frontier verdict, with the earlier first-crossing reading beside it."""
-    def interval(key):
-        if not math.isfinite(m.get(key, math.nan)):
-            return "n/a (not comparable)"
-        return f"{_signed(m.get(key))} [{_signed(m.get(key + '_low'))}, {_signed(m.get(key + '_high'))}]"
+    """How the verdict is read, its check under FD, and the earlier first-crossing reading."""
     return [
-        f"Verdict against the baseline at matched quality (KID): **{frontier_verdict(m)}**; checked under FD: "
-        f"**{frontier_verdict(m, 'mem_matched_fd')}**. Memorization at matched KID, {variant} - baseline, "
-        f"{interval('mem_matched')} (95% bootstrap interval over each checkpoint's samples); mean difference "
-        f"between the frontiers over the common quality range {interval('frontier_area')}; under FD "
-        f"{interval('mem_matched_fd')}. The baseline's memorization at the best quality both reach: "
-        f"{_fmt(m.get('baseline_copies_in_range'))}; {_fmt(m.get('frontier_undefined'))} of the bootstrap "
-        "replicates were not comparable. A frontier is the least memorization a user gets at that quality or "
-        "better by stopping training early (memorization and quality fitted monotone over checkpoints); "
-        "'not comparable' means the two never reach a common quality at which either copies more than real "
-        f"held-out images do. `{names['frontier']}`: both frontiers and their bands.", "",
+        "A frontier is the least memorization a user gets at a quality or better by stopping training early "
+        "(memorization fitted non-decreasing over checkpoints, quality improving then possibly degrading). "
+        "Each run is scored at the baseline's checkpoint qualities inside the range both reach; the verdict "
+        "reads those per-seed scores (docs/method.md, Verdicts): better/worse need the Welch interval to "
+        "exclude 0 and p < 0.05, indistinguishable an equivalence test within "
+        f"{verdict.EQUIVALENCE_MARGIN:g}, otherwise inconclusive. Checked under FD extrapolated to infinite "
+        f"samples: **{frontier_verdict(m, '_fd')}**. Mean difference between the frontiers over the common "
+        f"KID range: {_signed(m.get('frontier_area'))}. `{names['frontier']}`: both frontiers, with bands of "
+        "each run's sampling noise.", "",
         f"The earlier reading, {variant}'s last checkpoint on the baseline's curve at its FD (first crossing, no "
         f"interval; `{names['curve']}`): status `{m['matched_quality_status']}`, memorization "
         f"{_signed(m['mem_at_matched_quality'])} against the baseline's {_fmt(m['baseline_mem_at_matched_quality'])}. "

@@ -84,6 +84,8 @@ def test_the_same_inputs_give_the_same_report_whatever_the_store_holds(inputs):
         assert first[name] == second[name], name
     text, summary = first["reports/report.md"].decode(), json.loads(first["reports/summary.json"])
     assert "| model | memorization ratio" in text and "iet-agc tradeoff" in text
+    # the answer first, in words, never a relative change of the final ratios
+    assert " vs baseline at matched quality: " in text.splitlines()[2] and "Relative change" not in text
     # matched at FD 2.0, the baseline's own last point: no difference
     assert summary["iet.mem_at_matched_quality"] == pytest.approx(0.0)
     assert summary["risk.risk_copied_images"] == 1
