@@ -169,39 +169,44 @@ def equivalence_p(diff: float, se: float, dof: float, margin: float) -> float:
     return float(max(scipy.stats.t.sf((diff + margin) / se, dof), scipy.stats.t.cdf((diff - margin) / se, dof)))
 
 
-def _labelings(runs: int, baseline_runs: int, rng: np.random.Generator):
-    """Every way of marking `baseline_runs` of `runs` as the baseline (exact), or EXACT_LIMIT random
-    ones after the observed one when there are more (Monte Carlo, Dwass 1957)."""
+def _labelings(runs: int, baseline_runs: int, rng: np.random.Generator) -> np.ndarray:
+    """[labelings, runs] booleans: every way of marking `baseline_runs` of `runs` as the baseline
+    (exact), or EXACT_LIMIT random ones when there are more (Monte Carlo, Dwass 1957)."""
     if math.comb(runs, baseline_runs) <= EXACT_LIMIT:
-        for chosen in itertools.combinations(range(runs), baseline_runs):
-            mark = np.zeros(runs, bool)
-            mark[list(chosen)] = True
-            yield mark
-        return
-    for _ in range(EXACT_LIMIT):
-        mark = np.zeros(runs, bool)
-        mark[rng.choice(runs, baseline_runs, replace=False)] = True
-        yield mark
+        chosen = np.array(list(itertools.combinations(range(runs), baseline_runs)), int).reshape(-1, baseline_runs)
+    else:
+        chosen = np.argsort(rng.random((EXACT_LIMIT, runs)), axis=1)[:, :baseline_runs]
+    marks = np.zeros((len(chosen), runs), bool)
+    np.put_along_axis(marks, chosen, True, axis=1)
+    return marks
+
+
+def _differences(pool: _Pool, marks: np.ndarray, floor: float) -> np.ndarray:
+    """_difference(_scores(pool, mark, floor), mark) for every row of `marks` at once (NaN where
+    not comparable): the permutation test's statistic, vectorised over relabelings."""
+    base, model = marks.sum(1), (~marks).sum(1)
+    at_best = (pool.at_best * marks).sum(1) / base, (pool.at_best * ~marks).sum(1) / model
+    columns = marks[:, pool.owner].astype(np.float64)  # [labelings, levels]: the baseline's levels
+    count = columns.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = np.where(count > 0, columns @ pool.at_levels.T / count, pool.at_best)  # [labelings, runs]
+    diff = (scores * ~marks).sum(1) / model - (scores * marks).sum(1) / base
+    return np.where(np.maximum(*at_best) <= floor, np.nan, diff)
 
 
 def permutation_p(pool: _Pool, observed: np.ndarray, floor: float) -> tuple[float, float]:
     """(two-sided p, least reachable p): the statistic recomputed, levels and all, under every
     relabeling of the runs; a relabeling that is not comparable counts as at least as extreme
-    (conservative)."""
-    scores = _scores(pool, observed, floor)
-    stat = _difference(scores, observed)
-    rng = np.random.default_rng(PERMUTATION_SEED)
-    below = above = total = 0
-    for mark in _labelings(len(observed), int(observed.sum()), rng):
-        s = _scores(pool, mark, floor)
-        value = math.nan if s is None else _difference(s, mark)
-        tie = 1e-12 * max(1.0, abs(stat))
-        below += not value > stat + tie  # NaN counts on both sides
-        above += not value < stat - tie
-        total += 1
-    if math.comb(len(observed), int(observed.sum())) > EXACT_LIMIT:  # the observed labelling counts once more
+    (conservative). Two-sided: twice the smaller one-sided p."""
+    runs, baseline_runs = len(observed), int(observed.sum())
+    stat = float(_differences(pool, observed[None], floor)[0])
+    values = _differences(pool, _labelings(runs, baseline_runs, np.random.default_rng(PERMUTATION_SEED)), floor)
+    tie = 1e-12 * max(1.0, abs(stat))
+    below, above = np.sum(~(values > stat + tie)), np.sum(~(values < stat - tie))  # NaN counts on both sides
+    total = len(values)
+    if math.comb(runs, baseline_runs) > EXACT_LIMIT:  # Monte Carlo: the observed labelling counts once more
         below, above, total = below + 1, above + 1, total + 1
-    return min(1.0, 2 * min(below, above) / total), min(1.0, 2 / math.comb(len(observed), int(observed.sum())))
+    return min(1.0, 2 * min(below, above) / total), min(1.0, 2 / math.comb(runs, baseline_runs))
 
 
 def clopper_pearson_upper(copies: int, samples: int, confidence: float = CONFIDENCE) -> float:

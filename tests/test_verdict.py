@@ -127,3 +127,16 @@ def test_a_real_difference_of_two_seed_sd_is_found_at_six_seeds_a_side():
                                                    [simulated_run(rng, 0.0, 0.046) for _ in range(6)]))
                 == verdict.BETTER for _ in range(30))
     assert found >= 15  # power about 0.7-0.8 here; chance alone gives about 1
+
+
+def test_the_vectorised_permutation_statistic_is_the_comparison_recomputed_per_labeling():
+    """Every relabeling's statistic equals compare_seeds' own reading of that labeling."""
+    rng = np.random.default_rng(7)
+    runs = [simulated_run(rng, 0.0, 0.04) for _ in range(5)]
+    pool = verdict._pool(runs)
+    marks = verdict._labelings(5, 3, rng)
+    values = verdict._differences(pool, marks, 0.0)
+    for mark, value in zip(marks, values):
+        model = [r for r, m in zip(runs, mark) if not m]
+        base = [r for r, m in zip(runs, mark) if m]
+        assert value == pytest.approx(verdict.compare_seeds(model, base).estimate, abs=1e-12)
