@@ -1,5 +1,5 @@
-"""The memorization-quality frontier protocol (pipeline/frontier.py, issue 22) on synthetic runs with
-a known answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their
+"""The memorization-quality frontier protocol (pipeline/frontier.py, docs/method.md#matched-quality)
+on synthetic runs with a known answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their
 definitions, and the verdicts for a model that copies less at equal quality, another seed of the
 baseline itself, one that only trains less, and one whose curve crosses the baseline's."""
 import numpy as np
