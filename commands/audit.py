@@ -142,6 +142,9 @@ def _check_model(unet, scheduler, source: str) -> None:
     size = cfg.sample_size
     if not isinstance(size, int) and len(set(size)) != 1:
         raise ConfigError(f"--model: {source}: sample_size {tuple(size)} is not square")
+    side = size if isinstance(size, int) else size[0]
+    if not 8 <= side <= 512:  # the feature classifier's two downsamplings; data.resolution's upper bound
+        raise ConfigError(f"--model: {source}: sample_size {side}: the audit takes models of 8 to 512 pixels")
     if scheduler.config.prediction_type != "epsilon":
         raise ConfigError(f"--model: {source}: prediction_type '{scheduler.config.prediction_type}': the "
                           "membership attacks read the model's output as the noise (epsilon prediction)")

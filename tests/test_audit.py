@@ -18,7 +18,8 @@ from commands.cli import main  # noqa: E402
 from pipeline import model_registry, rounds  # noqa: E402
 from pipeline.config import parse_params  # noqa: E402
 from pipeline.data import ImageSet  # noqa: E402
-from tiny import random_train, tiny  # noqa: E402
+from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from tiny import arch, random_train, tiny  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,6 +112,7 @@ def _bad_inputs(root, tmp):
     np.savez(tmp / "big.npz", images=np.zeros((4, 16, 16), np.uint8))
     np.savez(tmp / "rgb.npz", images=np.zeros((4, 8, 8, 3), np.uint8))
     (tmp / "empty").mkdir()
+    save_pipeline(build_unet(arch(), 4, 1, 0), build_scheduler(arch()), tmp / "small")
     return {
         "size": (["--train", tmp / "big.npz"], ["--train", "1x16x16", "1x8x8", "sample_size 8"]),
         "channels": (["--train", tmp / "rgb.npz"], ["--train", "3x8x8", "in_channels 1"]),
@@ -118,10 +120,12 @@ def _bad_inputs(root, tmp):
         "missing": (["--train", tmp / "absent.npz"], ["--train", "absent.npz", "no such file or folder"]),
         "empty folder": (["--train", tmp / "empty"], ["--train", "empty", "no .png/.jpg/.jpeg images found"]),
         "missing model": (["--train", root / "train.npz", "--model", tmp / "nomodel"], ["--model", "nomodel"]),
+        "4-pixel model": (["--train", root / "train.npz", "--model", tmp / "small"], ["--model", "sample_size 4"]),
     }
 
 
-@pytest.mark.parametrize("case", ["size", "channels", "held-out size", "missing", "empty folder", "missing model"])
+@pytest.mark.parametrize("case", ["size", "channels", "held-out size", "missing", "empty folder", "missing model",
+                                  "4-pixel model"])
 def test_inputs_the_model_cannot_be_audited_on_give_one_line(trained, tmp_path, case):
     root, _ = trained
     args, words = _bad_inputs(root, tmp_path)[case]
