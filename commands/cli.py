@@ -263,5 +263,10 @@ def preset(preset, base, write_to):
             click.echo(f"-S\n{key}={_cli_value(value)}")
 
 
+from commands.audit import audit  # noqa: E402  (it imports its heavy libraries inside, as these commands)
+
+main.add_command(audit)
+
+
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""The memorization-quality frontier (docs/method.md, "Matched quality").
+"""The memorization-quality frontier (docs/method.md#matched-quality).
 
 Memorization and quality both grow with training, so a model that copies less may only be an
 earlier point of the baseline's own curve, which stopping the baseline early would give too. This

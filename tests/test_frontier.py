@@ -1,4 +1,4 @@
-"""The memorization-quality frontier protocol (pipeline/frontier.py) on synthetic runs with a known
+"""The memorization-quality frontier protocol (pipeline/frontier.py, docs/method.md#matched-quality) on synthetic runs with a known
 answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their definitions,
 and the seed-level verdicts (pipeline/verdict.py) for a model that copies less at equal quality,
 one that only trains less, one compared with a degrading baseline, and one whose curve crosses
