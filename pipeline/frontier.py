@@ -376,7 +376,7 @@ def fit_run(memorization, quality, samples=None) -> Fit:
     fine-tuned baseline's samples get worse as it starts copying, and a monotone fit pooled those
     late checkpoints with its good early ones into a plateau no checkpoint had, which left the
     fine-tuning regime with no quality in common between the baseline and any mitigation
-    (docs/results.md). Fitted rather than read raw, a stretch where quality holds flat is pooled,
+    (docs/history.md). Fitted rather than read raw, a stretch where quality holds flat is pooled,
     so the frontier is not decided by whichever of its checkpoints drew the luckiest samples."""
     mem = np.asarray(memorization, np.float64)
     weights = None if samples is None else np.asarray(samples, np.float64)

@@ -84,7 +84,7 @@ def test_checkpoints_after_the_best_quality_change_nothing_a_user_would_stop_at(
     baseline that starts copying): the frontier is that of the run stopped at its best checkpoint.
     The monotone quality fit this replaced pooled the last three checkpoints into a plateau at
     quality 5.67: the fitted run never got better than 5.67, though its second checkpoint measured
-    2, and a model that reached only 5 had no quality in common with it (docs/results.md)."""
+    2, and a model that reached only 5 had no quality in common with it (docs/history.md)."""
     stopped = F.Frontier(np.array([10.0, 2.0]), np.array([0.0, 0.3]))
     degrading = F.Frontier(np.array([10.0, 2.0, 6.0, 9.0]), np.array([0.0, 0.3, 0.5, 0.6]))
     levels = np.array([2.0, 3.0, 5.5, 6.0, 8.0, 9.0, 10.0, 11.0])
@@ -249,7 +249,7 @@ def test_a_baseline_whose_quality_degrades_as_it_copies_is_compared_at_its_best(
     its copying keeps rising; a mitigation trains the same until halfway, then holds its quality and
     copies a quarter as much. Compared where a user would stop either (4 seeds a side), it is
     better, by about 3/4 of the baseline's copying; neither is "not comparable", as every model was
-    against the real fine-tuned baseline under a monotone quality fit (docs/results.md)."""
+    against the real fine-tuned baseline under a monotone quality fit (docs/history.md)."""
     rng = np.random.default_rng(50)
     degrading = lambda t: 0.9 + 1.5 * abs(t - 0.5) * (3.0 if t > 0.5 else 1.0)
     held = lambda t: 0.9 + 1.5 * max(0.5 - t, 0.0)
