@@ -233,6 +233,15 @@ class DPConfig(_Group):
     delta: float = Field(1e-5, gt=0, lt=1)  # the (epsilon, delta) guarantee's delta; below 1/N to mean anything
 
 
+class AMGConfig(_Group):
+    """Anti-memorization guidance at sampling time (pipeline/guidance.py): the evaluate stage samples
+    with it when enabled, the trained models unchanged. Thresholds are normalized L2 distances."""
+    enabled: bool = False
+    scale: float = Field(2.0, ge=0)  # the noise estimate's shift per unit of normalized L2 past the threshold
+    threshold_start: float = Field(1.6, gt=0)  # at pure noise; the paper's parabolic schedule in a_t to...
+    threshold_end: float = Field(1.4, gt=0)  # ...the clean image (1.4: the paper's copy threshold)
+
+
 class EvalConfig(_Group):
     num_samples: int = Field(256, ge=2)
     ddim_steps: int = Field(50, ge=1)
@@ -298,6 +307,7 @@ class Params(_Group):
     pretrain: PretrainConfig = PretrainConfig()
     dedup: DedupConfig = DedupConfig()
     dp: DPConfig = DPConfig()
+    amg: AMGConfig = AMGConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
