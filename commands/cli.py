@@ -86,18 +86,27 @@ def _write_pngs(images, folder: Path) -> None:
 @click.option("--tracking-uri", default=None,
               help="MLflow store for models:/ and runs:/ URIs  [default: tracking.uri of ./params.yaml, "
                    "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root]")
-def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_uri):
+@click.option("--guidance", type=click.Choice(["none", "amg"]), default="none", show_default=True,
+              help="amg: anti-memorization guidance away from the --train images (settings: amg of "
+                   "./params.yaml when there is one, else the defaults)")
+@click.option("--train", "train_path", type=click.Path(exists=True, path_type=Path),
+              help="the model's training images for --guidance amg: a folder of images or an .npz")
+def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_uri, guidance, train_path):
     """Sample images from a registered or local model (DDIM, eta 0), seeded, to PNG files and/or a grid.
 
     \b
     iet-agc sample --model models:/iet-agc@candidate --num 16 --grid grid.png
     iet-agc sample --model runs/iet/model --num 64 --seed 1 --out samples/
+    iet-agc sample --model runs/baseline/model --guidance amg --train data/prepared/train.npz --grid amg.png
     """
     if out is None and grid is None:
         raise click.UsageError("nothing to write: give --out FOLDER and/or --grid FILE.png")
+    if (guidance == "amg") != (train_path is not None):
+        raise click.UsageError("--guidance amg and --train go together: the guidance needs the training images")
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import ConfigError
+    from pipeline.data import DataError
     from pipeline.io import local_path
     from pipeline.fetch import fetched
     from pipeline.store import StoreError
@@ -113,14 +122,30 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             unet, scheduler = load_pipeline(path)
         steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
         unet.to(device)
-        click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
+        if train_path is not None:
+            ddim_sample = _amg_sampler(train_path, unet.config.sample_size, unet.config.in_channels)
+        click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed}"
+                   f"{', AMG' if train_path else ''})", err=True)
         images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
-    except (StoreError, ConfigError, FileNotFoundError) as err:
+    except (StoreError, ConfigError, FileNotFoundError, DataError) as err:
         raise click.ClickException(str(err)) from None
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
 
     click.echo("wrote " + " and ".join(_write_samples(images, out, grid)))
+
+
+def _amg_sampler(train_path: Path, resolution: int, channels: int):
+    """guidance.sample with the --train images (de-duplicated) and ./params.yaml's amg settings."""
+    from functools import partial
+
+    from pipeline import guidance
+    from pipeline.config import AMGConfig, load_params
+
+    amg = load_params("params.yaml").amg if Path("params.yaml").is_file() else AMGConfig()
+    reference = guidance.training_reference(train_path, resolution, channels)
+    click.echo(f"guidance away from {len(reference)} unique training images in {train_path}", err=True)
+    return partial(guidance.sample, reference=reference, amg=amg)
 
 
 def _ddim_steps(steps: int | None, trained: int) -> int:

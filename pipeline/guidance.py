@@ -17,6 +17,8 @@ be its own second neighbour and shrink the mean the distance is normalized by.
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import Tensor
@@ -115,3 +117,35 @@ def normalized_l2_scores(images: Tensor, reference: Tensor) -> Tensor:
     reference in the same range, the reference de-duplicated), on the CPU, float64."""
     sq, _ = metrics.nearest_neighbors(images, reference, NL2_NEIGHBOURS)
     return _normalized_l2(sq.double().sqrt()).cpu()
+
+
+# metric keys (pipeline/metric_names.py lists them with their labels)
+NL2_COPY_SHARE = "nl2_copy_share"
+NL2_P5 = "nl2_p5"
+NL2_MIN = "nl2_min"
+
+
+def nl2_summary(nl2: Tensor, prefix: str = "") -> dict[str, float]:
+    """The paper's figure and its tail: the share of images below NL2_COPY, and the 5th percentile
+    and minimum of the normalized L2 (its similarity's 95th percentile and maximum: a distance's
+    tail toward copies is its low end), keys prefixed with `prefix`."""
+    values = nl2.double()
+    return {prefix + NL2_COPY_SHARE: float((values < NL2_COPY).double().mean()),
+            prefix + NL2_P5: float(values.quantile(0.05)),
+            prefix + NL2_MIN: float(values.min())}
+
+
+def training_reference(path: str | Path, resolution: int, channels: int) -> Tensor:
+    """The images to stay away from, for a user's own model: a folder of images or an .npz (as
+    data.source folder / npz read them, the prepared train.npz included) at the model's resolution
+    and channels, exact duplicates collapsed, in [-1, 1]."""
+    from pipeline.config import DataConfig
+    from pipeline.data import _converted, load_source  # the prepare stage's own reading and conversion
+    from pipeline.dedup import duplicate_groups
+
+    path = Path(path)
+    cfg = DataConfig(source="folder" if path.is_dir() else "npz", path=str(path), resolution=resolution,
+                     channels=channels)
+    images = _converted(load_source(cfg)[0], cfg)
+    unique = images[duplicate_groups(images).representatives]
+    return torch.from_numpy(unique).float().div_(127.5).sub_(1.0)

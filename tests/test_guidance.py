@@ -115,3 +115,40 @@ def test_a_planted_copy_plain_sampling_makes_and_guided_sampling_does_not():
     assert copies(guided) == 0
     # guided samples went to the other mode (the model's own output), not off into noise
     assert (guided - unseen[0]).flatten(1).norm(dim=1).max() < 0.5 * (train[0] - unseen[0]).norm()
+
+
+def test_a_model_evaluated_with_amg_is_named_as_its_own_variant():
+    from pipeline import mitigation
+
+    iet_agc_plus = {"iet.shards": "4", "agc.enabled": "True", "msr.enabled": "True", "taa.enabled": "True"}
+    guided = {**iet_agc_plus, "amg.enabled": "True", "amg.scale": str(AMGConfig().scale)}
+    assert mitigation.logged_variant(iet_agc_plus, "baseline") == "baseline"
+    assert mitigation.logged_variant(guided, "baseline") == "AMG [sampling]"
+    assert mitigation.logged_variant(guided, "iet") == "IET-AGC+ with AMG [sampling]"
+    assert mitigation.logged_variant({**guided, "amg.scale": "4"}, "baseline") == "AMG [sampling] (scale=4.0)"
+
+
+def test_the_sample_command_samples_with_amg_away_from_a_folder_of_images(tmp_path):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from commands.cli import main
+    from pipeline.models import save_pipeline
+
+    save_pipeline(build_unet(arch(), 8, 1, 0), build_scheduler(arch()), tmp_path / "model")
+    (tmp_path / "train").mkdir()
+    pixels = torch.randint(0, 256, (3, 12, 12), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
+    for i, image in enumerate([*pixels, pixels[0]]):  # a duplicate: counted once
+        Image.fromarray(image.numpy()).save(tmp_path / "train" / f"{i}.png")
+
+    def run(*args):
+        return CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "model"), "--steps", "3", "--num", "3",
+                                         "--out", str(tmp_path / "out"), *args])
+
+    result = run("--guidance", "amg", "--train", str(tmp_path / "train"))
+    assert result.exit_code == 0, result.output
+    assert "3 unique training images" in result.output and len(list((tmp_path / "out").glob("*.png"))) == 3
+    assert run("--guidance", "amg").exit_code == 2  # without its training images: a usage error
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    bad = run("--guidance", "amg", "--train", str(tmp_path / "bad.npz"))
+    assert bad.exit_code == 1 and "bad.npz" in bad.output and "Traceback" not in bad.output
