@@ -72,23 +72,32 @@ def guided_eps(unet: UNet2DModel, x: Tensor, t, alpha_bar: Tensor, reference: Te
                amg: AMGConfig) -> tuple[Tensor, Tensor]:
     """(the noise estimate to step with, which samples were guided [B] bool) at one step.
 
-    The UNet runs once, with autograd on, and a backward pass is taken only when some sample is
-    past the threshold; the others keep the UNet's own estimate, untouched (torch.where, not + 0)."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
+    Detection runs without autograd, as plain DDIM's forward pass (so an unguided sample's estimate
+    is the very same tensor); only the guided samples' UNet pass is run again, with autograd, for
+    the gradient: a step where nothing is near a training image costs one neighbour query more."""
+    with torch.no_grad():
         eps = unet(x, t).sample
-        x0_hat = (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
-        _, idx = metrics.nearest_neighbors(x0_hat.detach(), reference, NL2_NEIGHBOURS)
+        x0_hat = _x0_hat(x, eps, alpha_bar)
+        _, idx = metrics.nearest_neighbors(x0_hat, reference, NL2_NEIGHBOURS)
         nl2 = _normalized_l2(_distances(x0_hat, reference, idx))
-        excess = (threshold(amg, alpha_bar) - nl2).detach().clamp_(min=0)
-        active = excess > 0
-        if not bool(active.any()):
-            return eps.detach(), active
+        excess = (threshold(amg, alpha_bar) - nl2).clamp_(min=0)
+    active = excess > 0
+    if not bool(active.any()):
+        return eps, active
+    x_active = x[active].detach().requires_grad_(True)
+    with torch.enable_grad():
+        x0_active = _x0_hat(x_active, unet(x_active, t).sample, alpha_bar)
         # d(sim_i)/dx_t for every guided sample at once, sim = -nl2: the sum separates, as samples
         # meet only through it (GroupNorm and attention act within one image)
-        (grad,) = torch.autograd.grad(-nl2[active].sum(), x)
-    push = amg.scale * excess.view(-1, 1, 1, 1) * (1 - alpha_bar).sqrt() * _unit_rms(grad)
-    return torch.where(active.view(-1, 1, 1, 1), eps.detach() + push, eps.detach()), active
+        (grad,) = torch.autograd.grad(-_normalized_l2(_distances(x0_active, reference, idx[active])).sum(), x_active)
+    out = eps.clone()
+    out[active] += amg.scale * excess[active].view(-1, 1, 1, 1) * (1 - alpha_bar).sqrt() * _unit_rms(grad)
+    return out, active
+
+
+def _x0_hat(x: Tensor, eps: Tensor, alpha_bar: Tensor) -> Tensor:
+    """The clean image the noise estimate implies (DDPM's x0 parameterization)."""
+    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
 
 
 def _unit_rms(grad: Tensor) -> Tensor:
