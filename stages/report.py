@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline import figures
+from pipeline import figures, mitigation
 from pipeline import verdict
 from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
                                  read_comparison, read_rows, risk_table, skip_rates)
@@ -65,6 +65,8 @@ def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, sa
     p = load_params(params_path)
     # everything is read and computed before anything is written
     rows, curves = _rows(metrics_paths, info_paths, curve_paths)
+    for row in rows.values():  # evaluated with a sampling-time remedy (amg): a variant of its own
+        row["variant"] = mitigation.with_sampling(row.get("variant", "iet"), mitigation.sampling_settings(p))
     frontiers = {m: Curve.load(frontier_paths[m]) for m in MODELS}
     rows["iet"].update(_frontier_numbers(frontiers))
     train = ImageSet.load(train_path)

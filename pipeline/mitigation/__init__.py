@@ -151,6 +151,12 @@ def with_sampling(name: str, flat: Mapping[str, str]) -> str:
     return "+".join(labels) if name == "baseline" else f"{name} with {'+'.join(labels)}"
 
 
+def sampling_settings(params) -> dict[str, str]:
+    """The sampling-time remedies' settings of a Params object, spelled as MLflow logs them (for
+    with_sampling, where a stage names what it evaluated)."""
+    return {key: str(getattr(getattr(params, key.split(".")[0]), key.split(".")[1])) for key in sampling_keys()}
+
+
 def logged_variant(flat: Mapping[str, str], model: str) -> str:
     """The variant a pipeline run's `model` (baseline | iet) was trained and evaluated as, from its
     logged params. Runs from before `iet.shards` could be 1 always had K > 1."""
