@@ -152,3 +152,22 @@ def test_the_sample_command_samples_with_amg_away_from_a_folder_of_images(tmp_pa
     (tmp_path / "bad.npz").write_bytes(b"not an npz")
     bad = run("--guidance", "amg", "--train", str(tmp_path / "bad.npz"))
     assert bad.exit_code == 1 and "bad.npz" in bad.output and "Traceback" not in bad.output
+
+
+def test_the_evaluation_samples_with_amg_only_when_enabled_against_unique_training_images(tiny_model):
+    from pipeline import evaluation
+    from pipeline.config import parse_params
+    from pipeline.dedup import duplicate_groups
+    from tiny import tiny
+
+    unet, scheduler, images = tiny_model
+    images = ((images + 1) * 127.5).round() / 127.5 - 1  # on the uint8 grid, as prepared sets are
+    train = torch.cat([images, images[:3]])  # three images stored twice
+    groups = duplicate_groups(((train + 1) * 127.5).round().to(torch.uint8).numpy())
+    data = evaluation.EvalData(train, images[:4], images[4:], groups)
+    assert evaluation.sampler(parse_params(tiny()), data) is sampling.sample
+    always = parse_params(tiny(amg={"enabled": True, "threshold_start": 10.0, "threshold_end": 10.0}))
+    draw = evaluation.sampler(always, data)
+    assert len(draw.keywords["reference"]) == len(images)
+    assert not torch.equal(draw(unet, scheduler, 2, 10, 0, progress=False),
+                           sampling.sample(unet, scheduler, 2, 10, 0, progress=False))
