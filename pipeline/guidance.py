@@ -17,8 +17,6 @@ be its own second neighbour and shrink the mean the distance is normalized by.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from torch import Tensor
@@ -143,18 +141,3 @@ def nl2_summary(nl2: Tensor, prefix: str = "") -> dict[str, float]:
             prefix + NL2_P5: float(values.quantile(0.05)),
             prefix + NL2_MIN: float(values.min())}
 
-
-def training_reference(path: str | Path, resolution: int, channels: int) -> Tensor:
-    """The images to stay away from, for a user's own model: a folder of images or an .npz (as
-    data.source folder / npz read them, the prepared train.npz included) at the model's resolution
-    and channels, exact duplicates collapsed, in [-1, 1]."""
-    from pipeline.config import DataConfig
-    from pipeline.data import _converted, load_source  # the prepare stage's own reading and conversion
-    from pipeline.dedup import duplicate_groups
-
-    path = Path(path)
-    cfg = DataConfig(source="folder" if path.is_dir() else "npz", path=str(path), resolution=resolution,
-                     channels=channels)
-    images = _converted(load_source(cfg)[0], cfg)
-    unique = images[duplicate_groups(images).representatives]
-    return torch.from_numpy(unique).float().div_(127.5).sub_(1.0)
