@@ -123,7 +123,11 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
         steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
         unet.to(device)
         if train_path is not None:
-            ddim_sample = _amg_sampler(train_path, unet)
+            from commands.audit import amg_sampler, read_images
+
+            ddim_sample = amg_sampler(read_images(train_path, unet, "--train"))
+            click.echo(f"guidance away from {len(ddim_sample.keywords['reference'])} unique training images in "
+                       f"{train_path}", err=True)
         click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed}"
                    f"{', AMG' if train_path else ''})", err=True)
         images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
@@ -133,25 +137,6 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
 
     click.echo("wrote " + " and ".join(_write_samples(images, out, grid)))
-
-
-def _amg_sampler(train_path: Path, unet):
-    """guidance.sample away from the --train images (read as `iet-agc audit` reads them, exact
-    duplicates collapsed), with ./params.yaml's amg settings when there is one, else the defaults."""
-    from functools import partial
-
-    import torch
-
-    from commands.audit import read_images
-    from pipeline import guidance
-    from pipeline.config import AMGConfig, load_params
-    from pipeline.dedup import duplicate_groups
-
-    amg = load_params("params.yaml").amg if Path("params.yaml").is_file() else AMGConfig()
-    train = read_images(train_path, unet, "--train").images
-    reference = train.to_tensor()[torch.from_numpy(duplicate_groups(train.images).representatives)]
-    click.echo(f"guidance away from {len(reference)} unique training images in {train_path}", err=True)
-    return partial(guidance.sample, reference=reference, amg=amg)
 
 
 def _ddim_steps(steps: int | None, trained: int) -> int:
