@@ -76,7 +76,7 @@ def _write_pngs(images, folder: Path) -> None:
 @click.option("--model", "model_uri", required=True,
               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model directory")
 @click.option("--num", "-n", default=16, show_default=True, type=click.IntRange(min=1), help="images to sample")
-@click.option("--seed", default=0, show_default=True, type=int, help="same seed, same images")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="same seed, same images")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="DDIM steps  [default: 50, or the model's training timesteps if fewer]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="folder for one PNG per image")
@@ -95,6 +95,9 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
     """
     if out is None and grid is None:
         raise click.UsageError("nothing to write: give --out FOLDER and/or --grid FILE.png")
+    for path, option in ((out, "--out"), (grid, "--grid")):
+        if path is not None:
+            _check_destination(path, option)
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import ConfigError
@@ -111,6 +114,9 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             from pipeline.sampling import sample as ddim_sample
 
             unet, scheduler = load_pipeline(path)
+            from pipeline.preflight import check_saved_model
+
+            check_saved_model(unet.config, scheduler.config, min(batch_size, num), label)
         steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
         unet.to(device)
         click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
@@ -213,6 +219,48 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
         click.echo(f"wrote {path}")
 
 
+def _merged_preset(preset: Path, base: Path) -> tuple[dict, dict]:
+    """The preset's values as 'group.key' -> value, and `base`'s mapping with them set; a file
+    that is not a parameter mapping, or a value where the preset sets a group's key, in one line."""
+    from pipeline.config import ConfigError, flatten, read_yaml
+
+    try:
+        overrides, merged = flatten(read_yaml(preset) or {}), read_yaml(base) or {}
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    for key, value in overrides.items():  # nested groups too: data.duplicates.images
+        *groups, name = key.split(".")
+        node = merged
+        for depth, group in enumerate(groups):
+            node = node.setdefault(group, {})
+            if not isinstance(node, dict):
+                raise click.ClickException(f"{preset}: {key}: {base} holds a value, not a group, at "
+                                           f"{'.'.join(groups[:depth + 1])}")
+        node[name] = value
+    return overrides, merged
+
+
+def _check_destination(path: Path, option: str) -> None:
+    """Before the work: the folder `path` goes into is one (or can be made under one), writable,
+    and `path` is not a folder; else a usage error naming the option. Sampling ran to its end and
+    then lost its images to a `FileExistsError` where a file stood in the way."""
+    import os
+
+    if path.is_dir() and option != "--out":
+        raise click.BadParameter(f"{path} is a folder", param_hint=option)
+    if option == "--out" and path.exists() and not path.is_dir():
+        raise click.BadParameter(f"{path} is a file, not a folder", param_hint=option)
+    folder = path.parent if option != "--out" or not path.exists() else path
+    while not folder.exists():
+        if option == "--write":  # the parameter file's folder must be there: a typo would leave it elsewhere
+            raise click.BadParameter(f"folder {folder} does not exist", param_hint=option)
+        folder = folder.parent
+    if not folder.is_dir():
+        raise click.BadParameter(f"{folder} is a file, not a folder, so {path} cannot be written", param_hint=option)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {folder} is not writable", param_hint=option)
+
+
 def _cli_value(value) -> str:
     """A value as DVC's -S reads it (YAML), without spaces so that xargs keeps it one argument."""
     import json
@@ -240,23 +288,26 @@ def preset(preset, base, write_to):
 
     import yaml
 
-    from pipeline.config import ConfigError, flatten, load_params
+    from pipeline.config import ConfigError, load_params
 
-    overrides = flatten(yaml.safe_load(preset.read_text()) or {})
-    merged = yaml.safe_load(Path(base).read_text())
-    for key, value in overrides.items():  # nested groups too: data.duplicates.images
-        *groups, name = key.split(".")
-        node = merged
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[name] = value
+    if write_to is not None:
+        _check_destination(write_to, "--write")
+    overrides, merged = _merged_preset(preset, Path(base))
     with tempfile.TemporaryDirectory() as tmp:
-        target = write_to or Path(tmp) / "params.yaml"
-        target.write_text(yaml.safe_dump(merged, sort_keys=False))
+        staged = Path(tmp) / "params.yaml"  # the target only once valid: a refused preset leaves it as it was
+        staged.write_text(yaml.safe_dump(merged, sort_keys=False))
         try:
-            load_params(target)
+            load_params(staged)
         except ConfigError as err:
-            raise click.ClickException(str(err).replace(str(target), f"{base} + {preset}")) from None
+            raise click.ClickException(str(err).replace(str(staged), f"{base} + {preset}")) from None
+        if write_to is not None:
+            from pipeline.io import publish
+
+            try:
+                publish(staged, write_to)
+            except OSError as err:
+                raise click.ClickException(f"{write_to}: cannot be written ({err.strerror})") from None
+            click.echo(f"wrote {write_to} ({base} with {preset}'s values; YAML comments are not kept)", err=True)
     if write_to is None:
         for key, value in overrides.items():
             click.echo(f"-S\n{key}={_cli_value(value)}")

@@ -93,7 +93,7 @@ def test_the_registry_name_follows_mlflows_own_rule():
 
 @pytest.mark.parametrize("groups, message", [
     ({"iet": {"checkpoints_per_round": 100_000_000}},
-     "iet.checkpoints_per_round (100000000) must not exceed a proxy's optimizer steps a round (36"),
+     "iet.checkpoints_per_round (100000000) must not exceed the optimizer steps of a round (144"),
     ({"pretrain": {"rounds": 5, "steps": 2}}, "pretrain.rounds (5) must not exceed pretrain.steps (2)"),
 ])
 def test_counts_are_bounded_by_what_they_count(groups, message):
@@ -103,7 +103,7 @@ def test_counts_are_bounded_by_what_they_count(groups, message):
 
 def test_a_checkpoint_at_every_step_is_still_accepted():
     p = parse_params({})
-    assert parse_params({"iet": {"checkpoints_per_round": p.iet_steps_per_round()}})
+    assert parse_params({"iet": {"checkpoints_per_round": p.iet.shards * p.iet_steps_per_round()}})
 
 
 @pytest.mark.parametrize("launcher", ["pyton", "no-such-accelerate launch", "'"])
@@ -141,3 +141,10 @@ def _built_parameters() -> int:
 
     p = parse_params({})
     return sum(t.numel() for t in build_unet(p.model, p.data.resolution, p.data.channels, seed=0).parameters())
+
+
+def test_checkpoints_that_fit_the_steps_but_not_the_memory_are_refused_naming_the_key():
+    p = parse_params({"model": {"block_out_channels": [64, 128, 128]}, "data": {"train_size": 5000 - 256},
+                      "iet": {"checkpoints_per_round": 1800}})
+    with pytest.raises(ConfigError, match=re.escape("iet.checkpoints_per_round: the run needs at least ")):
+        preflight.check_memory(p, total=16 * 2**30)
