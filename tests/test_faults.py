@@ -107,3 +107,13 @@ def test_a_staged_folder_left_by_a_killed_attempt_is_removed_by_the_next(tmp_pat
     with staged_folder(tmp_path / "out") as staged:
         (staged / "f").write_text("1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (tmp_path / "out/f").read_text() == "1"
+
+
+def test_an_error_without_a_message_is_never_an_empty_line():
+    @click.command()
+    @stage
+    def runs_out():
+        raise MemoryError()  # what a failed allocation in Python raises: no text
+
+    result = CliRunner().invoke(runs_out, [])
+    assert result.exit_code == 1 and result.output.strip() == "Error: out of memory (MemoryError)"
