@@ -97,7 +97,7 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
         raise click.UsageError("nothing to write: give --out FOLDER and/or --grid FILE.png")
     for path, option in ((out, "--out"), (grid, "--grid")):
         if path is not None:
-            _check_destination(path, option)
+            _check_destination(path, option, folder=option == "--out")
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import ConfigError
@@ -167,6 +167,7 @@ def tradeoff(out, experiment, tracking_uri):
 
     from commands.tradeoff import main as plot_tradeoff, markdown_table
 
+    _check_destination(out, "--out")
     experiment = experiment or _tracking_config().experiment
     try:
         points = plot_tradeoff(_existing_store(tracking_uri), experiment, out)
@@ -206,6 +207,8 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
 
     from commands import ablation as ab
 
+    if figure is not None:
+        _check_destination(figure, "--figure")
     experiment = experiment or _tracking_config().experiment
     try:
         records = ab.collect(MlflowClient(tracking_uri=_existing_store(tracking_uri)), experiment)
@@ -240,25 +243,24 @@ def _merged_preset(preset: Path, base: Path) -> tuple[dict, dict]:
     return overrides, merged
 
 
-def _check_destination(path: Path, option: str) -> None:
-    """Before the work: the folder `path` goes into is one (or can be made under one), writable,
-    and `path` is not a folder; else a usage error naming the option. Sampling ran to its end and
-    then lost its images to a `FileExistsError` where a file stood in the way."""
+def _check_destination(path: Path, option: str, folder: bool = False, parents: bool = True) -> None:
+    """Before the work: `path` (a file, or with `folder` a folder) can be written: not the other
+    kind where it stands, and the nearest existing folder above it (or, without `parents`, its own
+    folder) is a writable folder; else a usage error naming the option. Sampling ran to its end
+    and then lost its images to a `FileExistsError` where a file stood in the way."""
     import os
 
-    if path.is_dir() and option != "--out":
-        raise click.BadParameter(f"{path} is a folder", param_hint=option)
-    if option == "--out" and path.exists() and not path.is_dir():
-        raise click.BadParameter(f"{path} is a file, not a folder", param_hint=option)
-    folder = path.parent if option != "--out" or not path.exists() else path
-    while not folder.exists():
-        if option == "--write":  # the parameter file's folder must be there: a typo would leave it elsewhere
-            raise click.BadParameter(f"folder {folder} does not exist", param_hint=option)
-        folder = folder.parent
-    if not folder.is_dir():
-        raise click.BadParameter(f"{folder} is a file, not a folder, so {path} cannot be written", param_hint=option)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"folder {folder} is not writable", param_hint=option)
+    if path.exists() and path.is_dir() != folder:
+        raise click.BadParameter(f"{path} is a {'file' if folder else 'folder'}", param_hint=option)
+    above = path if folder and path.exists() else path.parent
+    while not above.exists():
+        if not parents:  # a parameter file's folder must be there: a typo would put it elsewhere
+            raise click.BadParameter(f"folder {above} does not exist", param_hint=option)
+        above = above.parent
+    if not above.is_dir():
+        raise click.BadParameter(f"{above} is a file, not a folder, so {path} cannot be written", param_hint=option)
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {above} is not writable", param_hint=option)
 
 
 def _cli_value(value) -> str:
@@ -291,7 +293,7 @@ def preset(preset, base, write_to):
     from pipeline.config import ConfigError, load_params
 
     if write_to is not None:
-        _check_destination(write_to, "--write")
+        _check_destination(write_to, "--write", parents=False)
     overrides, merged = _merged_preset(preset, Path(base))
     with tempfile.TemporaryDirectory() as tmp:
         staged = Path(tmp) / "params.yaml"  # the target only once valid: a refused preset leaves it as it was

@@ -108,3 +108,12 @@ def test_a_model_config_with_absurd_values_is_refused_before_allocating(tmp_path
     (bad / file).write_text(json.dumps(config))
     result = _sample(bad, "--grid", str(tmp_path / "g.png"))
     assert message in _one_line_error(result) and f"{bad}/{file}" in result.output
+
+
+@pytest.mark.parametrize("command", [["tradeoff", "--out", "{tmp}/afile/t.png"],
+                                     ["ablation", "--figure", "{tmp}/afile/f.png"]])
+def test_the_reading_commands_check_their_destination_before_reading_mlflow(tmp_path, command):
+    (tmp_path / "afile").write_text("x")
+    args = [a.format(tmp=tmp_path) for a in command] + ["--tracking-uri", f"sqlite:///{tmp_path}/absent.db"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "is a file, not a folder" in result.output, result.output
