@@ -383,16 +383,18 @@ class Params(_Group):
         return max(1, math.ceil(self.iet.local_epochs * shard / self.train.batch_size))
 
     def _counts_fit(self) -> None:
-        """A count of things no larger than what it counts: checkpoints a round beyond the steps of
-        a round are copies of the same weights, each held in memory until the round ends (a proxy
-        with fewer steps than checkpoints is allowed: MSR can shrink a shard; the baseline's round,
-        K times a proxy's steps, is the most any model takes), and pretrain rounds beyond its steps
-        would each take a whole step, training more steps than asked."""
-        steps = self.iet.shards * self.iet_steps_per_round()
+        """A count of things no larger than what it counts. Checkpoints: a proxy with fewer steps a
+        round than checkpoints is allowed (the round's start weights stand in; MSR can shrink a
+        shard, and tiny runs take one step a round), but beyond the run's optimizer steps every
+        further checkpoint is a copy, each held in memory until its round ends (100000000 of them
+        grew until memory ran out). Pretrain rounds beyond its steps would each take a whole step,
+        training more steps than asked."""
+        steps = self.iet.rounds * self.iet.shards * self.iet_steps_per_round()
         if self.iet.checkpoints_per_round > steps:
             raise ValueError(f"iet.checkpoints_per_round ({self.iet.checkpoints_per_round}) must not exceed the "
-                             f"optimizer steps of a round ({steps}: the baseline's, iet.shards times a proxy's "
-                             "iet.local_epochs over its shard in batches of train.batch_size)")
+                             f"optimizer steps of the whole run ({steps}: iet.rounds times the baseline's steps a "
+                             "round, iet.shards times a proxy's iet.local_epochs over its shard in batches of "
+                             "train.batch_size)")
         if self.pretrain.rounds > self.pretrain.steps:
             raise ValueError(f"pretrain.rounds ({self.pretrain.rounds}) must not exceed pretrain.steps "
                              f"({self.pretrain.steps}): each round takes at least one step")

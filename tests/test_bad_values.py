@@ -93,7 +93,7 @@ def test_the_registry_name_follows_mlflows_own_rule():
 
 @pytest.mark.parametrize("groups, message", [
     ({"iet": {"checkpoints_per_round": 100_000_000}},
-     "iet.checkpoints_per_round (100000000) must not exceed the optimizer steps of a round (144"),
+     "iet.checkpoints_per_round (100000000) must not exceed the optimizer steps of the whole run (576"),
     ({"pretrain": {"rounds": 5, "steps": 2}}, "pretrain.rounds (5) must not exceed pretrain.steps (2)"),
 ])
 def test_counts_are_bounded_by_what_they_count(groups, message):
@@ -101,9 +101,15 @@ def test_counts_are_bounded_by_what_they_count(groups, message):
         parse_params(groups)
 
 
-def test_a_checkpoint_at_every_step_is_still_accepted():
+def test_more_checkpoints_than_a_proxys_steps_are_still_accepted_up_to_the_runs_steps():
     p = parse_params({})
-    assert parse_params({"iet": {"checkpoints_per_round": p.iet.shards * p.iet_steps_per_round()}})
+    most = p.iet.rounds * p.iet.shards * p.iet_steps_per_round()
+    assert parse_params({"iet": {"checkpoints_per_round": most}})
+    with pytest.raises(ConfigError, match="iet.checkpoints_per_round"):
+        parse_params({"iet": {"checkpoints_per_round": most + 1}})
+    # one step a round, two checkpoints: a tiny run the tests train
+    assert parse_params({"data": {"train_size": 2, "heldout_size": 2, "duplicates": {"images": 0}},
+                         "iet": {"shards": 1}}).iet_steps_per_round() == 1
 
 
 @pytest.mark.parametrize("launcher", ["pyton", "no-such-accelerate launch", "'"])
