@@ -2,7 +2,7 @@
 
 - training images/s: a plain diffusers-style loop vs IET-AGC+ (the whole round loop: AGC, TAA, MSR,
   profile, averaging, checkpoints) vs IET-AGC+ with stacked proxies (when this checkout has
-  train.stack_proxies), for the default small model (K=4) and the official P1 CIFAR-10 model
+  train.stack_proxies), for the default small model (K=4) and the IET-AGC paper's official CIFAR-10 model
   (presets/p1-cifar10.yaml, K=10, bf16 autocast);
 - DDIM sampling images/s: pipeline.sampling.sample vs diffusers' DDIMPipeline on the same UNet;
 - the NN search (pipeline.metrics.nearest_neighbors) against the device's matrix-multiply throughput.

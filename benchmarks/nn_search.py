@@ -3,7 +3,7 @@ float32 matrix-multiply throughput, both measured in this process.
 
 The search is a chunked |r|^2 - 2 q r^T with a running top-k; its useful work is the 2*M*N*D
 flops of the product, so the ratio of the two rates says how much the chunking, top-k and merging
-cost on top of the unavoidable matmul (goal: >= 0.7, issue 22).  With several threads, run it on
+cost on top of the unavoidable matmul (goal: >= 0.7).  With several threads, run it on
 an otherwise idle machine: the search's many small tensor ops wait on a thread that another
 process has taken far more than the one large matmul does.
 
@@ -38,7 +38,7 @@ def main():
     ap.add_argument("--train", type=int, default=50000, help="reference set size N")
     ap.add_argument("--queries", type=int, default=2000, help="query count M")
     ap.add_argument("--dim", type=int, default=256, help="values per image D (16x16x1 = 256)")
-    ap.add_argument("--k", type=int, default=50, help="neighbours (50: the official P1 score)")
+    ap.add_argument("--k", type=int, default=50, help="neighbours (50: the IET-AGC paper's official score)")
     ap.add_argument("--chunk", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

@@ -10,11 +10,14 @@ columns.
 
 A variant may be trained without its own baseline (`dvc exp run ... evaluate@iet`, as the
 single-model variants are: their `iet.shards=1` would otherwise re-train the baseline). Its
-memorization-quality frontier is compared here with the baseline's of the same setting, over all
-seeds of both (each evaluation's curve.npz artifact; pipeline/frontier.py): memorization at matched
-quality and the area between the frontiers, with 95% bootstrap intervals and a verdict. Each
-variant's other means are marked where they differ from the baseline's by more than the seed
-spread explains (SIGNIFICANCE).
+memorization at matched quality is compared here with the baseline's of the same setting, seed by
+seed (each evaluation's curve.npz artifact; pipeline/verdict.py): the difference of the per-seed
+means with its Welch interval, an exact permutation p over seed labels and a verdict in words. One
+comparison per setting (a regime) is primary, named before any run: IET-AGC+ as published against
+the baseline; the primaries' p are Holm-adjusted over the settings, every other comparison's are
+Benjamini-Hochberg q over all of them, and those are labelled exploratory. Each variant's other
+means are marked where they differ from the baseline's by more than the seed spread explains
+(SIGNIFICANCE).
 """
 from __future__ import annotations
 
@@ -30,8 +33,8 @@ from mlflow import MlflowClient
 from commands.mlflow_results import ModelResult, frontier_curve, read_results, training_metrics
 from pipeline import mitigation
 from pipeline import figures
-from pipeline.comparison import frontier_lines, frontier_numbers, frontier_verdict
-from pipeline.frontier import BETTER, WORSE
+from pipeline import verdict
+from pipeline.comparison import frontier_lines, frontier_numbers, frontier_verdict, read_comparison
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 
@@ -49,6 +52,9 @@ TRAINING_METRICS = ("train_seconds", EPSILON)
 # against 0 for the matched-quality metrics, already differences from the baseline) at this level
 SIGNIFICANCE = 0.05
 MARK = "*"
+# The one confirmatory comparison per setting, named before the runs: the method as published
+PRIMARY_VARIANT = "IET-AGC+"
+PRIMARY, EXPLORATORY = "primary", "exploratory"
 
 
 def _setting(params: dict[str, str]) -> tuple:
@@ -106,41 +112,54 @@ def group(records: list[dict]) -> list[dict]:
     return rows
 
 
-def compare_frontiers(rows: list[dict]) -> None:
-    """Each variant's frontier, over its seeds, against the baseline's of its setting over the
-    baseline's seeds (comparison.frontier_numbers: a bootstrap over samples and seeds), where every
-    seed of both has a curve; into row["frontier"]."""
+def compare_frontiers(rows: list[dict], margin: float = verdict.EQUIVALENCE_MARGIN) -> None:
+    """Each variant's runs against the baseline's of its setting, seed by seed
+    (comparison.frontier_numbers), where every seed of both has a curve; into row["frontier"], with
+    the comparison's role and its multiplicity-adjusted p (`adjust`)."""
     baselines = {repr(r["setting"]): r for r in rows if r["variant"] == "baseline"}
     for row in rows:
         base = baselines.get(repr(row["setting"]))
         curves = [row["curves"], base["curves"] if base else []]
         if row["variant"] == "baseline" or not all(curves) or None in curves[0] + curves[1]:
             continue
-        row["frontier"] = frontier_numbers({row["variant"]: curves[0]}, curves[1])[row["variant"]]
+        row["frontier"] = frontier_numbers({row["variant"]: curves[0]}, curves[1], margin)[row["variant"]]
+    adjust(rows)
 
 
-def null_check(rows: list[dict], size: int | None = None) -> list[dict]:
-    """The protocol on a null: each group of `size` baseline seeds compared, as a model, with each
-    disjoint group of as many other seeds of the same setting as the baseline (frontier_numbers).
-    Every pair should come out indistinguishable; one that says better or worse is a false verdict.
-    `size` defaults to half the seeds with curves (1 with 2 or 3 seeds), so that the null resamples
-    as many seeds a side as a variant compared with the baseline does."""
+def adjust(rows: list[dict]) -> None:
+    """The family's p-values: Holm over the settings' primary comparisons (PRIMARY_VARIANT against
+    the baseline, memorization at matched KID), Benjamini-Hochberg over every other one; into
+    row["role"] and row["frontier"]["mem_matched_p_adjusted"]. NaN p (not comparable) stays out."""
+    compared = [r for r in rows if r["frontier"] and math.isfinite(r["frontier"].get("mem_matched_p", math.nan))]
+    for role, method in ((PRIMARY, verdict.holm), (EXPLORATORY, verdict.benjamini_hochberg)):
+        family = [r for r in compared if (r["variant"] == PRIMARY_VARIANT) == (role == PRIMARY)]
+        for r, p in zip(family, method([r["frontier"]["mem_matched_p"] for r in family])):
+            r["role"], r["frontier"]["mem_matched_p_adjusted"] = role, p
+
+
+def null_check(rows: list[dict], size: int | None = None, margin: float = verdict.EQUIVALENCE_MARGIN) -> list[dict]:
+    """The protocol on a null of known truth: the baseline's seeds split in two, every split the
+    seeds allow (`size` seeds as the "model", default half, the others as the baseline; each
+    partition once), each compared as a variant is (frontier_numbers). A split called better or
+    worse is a false verdict."""
     out = []
     for row in rows:
         curves = dict(zip(row["curve_seeds"], row["curves"])) if row["variant"] == "baseline" else {}
         seeds = [s for s, c in curves.items() if c is not None]
-        for model, baseline in _seed_groups(seeds, size or max(1, len(seeds) // 2)):
-            numbers = frontier_numbers({"null": [curves[s] for s in model]}, [curves[s] for s in baseline])["null"]
+        for model, baseline in _splits(seeds, size or len(seeds) // 2):
+            numbers = frontier_numbers({"null": [curves[s] for s in model]}, [curves[s] for s in baseline], margin)["null"]
             out.append({"setting": row["setting"], "model": ",".join(model), "baseline": ",".join(baseline),
-                        **numbers, "verdict": frontier_verdict(numbers),
-                        "verdict_fd": frontier_verdict(numbers, "mem_matched_fd")})
+                        **numbers, "verdict": frontier_verdict(numbers), "verdict_fd": frontier_verdict(numbers, "_fd")})
     return out
 
 
-def _seed_groups(seeds: list[str], size: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
-    """Ordered pairs of disjoint groups of `size` seeds each (permutations of the seeds for size 1)."""
-    return [(model, baseline) for model in itertools.combinations(seeds, size)
-            for baseline in itertools.combinations([s for s in seeds if s not in model], size)]
+def _splits(seeds: list[str], size: int) -> list[tuple[tuple[str, ...], tuple[str, ...]]]:
+    """Every split of the seeds into `size` and the rest, each partition once (with equal halves,
+    only the half holding the first seed plays the model: the mirror split gives the mirror result)."""
+    if size < 1 or len(seeds) - size < 1:
+        return []
+    return [(model, tuple(s for s in seeds if s not in model)) for model in itertools.combinations(seeds, size)
+            if 2 * size != len(seeds) or seeds[0] in model]
 
 
 def save_frontier_figures(rows: list[dict], path: Path) -> list[Path]:
@@ -163,18 +182,23 @@ def save_frontier_figures(rows: list[dict], path: Path) -> list[Path]:
 
 
 def null_markdown(pairs: list[dict]) -> str:
-    """null_check's pairs, and how often each measure gave a false verdict."""
+    """null_check's splits, and how often each measure gave a false verdict, with the rate's
+    Clopper-Pearson 95% interval (the splits share seeds, so they are not independent trials: the
+    interval is a guide, not a test)."""
     if not pairs:
         return ""
     spec = BY_KEY["mem_matched"]
-    lines = ["", "The null: baseline seeds against other seeds of the baseline (should be indistinguishable)", "",
-             "| seeds | against seeds | memorization at matched KID [95%] | verdict | under FD |", "|---|---|---|---|---|"]
+    lines = ["", "The null: the baseline's seeds split in two, each half compared as a variant (should be no "
+             "better/worse)", "",
+             "| seeds | against seeds | memorization at matched KID [95%] | p | verdict | under FD |", "|---|---|---|---|---|---|"]
     for q in pairs:
         lines.append(f"| {q['model']} | {q['baseline']} | {spec.format(q['mem_matched'])} [{spec.format(q['mem_matched_low'])}, "
-                     f"{spec.format(q['mem_matched_high'])}] | {q['verdict']} | {q['verdict_fd']} |")
-    false = {key: sum(q[key] in (BETTER, WORSE) for q in pairs) for key in ("verdict", "verdict_fd")}
-    lines += ["", f"false verdicts: {false['verdict']} of {len(pairs)} ordered pairs under KID, "
-              f"{false['verdict_fd']} under FD"]
+                     f"{spec.format(q['mem_matched_high'])}] | {q['mem_matched_p']:.3f} | {q['verdict']} | {q['verdict_fd']} |")
+    for key, label in (("verdict", "KID"), ("verdict_fd", "FD-infinity")):
+        false = sum(q[key] in (verdict.BETTER, verdict.WORSE, verdict.BELOW_FLOOR_BOUND) for q in pairs)
+        low, high = scipy.stats.binomtest(false, len(pairs)).proportion_ci(0.95)
+        lines.append(f"{'' if key == 'verdict_fd' else chr(10)}false verdicts under {label}: {false} of {len(pairs)} "
+                     f"splits ({false / len(pairs):.0%}, 95% interval {low:.0%}-{high:.0%})")
     return "\n".join(lines)
 
 
@@ -199,14 +223,8 @@ def differs(values: list[float], reference: list[float] | None) -> bool:
 
 
 def _cell(row: dict, metric, baseline: dict | None) -> str:
-    if metric.vs_baseline:  # a frontier comparison with the baseline: estimate [95% interval] verdict
-        f = row["frontier"]
-        if row["variant"] == "baseline" or metric.key not in f:
-            return "-"  # the reference itself, or no curve to compare
-        if not math.isfinite(f[metric.key]):
-            return frontier_verdict(f, metric.key)  # no common quality at which either copies: no number
-        return (f"{metric.format(f[metric.key])} [{metric.format(f[metric.key + '_low'])}, "
-                f"{metric.format(f[metric.key + '_high'])}] {frontier_verdict(f, metric.key)}")
+    if metric.vs_baseline:  # a comparison with the baseline: estimate [95% interval] verdict
+        return _comparison_cell(row, metric)
     if metric.key not in row["stats"]:
         return "-"
     mean, sd, n, vals = row["stats"][metric.key]
@@ -214,6 +232,31 @@ def _cell(row: dict, metric, baseline: dict | None) -> str:
     if row["variant"] != "baseline" and baseline is not None and metric.key in baseline["stats"] \
             and differs(vals, baseline["stats"][metric.key][3]):
         return text + MARK
+    return text
+
+
+def _comparison_cell(row: dict, metric) -> str:
+    """estimate [Welch 95%] verdict (p, adjusted p), the primary marked; a side at the floor shows
+    its bound; one seed a side shows no interval."""
+    f = row["frontier"]
+    if row["variant"] == "baseline" or metric.key not in f:
+        return "-"  # the reference itself, or no curve to compare
+    suffix = {"mem_matched": "", "mem_matched_fd": "_fd"}.get(metric.key)
+    if suffix is None:
+        return metric.format(f[metric.key])
+    c = read_comparison(f, suffix)
+    adjusted = f.get("mem_matched_p_adjusted") if not suffix else None
+    words = verdict.word(c, adjusted)
+    if c.reason is not None:
+        return words
+    text = f"{metric.format(c.estimate)} [{metric.format(c.low)}, {metric.format(c.high)}] {words}"
+    if math.isfinite(c.model_bound):
+        text += f", model <= {c.model_bound:.3f}"
+    if math.isfinite(c.p):
+        text += f" (p {c.p:.3f}" + ("" if adjusted is None else
+                                    f", {'Holm' if row.get('role') == PRIMARY else 'BH q'} {adjusted:.3f}") + ")"
+    if not suffix:
+        text += f" {row.get('role', EXPLORATORY)}" + ("" if c.confirmatory else ", too few seeds")
     return text
 
 
@@ -231,7 +274,10 @@ def markdown(rows: list[dict]) -> str:
         cells += [_cell(r, m, baselines.get(repr(r["setting"]))) for m in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", f"mean ± sd over seeds; {MARK}: differs from the baseline of its setting beyond the seed spread "
-              f"(Welch's t-test over seeds, p < {SIGNIFICANCE:g}). Columns against the baseline: the frontier "
-              "comparison over all seeds of both, estimate [95% bootstrap interval] and its verdict "
-              "(pipeline/frontier.py)"]
+              f"(Welch's t-test over seeds, p < {SIGNIFICANCE:g}). Columns against the baseline: memorization "
+              "at matched quality, model - baseline, from per-seed scores: estimate [Welch 95% interval] verdict "
+              f"(exact permutation p over seeds; Holm over the settings for the primary comparison, {PRIMARY_VARIANT} "
+              "against the baseline; Benjamini-Hochberg q for the exploratory others). 'too few seeds': fewer than "
+              f"{verdict.seeds_for_power(verdict.POWER_EFFECT_SD)} a side (80% power at {verdict.POWER_EFFECT_SD:g} "
+              "seed-sd) or a least reachable p above 0.05 (pipeline/verdict.py)"]
     return "\n".join(lines)

@@ -185,7 +185,7 @@ def tradeoff(out, experiment, tracking_uri):
 @click.option("--figure", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also draw every variant's frontier and band here (one file per setting)")
 @click.option("--null-seeds", type=click.IntRange(min=1), default=None,
-              help="baseline seeds a side in the null  [default: half the baseline's seeds]")
+              help="baseline seeds playing the model in the null, the rest the baseline  [default: half]")
 def ablation(experiment, tracking_uri, figure, null_seeds):
     """Every variant's metrics as mean ± sd over seeds (seeds.train), from the runs in MLflow; *
     where a variant differs from the baseline beyond the seed spread (Welch's t-test, p < 0.05).
@@ -197,10 +197,11 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
     iet-agc ablation
 
     A variant queued with the target evaluate@iet (single-model ones: -S iet.shards=1) does not
-    re-train the baseline; its frontier is compared with the baseline's of the same setting, over
-    the seeds of both (95% bootstrap intervals, a verdict). With two or more baseline seeds, the
-    null follows: baseline seeds against disjoint other seeds (half of them a side, or
-    --null-seeds), which should be indistinguishable.
+    re-train the baseline; its memorization at matched quality is compared with the baseline's of
+    the same setting seed by seed (Welch interval, exact permutation p, a verdict; IET-AGC+ is the
+    primary comparison, Holm-adjusted over settings, the others Benjamini-Hochberg q). With two or
+    more baseline seeds, the null follows: the baseline's seeds split in two every way (half a side,
+    or --null-seeds against the rest), where better/worse is a false verdict.
     """
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -313,6 +314,11 @@ def preset(preset, base, write_to):
     if write_to is None:
         for key, value in overrides.items():
             click.echo(f"-S\n{key}={_cli_value(value)}")
+
+
+from commands.audit import audit  # noqa: E402  (it imports its heavy libraries inside, as these commands)
+
+main.add_command(audit)
 
 
 if __name__ == "__main__":

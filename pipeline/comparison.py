@@ -9,33 +9,53 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import frontier
+from pipeline import frontier, verdict
 from pipeline.dedup import DuplicateGroups
 from pipeline.matched import matched_quality
 from pipeline.risk import risk_summary
 
 RISK_FIELDS = ["sample_id", "size", "baseline_copies", "baseline_loss", "iet_skip_rate"]
 MATCHING_COLUMNS = ("round", "fd", "mem_ratio", "mean_nn1")  # what at_matched_quality reads of a curve
-RESAMPLES = 200  # bootstrap replicates of the frontier comparison
-# the quality measures the frontier comparison reads: the headline (KID, unbiased at any sample
-# count) and the check (FD): a verdict that holds on one only is not a verdict
-FRONTIER_MEASURES = {"": frontier.KID, "_fd": frontier.FD}
+RESAMPLES = 200  # bootstrap replicates of the frontier figures' bands
+# FD extrapolated to infinitely many samples (Chong & Forsyth 2020) from subsets of these shares of a
+# checkpoint's samples; only where the smallest subset has more samples than features (a covariance
+# of full rank), else FD's check is left out: FD at a fixed small count is biased by an amount that
+# depends on the model, which KID (the headline) is not.
+FD_FRACTIONS = (0.5, 0.625, 0.75, 0.875, 1.0)
 
 
-def frontier_numbers(models: dict[str, list[frontier.Curve]], baseline: list[frontier.Curve]) -> dict[str, dict]:
-    """Each model's memorization-quality frontier against the baseline's (pipeline/frontier.py),
-    its runs (seeds) and theirs: memorization at matched quality and the mean difference over the
-    common quality range (model - baseline), each with its 95% bootstrap interval, under KID and
-    again under FD (keys suffixed _fd); NaN where not comparable. The floor is the baseline's
-    held-out memorization ratio (what real images never trained on get)."""
+def _fd_infinity(reference: np.ndarray, samples: int):
+    if FD_FRACTIONS[0] * samples <= reference.shape[1]:
+        return None
+    return frontier.FDInfinity(reference, FD_FRACTIONS)
+
+
+# the quality measures the verdicts read: the headline (KID, unbiased at any sample count) and the
+# check (FD extrapolated to infinite samples, where the sample count allows)
+FRONTIER_MEASURES = {"": lambda reference, samples: frontier.KID(reference), "_fd": _fd_infinity}
+
+
+def frontier_numbers(models: dict[str, list[frontier.Curve]], baseline: list[frontier.Curve],
+                     margin: float = verdict.EQUIVALENCE_MARGIN) -> dict[str, dict]:
+    """Each model's runs (seeds) against the baseline's at matched quality (pipeline/verdict.py):
+    memorization at matched quality, model - baseline, with its Welch interval over seeds, exact
+    permutation p, equivalence p and floors' bounds, under KID and again under extrapolated FD (keys
+    suffixed _fd; left out where the sample count is too small for it); NaN where not comparable.
+    The floor is the baseline's held-out memorization ratio (what real images never trained on get)."""
     reference = baseline[0].reference
     floor = float(np.mean([c.floor for c in baseline]))
     out = {name: {} for name in models}
-    for suffix, measure in FRONTIER_MEASURES.items():
-        compared = frontier.compare_models({n: [c.run() for c in curves] for n, curves in models.items()},
-                                           [c.run() for c in baseline], measure(reference), RESAMPLES, floor)
-        for name, result in compared.items():
-            out[name].update(_interval_numbers(result, suffix))
+    for suffix, make in FRONTIER_MEASURES.items():
+        measure = make(reference, min(c.memorized.shape[1] for cs in (*models.values(), baseline) for c in cs))
+        if measure is None:
+            continue
+        base = frontier.point_fits([c.run() for c in baseline], measure)
+        for name, curves in models.items():
+            fits = frontier.point_fits([c.run() for c in curves], measure)
+            samples = [c.memorized.shape[1] for c in (*curves, *baseline)]
+            compared = verdict.compare_seeds(fits, base, floor, samples, margin)
+            area = frontier.matched_difference([f.frontier for f in fits], [f.frontier for f in base], floor).area
+            out[name].update(seed_numbers(compared, suffix), **{"frontier_area" + suffix: area})
     return out
 
 
@@ -49,7 +69,7 @@ def frontier_lines(models: dict[str, list[frontier.Curve]], points: int = 64) ->
         return {}
     measure = frontier.KID(next(iter(models.values()))[0].reference)
     out = {}
-    for name, (fitted, _) in frontier.resample_models({n: [c.run() for c in cs] for n, cs in models.items()},
+    for name, fitted in frontier.resample_models({n: [c.run() for c in cs] for n, cs in models.items()},
                                                      measure, RESAMPLES).items():
         fits = [f.frontier for f in fitted.point]
         levels = np.linspace(max(f.best for f in fits), min(f.worst for f in fits), points)
@@ -60,22 +80,44 @@ def frontier_lines(models: dict[str, list[frontier.Curve]], points: int = 64) ->
     return out
 
 
-def _interval_numbers(result: frontier.FrontierComparison, suffix: str) -> dict[str, float]:
-    numbers = {}
-    for key, interval in (("mem_matched", result.matched), ("frontier_area", result.area),
-                          ("mem_matched_relative", result.relative)):
-        numbers.update({key + suffix: interval.estimate, f"{key}{suffix}_low": interval.low,
-                        f"{key}{suffix}_high": interval.high})
-    numbers[f"frontier_undefined{suffix}"] = result.undefined / result.resamples
-    numbers[f"baseline_copies_in_range{suffix}"] = result.point.baseline_copies
-    return numbers
+def seed_numbers(c: verdict.SeedComparison, suffix: str = "") -> dict[str, float]:
+    """A seed-level comparison as the metrics metric_names lists (mem_matched..., suffix _fd for FD)."""
+    key = "mem_matched" + suffix
+    return {key: c.estimate, f"{key}_low": c.low, f"{key}_high": c.high, f"{key}_p": c.p,
+            f"{key}_p_min": c.p_min, f"{key}_equivalence_p": c.equivalence_p,
+            f"{key}_model_bound": c.model_bound, f"{key}_baseline_bound": c.baseline_bound,
+            f"{key}_model_seeds": len(c.model_scores), f"{key}_baseline_seeds": len(c.baseline_scores),
+            f"{key}_model_score": float(np.mean(c.model_scores)) if c.model_scores else np.nan,
+            f"{key}_baseline_score": float(np.mean(c.baseline_scores)) if c.baseline_scores else np.nan,
+            f"mem_matched_relative{suffix}": c.relative, f"mem_matched_relative{suffix}_low": c.relative_low,
+            f"mem_matched_relative{suffix}_high": c.relative_high,
+            f"{key}_not_comparable": verdict.REASONS.index(c.reason)}
 
 
-def frontier_verdict(numbers: dict, key: str = "mem_matched") -> str:
-    """The verdict word (frontier.verdict) of one of frontier_numbers' differences and its interval
-    (`key`: mem_matched, frontier_area, or either with _fd)."""
-    interval = frontier.Interval(*(numbers.get(key + end, np.nan) for end in ("", "_low", "_high")))
-    return frontier.verdict(interval, bool(np.isfinite(interval.estimate)))
+def read_comparison(numbers: dict, suffix: str = "") -> verdict.SeedComparison:
+    """seed_numbers read back (the scores' means stand for the scores: what word() needs)."""
+    key = "mem_matched" + suffix
+
+    def get(name: str) -> float:
+        return float(numbers.get(name, np.nan))
+    reason = get(f"{key}_not_comparable")
+    if reason != 0:  # NaN too: a number from before reasons were recorded
+        return verdict.not_comparable(verdict.REASONS[int(reason)] if np.isfinite(reason) else verdict.NO_COMMON_RANGE)
+    seeds = [int(get(f"{key}_{side}_seeds")) if np.isfinite(get(f"{key}_{side}_seeds")) else 0 for side in ("model", "baseline")]
+    return verdict.SeedComparison(get(key), get(f"{key}_low"), get(f"{key}_high"), get(f"{key}_p"), get(f"{key}_p_min"),
+                                  get(f"{key}_equivalence_p"), (get(f"{key}_model_score"),) * seeds[0],
+                                  (get(f"{key}_baseline_score"),) * seeds[1], get(f"{key}_model_bound"),
+                                  get(f"{key}_baseline_bound"), get(f"mem_matched_relative{suffix}"),
+                                  get(f"mem_matched_relative{suffix}_low"), get(f"mem_matched_relative{suffix}_high"))
+
+
+def frontier_verdict(numbers: dict, suffix: str = "", p: float | None = None) -> str:
+    """The verdict in words (verdict.word) of frontier_numbers' comparison under KID (suffix "") or
+    FD ("_fd"); `p` a multiplicity-adjusted p in place of the comparison's own. "not computed" where
+    the measure was left out."""
+    if "mem_matched" + suffix not in numbers:
+        return "not computed"
+    return verdict.word(read_comparison(numbers, suffix), p)
 
 
 def read_rows(path: str | Path) -> list[dict]:

@@ -192,7 +192,7 @@ class AGCConfig(_Group):
     enabled: bool = True
     tau: float = 0.5
     bank_decay: float = Field(0.8, ge=0, lt=1)           # the official bank's decay
-    reference: Literal["official", "pooled"] = "official"  # ref(t): the official bank, or pooled bins (method.md)
+    reference: Literal["official", "pooled"] = "official"  # docs/method.md#agc-variants
     bins: int = Field(20, ge=1)                           # pooled: timestep bins
     pooled_decay: float = Field(0.9, ge=0, lt=1)          # pooled: each bin's EMA decay (short memory)
     score: Literal["draw", "image"] = "draw"              # skip on the draw's relative loss, or the image's EMA of it

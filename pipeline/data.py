@@ -188,12 +188,18 @@ def _open_image(path: Path, size: int, mode: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
+def image_files(root: Path) -> list[Path]:
+    """The image files of a folder source, at any depth (symlinked folders too), in the order their
+    images are read."""
+    return sorted(p for p in _walk(root) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def _folder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     """Files differ in size and mode, so each is cropped, resized and converted here on reading."""
     root = Path(cfg.path)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder (data.path)")
-    paths = sorted(p for p in _walk(root) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = image_files(root)
     if not paths:
         raise DataError(f"{root}: no .png/.jpg/.jpeg images found (data.path)")
     mode = "L" if cfg.channels == 1 else "RGB"  # PIL's "L" uses the same luminance weights as _to_channels

@@ -5,7 +5,7 @@ The NN1/NN2 ratio test (Yoon et al. 2023; Gu et al. 2023; metrics.memorization_s
 spot: a training image stored twice is its own second nearest neighbour, so a generated copy of it
 has NN2 = NN1 (ratio ~1) and is never counted, although duplicated images are the ones most often
 copied (Carlini et al. 2023, "Extracting Training Data from Diffusion Models"; Somepalli et al.
-2023). method.md ("Duplicates") therefore runs the test against one representative per group of
+2023). docs/method.md#duplicates therefore runs the test against one representative per group of
 pixel-identical training images, and counts per training image how many samples copy it.
 """
 from __future__ import annotations
@@ -57,7 +57,7 @@ def duplicate_groups(images: np.ndarray) -> DuplicateGroups:
 
 def dedup_memorization_scores(samples: torch.Tensor, train: torch.Tensor, groups: DuplicateGroups,
                               k_official: int = 50) -> dict[str, np.ndarray]:
-    """metrics.memorization_scores against train[groups.representatives] (method.md, "Duplicates").
+    """metrics.memorization_scores against train[groups.representatives] (docs/method.md#duplicates).
 
     Returns the same keys, with 'nn1_index' a position in `train` (the representative of the
     nearest group, so without duplicates every key equals the plain scores) and 'nn1_group' the

@@ -3,7 +3,8 @@
 reference; SSCD similarity when eval.sscd), how good they are (classifier-feature FD/KID;
 Inception FID/KID against the fid_reference stage's cached statistics), how much membership leaks
 (loss attack and PIA), and memorization against quality over training. The evaluate stage loads
-the inputs, calls `evaluate` and writes the outputs."""
+the inputs, calls `evaluate` and writes the outputs; `iet-agc audit` (commands/audit.py) scores a
+model from outside the pipeline with the same `score_samples`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ LOSS_PAIRS = 8  # (t, noise) draws per image of the loss attack and the per-imag
 
 @dataclass(frozen=True)
 class EvalData:
-    """Images in [-1, 1]: what the model trained on, real images it never saw, the feature pool."""
+    """Images in [-1, 1]: what the model trained on, real images it never saw (None: none given, so
+    no held-out reference and no membership inference), the feature pool."""
     train: torch.Tensor
-    heldout: torch.Tensor
+    heldout: torch.Tensor | None
     pool: torch.Tensor
     groups: DuplicateGroups  # exact duplicates in train: scores are against one image per group
 
@@ -36,6 +38,16 @@ class EvalData:
     def of(cls, train, heldout, pool) -> EvalData:
         """From the prepared sets (pipeline.data.ImageSet), as the evaluate and pretrain_check stages load them."""
         return cls(train.to_tensor(), heldout.to_tensor(), pool.to_tensor(), duplicate_groups(train.images))
+
+
+@dataclass
+class Scored:
+    """What one model's samples say, with nothing but the model and the images (no checkpoints, no
+    cached Inception statistics): the evaluate stage's and the audit's common part."""
+    metrics: dict[str, float]
+    scores: dict              # per generated sample (metrics.memorization_scores)
+    heldout_scores: dict | None  # the same for held-out real images (None without them)
+    copies: list[dict]        # per unique training image: copies, nearest, size, loss
 
 
 @dataclass
@@ -58,25 +70,40 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
     unet.to(device)
     feature_net.to(device)
     samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
-    gen_scores = dedup_memorization_scores(samples.to(device), data.train, data.groups)
-    ref_scores = dedup_memorization_scores(data.heldout.to(device), data.train, data.groups)
-    copies = copy_table(unet, scheduler, gen_scores, data, p.seeds.eval)
-    members = data.train[torch.from_numpy(data.groups.representatives)]
+    scored = score_samples(unet, scheduler, samples, data, feature_net, p.seeds.eval)
     result = {
-        **metrics.summarize(gen_scores),
-        **metrics.summarize(ref_scores, prefix="heldout_"),
-        **copy_headline(copies),
-        **data.groups.summary(),
-        **feature_quality(feature_net, samples, data),
-        "num_samples": p.eval.num_samples,
-        **privacy.membership_inference(unet, scheduler, members, data.heldout, seed=p.seeds.eval, pairs=LOSS_PAIRS),
+        **scored.metrics,
         **inception_scores(samples, reference_dir, p.seeds.eval, device),
         **(sscd_scores(samples, data, p) if p.eval.sscd else {}),
     }
     by_round, curve = curve_over_training(unet, scheduler, rounds_dir, data, feature_net, p,
-                                          np.asarray(ref_scores["ratio"]) < metrics.MEMORIZED_RATIO,
+                                          np.asarray(scored.heldout_scores["ratio"]) < metrics.MEMORIZED_RATIO,
                                           samples if reuses_final_samples(p) else None)
-    return Evaluation(result, samples, gen_scores, ref_scores, by_round, copies, curve)
+    return Evaluation(result, samples, scored.scores, scored.heldout_scores, by_round, scored.copies, curve)
+
+
+def score_samples(unet, scheduler, samples: torch.Tensor, data: EvalData, feature_net, seed: int) -> Scored:
+    """Memorization of `samples` against the training set (duplicates collapsed) and of the held-out
+    images (the reference), which training images are copied and their loss, feature FD/KID, and
+    membership inference (members: one image per duplicate group); the held-out parts only when
+    data.heldout is given. The NN search runs on the UNet's device."""
+    device = next(unet.parameters()).device
+    gen_scores = dedup_memorization_scores(samples.to(device), data.train, data.groups)
+    held = data.heldout is not None
+    ref_scores = dedup_memorization_scores(data.heldout.to(device), data.train, data.groups) if held else None
+    copies = copy_table(unet, scheduler, gen_scores, data, seed)
+    members = data.train[torch.from_numpy(data.groups.representatives)]
+    result = {
+        **metrics.summarize(gen_scores),
+        **(metrics.summarize(ref_scores, prefix="heldout_") if held else {}),
+        **copy_headline(copies),
+        **data.groups.summary(),
+        **feature_quality(feature_net, samples, data),
+        "num_samples": len(samples),
+        **(privacy.membership_inference(unet, scheduler, members, data.heldout, seed=seed, pairs=LOSS_PAIRS)
+           if held else {}),
+    }
+    return Scored(result, gen_scores, ref_scores, copies)
 
 
 def glance(unet, scheduler, data: EvalData, feature_net, p: Params) -> dict[str, float]:
@@ -108,8 +135,10 @@ def copy_table(unet, scheduler, scores: dict, data: EvalData, seed: int) -> list
 def feature_quality(feature_net, samples: torch.Tensor, data: EvalData) -> dict:
     """Frechet distance and KID in the feature classifier's space, against the real image pool;
     `heldout_fd` is what real images never trained on get."""
-    f_pool, f_gen, f_held = (extract_features(feature_net, x) for x in (data.pool, samples, data.heldout))
-    return {"fd": metrics.frechet_distance(f_gen, f_pool), "heldout_fd": metrics.frechet_distance(f_held, f_pool),
+    f_pool, f_gen = (extract_features(feature_net, x) for x in (data.pool, samples))
+    held = {} if data.heldout is None else {
+        "heldout_fd": metrics.frechet_distance(extract_features(feature_net, data.heldout), f_pool)}
+    return {"fd": metrics.frechet_distance(f_gen, f_pool), **held,
             "kid": metrics.kernel_inception_distance(f_gen, f_pool)}
 
 

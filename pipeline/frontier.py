@@ -1,4 +1,4 @@
-"""The memorization-quality frontier (method.md, "Matched quality"; issue 22).
+"""The memorization-quality frontier (docs/method.md#matched-quality).
 
 Memorization and quality both grow with training, so a model that copies less may only be an
 earlier point of the baseline's own curve, which stopping the baseline early would give too. This
@@ -14,10 +14,9 @@ module compares what a user who may stop at any point of training can get from e
    (`matched_difference`): the mean of model frontier - baseline frontier at the baseline's
    checkpoints in that range ("matched"), and the mean difference over the whole range ("area").
    Where neither copies anything anywhere in that range it is "not comparable", never 0 - 0.
-4. 95% percentile bootstrap intervals (`resample`, `compare`): each checkpoint's generated samples
-   resampled with replacement (memorization and quality from the same resample), refitted; seeds
-   resampled too when a model has several.
-5. A verdict (`verdict`): better, worse, indistinguishable, not comparable.
+   pipeline/verdict.py reads the same comparison per seed, for intervals and verdicts.
+4. Bootstrap bands (`resample`, `band`): each run's samples resampled with replacement, the same
+   indices at every checkpoint of a run; they show how well a run is measured, on figures only.
 
 Quality is any `QualityFn`: indices into a checkpoint's samples (a resample) -> a float, lower is
 better. `KID`, `FD` and `FDInfinity` make one from a checkpoint's feature vectors against fixed
@@ -47,7 +46,6 @@ from pipeline.metrics import gaussian, gaussian_frechet_distance
 QualityFn = Callable[[np.ndarray], float]  # sample indices (with repeats) -> quality, lower is better
 Measure = Callable[[np.ndarray], QualityFn]  # a checkpoint's features -> its QualityFn
 
-BETTER, WORSE, INDISTINGUISHABLE, NOT_COMPARABLE = "better", "worse", "indistinguishable", "not comparable"
 NO_COMMON_RANGE = "no common quality range"  # one model's best quality is worse than the other's worst
 NO_COMPARABLE_QUALITY = "no comparable quality"  # neither copies anything in the common range: 0 - 0
 NO_QUALITY = "quality not finite"  # a measure gave NaN or inf at some checkpoint
@@ -378,7 +376,7 @@ def fit_run(memorization, quality, samples=None) -> Fit:
     fine-tuned baseline's samples get worse as it starts copying, and a monotone fit pooled those
     late checkpoints with its good early ones into a plateau no checkpoint had, which left the
     fine-tuning regime with no quality in common between the baseline and any mitigation
-    (docs/results.md). Fitted rather than read raw, a stretch where quality holds flat is pooled,
+    (docs/history.md). Fitted rather than read raw, a stretch where quality holds flat is pooled,
     so the frontier is not decided by whichever of its checkpoints drew the luckiest samples."""
     mem = np.asarray(memorization, np.float64)
     weights = None if samples is None else np.asarray(samples, np.float64)
@@ -438,7 +436,7 @@ def matched_difference(model: Sequence[Frontier], baseline: Sequence[Frontier], 
     return Matched(matched, area, best, worst, copies, relative=matched / reference if reference > 0 else np.nan)
 
 
-# --- bootstrap and verdict ----------------------------------------------------------------------
+# --- bootstrap: bands, not verdicts -------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Resampled:
@@ -448,21 +446,31 @@ class Resampled:
     replicates: tuple[tuple[Fit, ...], ...]
 
 
-def _checkpoint_values(checkpoint: Checkpoint, measure: Measure | None, resamples: int,
-                       rng: np.random.Generator) -> np.ndarray:
-    """[resamples + 1, 2]: (memorization ratio, quality) on all samples, then on each resample
-    with replacement. Both come from the same resampled indices: a resample with more copies in
-    it may also look better or worse, and that dependence must stay in the intervals."""
-    quality = checkpoint.quality_fn(measure)  # built here and dropped after: one kernel at a time
-    n = len(checkpoint.memorized)
+def _run_values(run: Run, measure: Measure | None, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """[checkpoints, resamples + 1, 2]: (memorization ratio, quality) of each checkpoint on all its
+    samples, then on each resample with replacement. One resample draws the same sample indices at
+    every checkpoint of the run: the evaluation samples every checkpoint from the same noise
+    (seeds.eval), so the i-th samples of two checkpoints share their noise and their errors; drawn
+    independently per checkpoint, that shared noise would average out of the fit and the band would
+    be too narrow. Memorization and quality come from the same indices too."""
+    counts = {len(c.memorized) for c in run.checkpoints}
+    if len(counts) != 1:
+        raise ValueError(f"a run's checkpoints need the same sample count to be resampled together (got {sorted(counts)})")
+    n = counts.pop()
     draws = [np.arange(n)] + [rng.integers(0, n, n) for _ in range(resamples)]
-    return np.array([(checkpoint.memorized[i].mean(), quality(i)) for i in draws])
+    values = []
+    for checkpoint in run.checkpoints:
+        quality = checkpoint.quality_fn(measure)  # built here and dropped after: one kernel at a time
+        values.append([(checkpoint.memorized[i].mean(), quality(i)) for i in draws])
+    return np.array(values)
 
 
 def resample(runs: Sequence[Run], measure: Measure | None = None, resamples: int = 200,
              seed: int | np.random.SeedSequence = 0) -> Resampled:
     """Measure and fit every run of one model on its samples and on `resamples` bootstrap
-    resamples of each checkpoint's samples (Efron & Tibshirani 1993), seeded."""
+    resamples of its samples (Efron & Tibshirani 1993), seeded: what a figure's band shows of how
+    well each run is measured. It says nothing of how another training seed would come out, so
+    verdicts read per-seed scores instead (pipeline/verdict.py)."""
     if not runs:
         raise ValueError("a model needs at least one run")
     rng = np.random.default_rng(seed)
@@ -471,7 +479,7 @@ def resample(runs: Sequence[Run], measure: Measure | None = None, resamples: int
         # One BLAS thread: the resamples' matrices are small (256 x 64 features here), and threads
         # beside a training process made each covariance 50x slower on 2 cores (results.md, Benchmarks).
         with threadpool_limits(limits=1, user_api="blas"):
-            values = np.stack([_checkpoint_values(c, measure, resamples, rng) for c in run.checkpoints], 1)
+            values = np.swapaxes(_run_values(run, measure, resamples, rng), 0, 1)
         samples = [len(c.memorized) for c in run.checkpoints]
         fits = [fit_run(v[:, 0], v[:, 1], samples) for v in values]
         point.append(fits[0])
@@ -479,98 +487,27 @@ def resample(runs: Sequence[Run], measure: Measure | None = None, resamples: int
     return Resampled(tuple(point), tuple(replicates))
 
 
+def point_fits(runs: Sequence[Run], measure: Measure | None = None) -> list[Fit]:
+    """Every run measured on all its samples and fitted (no resampling): what a verdict reads."""
+    return list(resample(runs, measure, resamples=0).point)
+
+
 def _replicate(model: Resampled, b: int, rng: np.random.Generator) -> list[Frontier]:
-    """Replicate b's frontiers: the runs (seeds) drawn with replacement, independently of the other
-    model's draw (seeds of different models are separate training runs: pairing them by index
-    would assume a shared seed correlates them, and independent draws allow different seed
-    counts); the j-th run drawn takes its sample resample (b + j), so a seed drawn twice gets two
-    different ones. With S seeds this understates the seed variance by (S - 1) / S."""
+    """Replicate b's frontiers: the runs (seeds) drawn with replacement; the j-th run drawn takes its
+    sample resample (b + j), so a seed drawn twice gets two different ones."""
     runs, count = len(model.replicates), len(model.replicates[0])
     return [model.replicates[s][(b + j) % count].frontier for j, s in enumerate(rng.integers(0, runs, runs))]
 
 
-@dataclass(frozen=True)
-class Interval:
-    estimate: float  # on all samples and seeds
-    low: float
-    high: float
-
-
-def _percentile_interval(estimate: float, values: np.ndarray, level: float) -> Interval:
-    """The percentile bootstrap interval (Efron & Tibshirani 1993) over the finite replicates."""
-    values = values[np.isfinite(values)]
-    if not len(values):
-        return Interval(estimate, np.nan, np.nan)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(values, [tail, 1.0 - tail])
-    return Interval(estimate, float(low), float(high))
-
-
-def verdict(interval: Interval, comparable: bool = True) -> str:
-    """better: the interval of model - baseline lies below 0; worse: above; indistinguishable:
-    it contains 0; not comparable: no comparable quality (matched_difference)."""
-    if not comparable or not np.isfinite(interval.low):
-        return NOT_COMPARABLE
-    if interval.high < 0:
-        return BETTER
-    return WORSE if interval.low > 0 else INDISTINGUISHABLE
-
-
-@dataclass(frozen=True)
-class FrontierComparison:
-    """One model against the baseline: `verdict` on `matched` (memorization at matched quality),
-    `area_verdict` on `area` (the mean difference over the common quality range), both model -
-    baseline with their intervals; `point` the comparison on all samples; `undefined` how many
-    of the `resamples` replicates were not comparable (left out of the intervals); `relative`
-    `matched` over the baseline's memorization there (Matched.relative), with its interval."""
-    verdict: str
-    area_verdict: str
-    matched: Interval
-    area: Interval
-    point: Matched
-    resamples: int
-    undefined: int
-    relative: Interval = Interval(np.nan, np.nan, np.nan)
-
-
-def compare_resampled(model: Resampled, baseline: Resampled, floor: float = 0.0, level: float = 0.95,
-                      seed: int | np.random.SeedSequence = 0) -> FrontierComparison:
-    """matched_difference on all samples, and its bootstrap intervals (the seeds' draw seeded).
-    Replicates that are not comparable are left out of the intervals and counted in `undefined`:
-    a report should show that count, as many of them mean the common range itself is fragile."""
-    point = matched_difference([f.frontier for f in model.point], [f.frontier for f in baseline.point], floor)
-    rng = np.random.default_rng(seed)
-    count = len(model.replicates[0])
-    if count < 1 or len(baseline.replicates[0]) != count:
-        raise ValueError("model and baseline need the same number of resamples, at least one")
-    draws = [matched_difference(_replicate(model, b, rng), _replicate(baseline, b, rng), floor) for b in range(count)]
-    matched = _percentile_interval(point.matched, np.array([d.matched for d in draws]), level)
-    area = _percentile_interval(point.area, np.array([d.area for d in draws]), level)
-    relative = _percentile_interval(point.relative, np.array([d.relative for d in draws]), level)
-    comparable = point.reason is None
-    return FrontierComparison(verdict(matched, comparable), verdict(area, comparable), matched, area, point,
-                              count, sum(d.reason is not None for d in draws), relative)
-
-
 def resample_models(models: Mapping[str, Sequence[Run]], measure: Measure | None = None, resamples: int = 200,
-                    seed: int = 0) -> dict[str, tuple[Resampled, np.random.SeedSequence]]:
+                    seed: int = 0) -> dict[str, Resampled]:
     """Every model resampled, each seeded by `seed` and its name (so adding or reordering models
-    changes no other model's result), with the seed its comparison draws seeds from."""
+    changes no other model's band)."""
     out = {}
     for name, runs in models.items():
         key = int.from_bytes(name.encode(), "little")  # stable across processes, unlike hash()
-        seeds = np.random.SeedSequence([seed, 1, key]).spawn(2)
-        out[name] = (resample(runs, measure, resamples, seeds[0]), seeds[1])
+        out[name] = resample(runs, measure, resamples, np.random.SeedSequence([seed, 1, key]))
     return out
-
-
-def compare_models(models: Mapping[str, Sequence[Run]], baseline: Sequence[Run], measure: Measure | None = None,
-                   resamples: int = 200, floor: float = 0.0, level: float = 0.95,
-                   seed: int = 0) -> dict[str, FrontierComparison]:
-    """Every model against the baseline (resampled once)."""
-    base = resample(baseline, measure, resamples, np.random.SeedSequence([seed, 0]))
-    return {name: compare_resampled(model, base, floor, level, draws)
-            for name, (model, draws) in resample_models(models, measure, resamples, seed).items()}
 
 
 def band(model: Resampled, levels: np.ndarray, level: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -585,9 +522,3 @@ def band(model: Resampled, levels: np.ndarray, level: float = 0.95) -> tuple[np.
         warnings.simplefilter("ignore", RuntimeWarning)
         low, high = (np.nanquantile(values, q, axis=0) for q in (tail, 1.0 - tail))
     return np.where(enough, low, np.nan), np.where(enough, high, np.nan)
-
-
-def compare(model: Sequence[Run], baseline: Sequence[Run], measure: Measure | None = None, resamples: int = 200,
-            floor: float = 0.0, level: float = 0.95, seed: int = 0) -> FrontierComparison:
-    """One model against the baseline: compare_models of it alone."""
-    return compare_models({"model": model}, baseline, measure, resamples, floor, level, seed)["model"]

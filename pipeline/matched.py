@@ -1,4 +1,4 @@
-"""Memorization at matched quality (method.md, "Matched quality").
+"""Memorization at matched quality (docs/method.md#matched-quality).
 
 Memorization and sample quality both grow with training, so a mitigated model that memorizes less
 may only be an earlier point of the baseline's own curve, which stopping the baseline early would

@@ -1,10 +1,10 @@
 """How much generated images copy the training set, and how good they look.
 
-Memorization is measured in pixel space against the training images (method.md, "Metrics"):
+Memorization is measured in pixel space against the training images (docs/method.md#metrics):
 - the NN1/NN2 ratio test (Yoon et al. 2023; Gu et al. 2023): a sample is memorized iff its distance
   to the nearest training image is below 1/3 of its distance to the second nearest;
-- the official P1 score: d^2(x, NN1) / mean of d^2(x, NN_k) over the 50 nearest, counted below a
-  range of thresholds.
+- the official score of the IET-AGC paper (Liu et al., ECCV 2024): d^2(x, NN1) / mean of
+  d^2(x, NN_k) over the 50 nearest, counted below a range of thresholds.
 Quality is a Frechet distance and a KID in some feature space (features.py gives a fast one).
 """
 from __future__ import annotations

@@ -29,50 +29,56 @@ def initial_unet(params: Params, seed: int) -> UNet2DModel:
         from pipeline.store import tracking_uri
         try:
             with fetched(source, tracking_uri(params.tracking)) as (path, _):
-                unet, scheduler = _load_unet(*_find_model(path, source), source)  # before path goes
+                unet, scheduler = load_model_dir(path, source)  # before path goes
         except StoreError as err:
             raise ConfigError(f"model.init_from: {err}") from None
     else:
-        unet, scheduler = _load_unet(*_find_model(path, source), source)
+        unet, scheduler = load_model_dir(path, source)
     _check_fits(unet, scheduler, params)
     return unet.train()
 
 
-def _find_model(root: Path, source: str) -> tuple[Path, Path | None]:
+def load_model_dir(root: Path, source: str, key: str = "model.init_from") -> tuple[UNet2DModel, DDPMScheduler | None]:
+    """The UNet (float32) and scheduler (None for a bare UNet) of a UNet2DModel or DDPMPipeline
+    directory at or below `root`; errors name the option `key` and `source`."""
+    return _load_unet(*_find_model(root, source, key), source, key)
+
+
+def _find_model(root: Path, source: str, key: str) -> tuple[Path, Path | None]:
     """(UNet directory, scheduler directory or None) of a bare UNet2DModel directory or a
     DDPMPipeline directory at or below `root` (an MLflow model wraps the pipeline in its own layout)."""
     if not root.exists():
-        raise FileNotFoundError(f"model.init_from: {source}: no such file or directory")
+        raise FileNotFoundError(f"{key}: {source}: no such file or directory")
     if (root / "config.json").is_file():
         return root, None
     pipelines = sorted((p.parent for p in root.rglob("model_index.json") if (p.parent / "unet").is_dir()),
                        key=lambda d: (len(d.parts), str(d)))
     if not pipelines:
-        raise FileNotFoundError(f"model.init_from: {source}: not a diffusers model (neither a UNet2DModel "
+        raise FileNotFoundError(f"{key}: {source}: not a diffusers model (neither a UNet2DModel "
                                 "directory with config.json nor a DDPMPipeline directory with "
                                 "model_index.json and unet/)")
     found = pipelines[0]
     return found / "unet", (found / "scheduler" if (found / "scheduler").is_dir() else None)
 
 
-def _load_unet(unet_dir: Path, scheduler_dir: Path | None,
-               source: str) -> tuple[UNet2DModel, DDPMScheduler | None]:
+def _load_unet(unet_dir: Path, scheduler_dir: Path | None, source: str,
+               key: str) -> tuple[UNet2DModel, DDPMScheduler | None]:
     config_file = unet_dir / "config.json"
     try:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"model.init_from: {source}: {config_file} is not readable JSON ({err})") from None
+        raise ConfigError(f"{key}: {source}: {config_file} is not readable JSON ({err})") from None
     kind = config.get("_class_name") if isinstance(config, dict) else None
     if kind != "UNet2DModel":
         what = f"holds a {kind}" if kind else f"{config_file} names no model class (_class_name)"
-        raise ConfigError(f"model.init_from: {source}: {what}, not the unconditional UNet2DModel "
+        raise ConfigError(f"{key}: {source}: {what}, not the unconditional UNet2DModel "
                           "this project trains")
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir)) if scheduler_dir else None
     except (OSError, ValueError, TypeError, KeyError) as err:  # diffusers' errors for missing or broken files
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"model.init_from: {source}: cannot be loaded ({first})") from None
+        raise ConfigError(f"{key}: {source}: cannot be loaded ({first})") from None
     return unet, scheduler
 
 

@@ -1,5 +1,5 @@
 """Membership inference against a trained diffusion model: does it tell its training images
-(members) from held-out ones (non-members)? method.md, "Privacy".
+(members) from held-out ones (non-members)? docs/method.md#membership-inference.
 
 Two white-box attacks, each giving a score per image where higher means "more likely a member":
 - loss attack (Matsumoto et al. 2023, "Membership Inference Attacks against Diffusion Models";

@@ -1,8 +1,8 @@
 """Per training image: did IET-AGC+'s own signal (how often AGC skipped it) point at the images the
 baseline went on to copy?
 
-AGC skips a sample whose loss falls well below the running loss at its timestep (P1, Liu et al.,
-ECCV 2024), on the premise that a low loss marks a sample being memorized; duplicated images are
+AGC skips a sample whose loss falls well below the running loss at its timestep (the IET-AGC paper,
+Liu et al., ECCV 2024), on the premise that a low loss marks a sample being memorized; duplicated images are
 the ones most often copied (Carlini et al. 2023, "Extracting Training Data from Diffusion Models";
 Somepalli et al. 2023). This checks both premises on the run's data: the ROC AUC of the skip rate,
 and of minus the baseline's final loss, for "copied at least once by the baseline", and the skip

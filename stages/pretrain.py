@@ -1,4 +1,4 @@
-"""pretrain: the fine-tuning regime's pretrained model (issue 24), the baseline's loop on pool images
+"""pretrain: the fine-tuning regime's pretrained model (docs/parameters.md), the baseline's loop on pool images
 that are neither training nor held-out images; `model.init_from: runs/pretrain/model` then
 fine-tunes the baseline and every variant from it. With pretrain.enabled false (training from
 scratch, the default) it writes only info.json."""

@@ -8,18 +8,21 @@ experiments is `iet-agc tradeoff` and `iet-agc ablation`. It logs to MLflow, and
 place only once everything, the logging included, has succeeded: a failed report writes none."""
 import math
 import tempfile
+import zipfile
 from pathlib import Path
 
 import click
+import numpy as np
 
 from pipeline import figures
+from pipeline import verdict
 from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
-                                 read_rows, risk_table, skip_rates)
+                                 read_comparison, read_rows, risk_table, skip_rates)
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import duplicate_groups
-from pipeline.frontier import Curve
-from pipeline.io import publish, read_json, write_csv, write_json
+from pipeline.frontier import NO_COMPARABLE_QUALITY, Curve
+from pipeline.io import publish, read_json, unreadable, write_csv, write_json
 from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker
 from stages import MODELS, pair_option, params_option, path_option, stage
@@ -43,6 +46,7 @@ def _table(rows: dict[str, dict]) -> str:
 @pair_option("--samples", "samples_paths", help="evaluate's sample grid, logged to MLflow")
 @pair_option("--copies", "copies_paths", help="evaluate's copies beside their nearest training image, logged")
 @pair_option("--most-copied", "most_copied_paths", help="evaluate's most-copied training images, logged")
+@pair_option("--sample-arrays", "sample_arrays", help="evaluate's samples.npz (the final samples as uint8)")
 @path_option("--copied", "copied_path", help="the baseline's copies per training image (evaluate's copied.csv)")
 @path_option("--skips", "rounds_dir", help="the IET run's rounds/ (AGC skip rates in each round's loss table)")
 @path_option("--train", "train_path", help="prepared training set (.npz)")
@@ -50,12 +54,14 @@ def _table(rows: dict[str, dict]) -> str:
 @path_option("--summary", "summary_path", help="every number of the report (.json)")
 @path_option("--curves", "curves_path", help="figure: both models' memorization vs quality over training (.png)")
 @path_option("--frontier-figure", "frontier_png", help="figure: both models' memorization-quality frontiers (.png)")
+@path_option("--side-by-side", "side_png", help="figure: both models' samples, and the images the baseline copies "
+             "most beside each model's nearest sample (.png)")
 @path_option("--risk-table", "risk_csv", help="per unique training image: copies, loss, skip rate (.csv)")
 @path_option("--risk-figure", "risk_png", help="figure: IET's skip rate vs the baseline's copies (.png)")
 @stage
 def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, samples_paths, copies_paths,
-         most_copied_paths, copied_path, rounds_dir, train_path, report_path, summary_path, curves_path, frontier_png,
-         risk_csv, risk_png):
+         most_copied_paths, sample_arrays, copied_path, rounds_dir, train_path, report_path, summary_path, curves_path,
+         frontier_png, side_png, risk_csv, risk_png):
     p = load_params(params_path)
     # everything is read and computed before anything is written
     rows, curves = _rows(metrics_paths, info_paths, curve_paths)
@@ -65,7 +71,7 @@ def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, sa
     risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows(copied_path),
                                  skip_rates(rounds_dir, train.ids))
     names = {"curve": curve_paths["baseline"].name, "curves": curves_path.name, "risk_csv": risk_csv.name,
-             "risk_png": risk_png.name, "frontier": frontier_png.name}
+             "risk_png": risk_png.name, "frontier": frontier_png.name, "side": side_png.name}
     text = _text(p, rows, risk, names)
     numbers = {**{f"{m}.{k}": v for m, r in rows.items() for k, v in r.items() if _number(v)},
                **{f"risk.{k}": v for k, v in risk.items()}}
@@ -73,6 +79,7 @@ def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, sa
                summary_path: lambda path: write_json(path, numbers),
                curves_path: lambda path: _save_curves(rows, curves, path),
                frontier_png: lambda path: _save_frontiers(rows, frontiers, path),
+               side_png: lambda path: _save_side_by_side(rows, train, copied_path, sample_arrays, path),
                risk_csv: lambda path: write_csv(path, risk_rows, RISK_FIELDS),
                risk_png: lambda path: figures.save_risk(risk_rows, path)}
     evaluation_files = {m: [curve_paths[m], samples_paths[m], copies_paths[m], most_copied_paths[m]] for m in MODELS}
@@ -119,6 +126,26 @@ def _save_frontiers(rows: dict[str, dict], frontiers: dict[str, Curve], path: Pa
                            reference=rows["baseline"].get("heldout_mem_ratio"))
 
 
+def _save_side_by_side(rows: dict[str, dict], train: ImageSet, copied_path: Path, arrays: dict[str, Path],
+                       path: Path) -> None:
+    position = {int(i): p for p, i in enumerate(train.ids)}
+    copied = [{**r, "position": position[int(r["sample_id"])]} for r in read_rows(copied_path)]
+    samples = {rows[m]["variant"]: _channels_last(_sample_array(arrays[m])) for m in MODELS}
+    figures.save_side_by_side(_channels_last(train.images), copied, samples, path)
+
+
+def _sample_array(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated, or not this format
+        raise unreadable(path, err) from None
+
+
+def _channels_last(images: np.ndarray) -> np.ndarray:
+    return np.moveaxis(images, 1, -1) if images.ndim == 4 and images.shape[1] in (1, 3) else images
+
+
 def _save_curves(rows: dict[str, dict], curves: dict[str, list], path: Path) -> None:
     figures.save_curves({rows[m]["variant"]: curves[m] for m in MODELS}, path,
                         BY_KEY["fd"].axis_label + ", curve samples", BY_KEY["mem_ratio"].axis_label,
@@ -146,22 +173,20 @@ def _number(v) -> bool:
 def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
     """The markdown report; `names`: the file names it mentions (curve, curves, risk_csv, risk_png)."""
     variant = rows["iet"]["variant"]
-    base, iet = rows["baseline"]["mem_ratio"], rows["iet"]["mem_ratio"]
-    change = f"{(iet - base) / base:+.1%}" if base > 0 else "n/a (baseline ratio is 0)"
-    matched = rows["iet"]
     return "\n".join([
         f"# Baseline vs {variant}", "",
+        _lead(variant, rows["iet"]), "",
+        f"![both models side by side]({names['side']})", "",
         f"Data: {p.data.source}, {p.data.train_size} training images at {p.data.resolution}px "
         f"({rows['iet'].get('unique_images', '?')} unique, {rows['iet'].get('duplicate_groups', 0)} duplicated); "
         f"{variant}: {rows['iet']['shards']} shards x {rows['iet']['rounds']} rounds "
         "(the params of its mitigations are in MLflow and params.yaml).", "",
         _table(rows), "",
-        f"Relative change of the memorization ratio, {variant} vs baseline: {change}.", "",
         "Memorization ratio: fraction of generated samples whose nearest training image (duplicates collapsed) "
         "is closer than 1/3 of the second nearest. Held-out reference: the same for real images never trained "
         "on. Membership AUC: the loss attack's ROC AUC, training images against held-out ones (0.5: no leak).", "",
         "## At matched quality", "",
-        *_matched_text(variant, matched, names), "",
+        *_matched_text(variant, rows["iet"], names), "",
         "## Which images are at risk", "",
         f"{risk['risk_copied_images']} training images are copied by the baseline (`{names['risk_csv']}`, `{names['risk_png']}`). "
         f"ROC AUC for predicting them: {variant}'s AGC skip rate {_fmt(risk['risk_skip_auc'])}, the baseline's "
@@ -169,26 +194,47 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
         f"{_fmt(risk['skip_rate_duplicated'])}, of unique ones {_fmt(risk['skip_rate_unique'])}.", "",
         "## Across experiments", "",
         "This report reads this run's files only. Every variant and experiment logged to MLflow, side by side: "
-        "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table).", ""])
+        "`iet-agc tradeoff` (memorization vs quality, Pareto front) and `iet-agc ablation` (the table, and "
+        "verdicts over seeds).", ""])
+
+
+def _lead(variant: str, m: dict) -> str:
+    """The answer first: the verdict in words at matched KID, with what it rests on."""
+    if "mem_matched" not in m:
+        return "**No comparison at matched quality** (eval.curve_samples is 0: no checkpoint was measured)."
+    c = read_comparison(m)
+    words = verdict.word(c)
+    if c.reason is not None:
+        why = ("neither copies more than held-out real images at any quality both reach"
+               if c.reason == NO_COMPARABLE_QUALITY else f"{c.reason}: the two never reach a common quality")
+        return f"**{variant} vs baseline at matched quality: {words}** ({why})."
+    sides = f"{variant} {_side(c.model_scores, c.model_bound)}, baseline {_side(c.baseline_scores, c.baseline_bound)}"
+    if min(c.seeds) < 2:
+        return (f"**{variant} vs baseline at matched quality: {words}, no verdict.** Memorization at matched KID: "
+                f"{sides}; difference {_signed(c.estimate)}. One training seed a side measures one run of each, not "
+                f"the method: train {verdict.seeds_for_power(verdict.POWER_EFFECT_SD)} or more seeds a side "
+                "and compare them with `iet-agc ablation` for a verdict.")
+    return (f"**{variant} vs baseline at matched quality: {words}.** Memorization at matched KID: {sides}; difference "
+            f"{_signed(c.estimate)} [{_signed(c.low)}, {_signed(c.high)}] (Welch 95% over seeds), exact permutation "
+            f"p = {c.p:.3f} ({c.seeds[0]} vs {c.seeds[1]} seeds).")
+
+
+def _side(scores, bound: float) -> str:
+    return f"copies nothing there (at most {bound:.3f}, 95%)" if math.isfinite(bound) else _fmt(sum(scores) / len(scores))
 
 
 def _matched_text(variant: str, m: dict, names: dict[str, str]) -> list[str]:
-    """The frontier verdict, with the earlier first-crossing reading beside it."""
-    def interval(key):
-        if not math.isfinite(m.get(key, math.nan)):
-            return "n/a (not comparable)"
-        return f"{_signed(m.get(key))} [{_signed(m.get(key + '_low'))}, {_signed(m.get(key + '_high'))}]"
+    """How the verdict is read, its check under FD, and the earlier first-crossing reading."""
     return [
-        f"Verdict against the baseline at matched quality (KID): **{frontier_verdict(m)}**; checked under FD: "
-        f"**{frontier_verdict(m, 'mem_matched_fd')}**. Memorization at matched KID, {variant} - baseline, "
-        f"{interval('mem_matched')} (95% bootstrap interval over each checkpoint's samples); mean difference "
-        f"between the frontiers over the common quality range {interval('frontier_area')}; under FD "
-        f"{interval('mem_matched_fd')}. The baseline's memorization at the best quality both reach: "
-        f"{_fmt(m.get('baseline_copies_in_range'))}; {_fmt(m.get('frontier_undefined'))} of the bootstrap "
-        "replicates were not comparable. A frontier is the least memorization a user gets at that quality or "
-        "better by stopping training early (memorization and quality fitted monotone over checkpoints); "
-        "'not comparable' means the two never reach a common quality at which either copies more than real "
-        f"held-out images do. `{names['frontier']}`: both frontiers and their bands.", "",
+        "A frontier is the least memorization a user gets at a quality or better by stopping training early "
+        "(memorization fitted non-decreasing over checkpoints, quality improving then possibly degrading). "
+        "Each run is scored at the baseline's checkpoint qualities inside the range both reach; the verdict "
+        "reads those per-seed scores (docs/method.md, Verdicts): better/worse need the Welch interval to "
+        "exclude 0 and p < 0.05, indistinguishable an equivalence test within "
+        f"{verdict.EQUIVALENCE_MARGIN:g}, otherwise inconclusive. Checked under FD extrapolated to infinite "
+        f"samples: **{frontier_verdict(m, '_fd')}**. Mean difference between the frontiers over the common "
+        f"KID range: {_signed(m.get('frontier_area'))}. `{names['frontier']}`: both frontiers, with bands of "
+        "each run's sampling noise.", "",
         f"The earlier reading, {variant}'s last checkpoint on the baseline's curve at its FD (first crossing, no "
         f"interval; `{names['curve']}`): status `{m['matched_quality_status']}`, memorization "
         f"{_signed(m['mem_at_matched_quality'])} against the baseline's {_fmt(m['baseline_mem_at_matched_quality'])}. "

@@ -51,7 +51,7 @@ def test_skipped_samples_get_no_gradient_kept_ones_the_renormalised_mean():
     assert torch.equal(losses.grad, torch.tensor([0.0, 0.5, 0.5]))
 
 
-# ---------------------------------------------------------------- AGC variants (method.md)
+# ---------------------------------------------------------------- AGC variants (docs/method.md#agc-variants)
 
 def test_the_pooled_reference_equals_an_explicit_loop_with_repeated_bins_and_bias_correction():
     T, B, d = 100, 10, 0.9

@@ -1,5 +1,5 @@
 """Ambient high-noise training (pipeline/mitigation/ambient.py) against its formulas: the loss it
-trains is the ambient loss of method.md, its minimiser above t_n is the posterior mean of the clean
+trains is the ambient loss of docs/method.md#references, its minimiser above t_n is the posterior mean of the clean
 image (a Gaussian toy where that is known in closed form), and below t_n it is the plain objective."""
 import copy
 

@@ -116,7 +116,7 @@ def test_a_duplicated_key_is_an_error_naming_file_and_key(tmp_path):
         load_params(path)
 
 
-# ---------------------------------------------------------------- issue 25: refused before anything is deleted
+# ---------------------------------------------------------------- refused before anything is deleted
 
 @pytest.mark.parametrize("override, named", [
     ({"agc": {"tau": "abc"}}, "agc.tau: Input should be a valid number, unable to parse string as a number (got 'abc')"),
@@ -185,7 +185,7 @@ def test_the_largest_accepted_shift_never_blanks_a_sample_and_the_refused_one_do
         return float((out == -1).flatten(1).all(1).float().mean())
 
     assert blanked(7) == 0.0
-    assert blanked(8) > 0.1 and blanked(20) > 0.8  # the issue's case: 86% of samples blank
+    assert blanked(8) > 0.1 and blanked(20) > 0.8  # the reported case: 86% of samples blank
 
 
 def _builds(model: dict, resolution: int) -> bool:
@@ -204,7 +204,7 @@ def _builds(model: dict, resolution: int) -> bool:
 
 
 @pytest.mark.parametrize("model, resolution", [
-    ({"block_out_channels": [12, 16], "norm_groups": 4}, 8),  # the issue's case: refused as "multiples of 8"
+    ({"block_out_channels": [12, 16], "norm_groups": 4}, 8),  # the reported case: refused as "multiples of 8"
     ({"block_out_channels": [12, 16], "norm_groups": 8}, 8),
     ({"block_out_channels": [4, 8], "norm_groups": 4, "attention_head_dim": 4}, 8),
     ({"block_out_channels": [6, 6], "norm_groups": 3, "attention_head_dim": 3}, 8),

@@ -1,11 +1,13 @@
-"""The memorization-quality frontier protocol (pipeline/frontier.py, issue 22) on synthetic runs with
-a known answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their
-definitions, and the verdicts for a model that copies less at equal quality, another seed of the
-baseline itself, one that only trains less, and one whose curve crosses the baseline's."""
+"""The memorization-quality frontier protocol (pipeline/frontier.py, docs/method.md#matched-quality) on synthetic runs with a known
+answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their definitions,
+and the seed-level verdicts (pipeline/verdict.py) for a model that copies less at equal quality,
+one that only trains less, one compared with a degrading baseline, and one whose curve crosses
+the baseline's."""
 import numpy as np
 import pytest
 
 from pipeline import frontier as F
+from pipeline import verdict as V
 from pipeline.metrics import frechet_distance, kernel_inception_distance
 
 DIM = 8
@@ -82,7 +84,7 @@ def test_checkpoints_after_the_best_quality_change_nothing_a_user_would_stop_at(
     baseline that starts copying): the frontier is that of the run stopped at its best checkpoint.
     The monotone quality fit this replaced pooled the last three checkpoints into a plateau at
     quality 5.67: the fitted run never got better than 5.67, though its second checkpoint measured
-    2, and a model that reached only 5 had no quality in common with it (docs/results.md)."""
+    2, and a model that reached only 5 had no quality in common with it (docs/history.md)."""
     stopped = F.Frontier(np.array([10.0, 2.0]), np.array([0.0, 0.3]))
     degrading = F.Frontier(np.array([10.0, 2.0, 6.0, 9.0]), np.array([0.0, 0.3, 0.5, 0.6]))
     levels = np.array([2.0, 3.0, 5.5, 6.0, 8.0, 9.0, 10.0, 11.0])
@@ -212,115 +214,81 @@ def test_fd_measures_read_a_resample():
     assert twice[0] == twice[1]  # seeded
 
 
-# --- the protocol -------------------------------------------------------------------------------
+# --- the protocol (verdicts: pipeline/verdict.py, per seed) ----------------------------------------
+
+def fits(runs, measure=None):
+    return F.point_fits(runs, measure)
+
 
 def test_a_model_copying_less_at_equal_quality_is_better_and_read_back():
     """(i) Same generator (so the same quality at the same progress), memorization 0.08 lower at
-    every checkpoint: both readings' intervals hold -0.08 and lie below 0."""
+    every checkpoint, 4 seeds a side: the Welch interval over seeds holds -0.08 and lies below 0,
+    and the relative difference is -0.08 over the baseline's copying at the matched levels."""
     rng = np.random.default_rng(10)
-    model, baseline = kid_run(rng, copies(offset=0.02)), kid_run(rng, copies(offset=0.1))
-    out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=100)
-    assert out.verdict == F.BETTER and out.area_verdict == F.BETTER
-    for interval in (out.matched, out.area):
-        assert interval.low <= -0.08 <= interval.high and interval.low <= interval.estimate <= interval.high
-    assert out.undefined == 0 and out.resamples == 100
-    # relative: -0.08 over a baseline copying 0.13 to 0.40 over the run
-    assert out.relative.estimate == out.point.relative and -0.08 / 0.13 < out.relative.estimate < -0.08 / 0.40
-    assert out.relative.low <= out.relative.estimate <= out.relative.high < 0
+    model = [kid_run(rng, copies(offset=0.02), n=120) for _ in range(4)]
+    baseline = [kid_run(rng, copies(offset=0.1), n=120) for _ in range(4)]
+    c = V.compare_seeds(fits(model, KID_OF_REFERENCE), fits(baseline, KID_OF_REFERENCE))
+    assert V.word(c) == V.BETTER and c.p == pytest.approx(2 / 70)
+    assert c.low <= -0.08 <= c.high < 0
+    assert -0.08 / 0.13 < c.relative < -0.08 / 0.40 and c.relative_low <= c.relative <= c.relative_high < 0
 
 
-def test_several_seeds_are_resampled_and_the_shift_read_back():
-    rng = np.random.default_rng(11)
-    model = [scalar_run(rng, copies(offset=0.02)) for _ in range(3)]
-    baseline = [scalar_run(rng, copies(offset=0.1)) for _ in range(3)]
-    out = F.compare(model, baseline, resamples=100)
-    one_seed = F.compare(model[:1], baseline[:1], resamples=100)
-    assert out.verdict == F.BETTER and out.matched.low <= -0.08 <= out.matched.high
-    # three seeds average three runs' noise: a narrower interval than one seed's
-    assert out.matched.high - out.matched.low < one_seed.matched.high - one_seed.matched.low
-
-
-def test_another_seed_of_the_baseline_is_indistinguishable():
-    """(ii) 20 null pairs: two independent runs of the baseline's own generator (KID, 240 samples
-    per checkpoint, 100 resamples). Here 2 of the 20 pairs are called better or worse on the matched
-    reading and 1 on the area (pair 0, asserted alone, is indistinguishable on both). Over 300 more
-    such pairs (generator seeds 1000-1099 and 2000-2199): 5.7% and 7.3%, near the nominal 5%; the
-    matched reading's mean is +0.003 (its sd over pairs 0.016), the model being interpolated between
-    its checkpoints and the baseline not. A step frontier (the memorization of the first checkpoint
-    at quality q or better) called 29 of 100 pairs (300 samples) better or worse, 28 of them worse,
-    mean +0.021: a model read between its checkpoints is charged its next one."""
-    calls = []
-    for pair in range(20):
-        rng = np.random.default_rng(100 + pair)
-        model, baseline = kid_run(rng, copies()), kid_run(rng, copies())
-        out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=100, seed=pair)
-        calls.append((out.verdict, out.area_verdict))
-        if pair == 0:
-            assert out.verdict == out.area_verdict == F.INDISTINGUISHABLE
-            assert out.matched.low < 0 < out.matched.high
-    matched_rate = np.mean([m != F.INDISTINGUISHABLE for m, _ in calls])
-    area_rate = np.mean([a != F.INDISTINGUISHABLE for _, a in calls])
-    assert matched_rate <= 0.15 and area_rate <= 0.15, (matched_rate, area_rate)
-
-
-def test_a_model_that_only_trains_less_is_not_comparable():
+def test_a_model_that_only_trains_less_is_at_the_floor_with_the_baseline():
     """(iii) The baseline's own generator stopped at 40% of the run: it copies nothing (the
     baseline starts copying at 60%), and nor does the baseline at any quality it reaches."""
     rng = np.random.default_rng(20)
     late = lambda t: np.clip(0.8 * (t - 0.6), 0.0, 1.0)
-    model = kid_run(rng, late, progress=PROGRESS[PROGRESS <= 0.4 + 1e-9])
-    baseline = kid_run(rng, late)
-    out = F.compare([model], [baseline], KID_OF_REFERENCE, resamples=50)
-    assert out.verdict == out.area_verdict == F.NOT_COMPARABLE
-    assert out.point.reason == F.NO_COMPARABLE_QUALITY and out.point.baseline_copies == 0.0
-    assert np.isnan(out.matched.estimate)
+    model = [kid_run(rng, late, progress=PROGRESS[PROGRESS <= 0.4 + 1e-9]) for _ in range(2)]
+    baseline = [kid_run(rng, late) for _ in range(2)]
+    c = V.compare_seeds(fits(model, KID_OF_REFERENCE), fits(baseline, KID_OF_REFERENCE))
+    assert c.reason == F.NO_COMPARABLE_QUALITY and V.word(c) == V.BOTH_AT_FLOOR and np.isnan(c.estimate)
 
 
 def test_a_baseline_whose_quality_degrades_as_it_copies_is_compared_at_its_best():
     """The fine-tuning regime: the baseline's quality improves until halfway and then degrades while
     its copying keeps rising; a mitigation trains the same until halfway, then holds its quality and
-    copies a quarter as much. Compared where a user would stop either, it is better, by about 3/4 of
-    the baseline's copying (its relative difference); another seed of the baseline is
-    indistinguishable. Neither is "not
-    comparable", as every model was against the real fine-tuned baseline under the monotone
-    quality fit (docs/results.md). Over 20 more generator seeds (60-79): better in 18 (mean
-    relative -0.67: the mitigation's flat stretch of noisy qualities lets a later, more copying
-    checkpoint reach a level first), its interval holding -0.75 in 18, the null pair
-    indistinguishable in 18 (2 worse) and comparable in all 20."""
+    copies a quarter as much. Compared where a user would stop either (4 seeds a side), it is
+    better, by about 3/4 of the baseline's copying; neither is "not comparable", as every model was
+    against the real fine-tuned baseline under a monotone quality fit (docs/history.md)."""
     rng = np.random.default_rng(50)
     degrading = lambda t: 0.9 + 1.5 * abs(t - 0.5) * (3.0 if t > 0.5 else 1.0)
     held = lambda t: 0.9 + 1.5 * max(0.5 - t, 0.0)
     copying = lambda t: np.clip(t - 0.2, 0.0, 1.0)
-    baseline = kid_run(rng, copying, shift=degrading)
-    mitigated = kid_run(rng, lambda t: copying(t) / 4, shift=held)
-    again = kid_run(rng, copying, shift=degrading)
-    out = F.compare_models({"mitigated": [mitigated], "again": [again]}, [baseline], KID_OF_REFERENCE,
-                           resamples=100)
-    assert out["mitigated"].point.reason is None and out["mitigated"].verdict == F.BETTER
-    assert out["mitigated"].relative.low < -0.75 < out["mitigated"].relative.high
-    assert out["again"].point.reason is None and out["again"].verdict == F.INDISTINGUISHABLE
+    baseline = [kid_run(rng, copying, shift=degrading) for _ in range(4)]
+    mitigated = [kid_run(rng, lambda t: copying(t) / 4, shift=held) for _ in range(4)]
+    c = V.compare_seeds(fits(mitigated, KID_OF_REFERENCE), fits(baseline, KID_OF_REFERENCE))
+    assert c.reason is None and V.word(c) == V.BETTER
+    assert c.relative_low < -0.75 < c.relative_high
 
 
-def test_a_curve_crossing_the_baselines_is_indistinguishable():
+def test_a_curve_crossing_the_baselines_reads_zero_on_average():
     """(iv) Memorization 0.0675 higher than the baseline's at the best quality and 0.0675 lower at the
     worst, 0 on average over the range: reading either end alone would call it worse or better."""
     rng = np.random.default_rng(30)
     crossing = lambda t: copies()(t) + 0.15 * (t - 0.55)
-    model, baseline = scalar_run(rng, crossing), scalar_run(rng, copies())
-    out = F.compare([model], [baseline], resamples=100)
-    assert out.verdict == out.area_verdict == F.INDISTINGUISHABLE
-    fits = [F.resample([r], resamples=0).point[0].frontier for r in (model, baseline)]
-    best, worst = out.point.best, out.point.worst
-    assert fits[0](best) - fits[1](best) > 0.03 and fits[0](worst) - fits[1](worst) < -0.03
+    model, baseline = fits([scalar_run(rng, crossing)])[0].frontier, fits([scalar_run(rng, copies())])[0].frontier
+    point = F.matched_difference([model], [baseline])
+    assert abs(point.area) < 0.02
+    assert model(point.best) - baseline(point.best) > 0.03 and model(point.worst) - baseline(point.worst) < -0.03
 
 
-def test_results_are_reproducible_and_independent_of_the_other_models():
+def test_bands_resample_the_same_samples_at_every_checkpoint_and_are_reproducible():
+    """Every checkpoint of a run is sampled from the same noise, so one bootstrap replicate draws the
+    same sample indices at each: with every checkpoint's flags identical, each replicate's fitted
+    memorization is flat (drawn independently it would wobble between checkpoints)."""
     rng = np.random.default_rng(40)
-    baseline, a, b = (scalar_run(rng, copies(), n=60) for _ in range(3))
-    one = F.compare_models({"a": [a]}, [baseline], resamples=30, seed=7)["a"]
-    both = F.compare_models({"b": [b], "a": [a]}, [baseline], resamples=30, seed=7)
-    assert both["a"] == one
-    assert F.compare_models({"a": [a]}, [baseline], resamples=30, seed=8)["a"] != one
+    flags = rng.random(60) < 0.3
+    run = F.Run(tuple(F.Checkpoint(t, flags, quality=lambda i, t=t: float(1 - t)) for t in PROGRESS))
+    resampled = F.resample([run], resamples=20, seed=1)
+    assert all(np.ptp(fit.raw_memorization) == 0 for fit in resampled.replicates[0])
+    assert _memorization(resampled) == _memorization(F.resample([run], resamples=20, seed=1))
+    a, b = (scalar_run(rng, copies(), n=60) for _ in range(2))
+    alone, beside = F.resample_models({"a": [a]}, resamples=10)["a"], F.resample_models({"b": [b], "a": [a]}, resamples=10)["a"]
+    assert _memorization(alone) == _memorization(beside)
+
+
+def _memorization(resampled):
+    return [fit.raw_memorization.tolist() for fit in resampled.replicates[0]]
 
 
 def test_checkpoints_need_one_quality_source_and_runs_distinct_progress():

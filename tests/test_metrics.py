@@ -182,7 +182,7 @@ def test_planted_copies_are_found_and_only_they():
         float(np.mean(scores["official"] < 0.15)))
     assert summary["official_below_0.15"] >= n_planted / len(generated)
 
-    # The scores are what method.md defines, against direct computation.
+    # The scores are what docs/method.md#metrics defines, against direct computation.
     dist = torch.cdist(generated.flatten(1).double(), train.flatten(1).double()).sort(dim=1).values.numpy()
     np.testing.assert_allclose(scores["nn1"], dist[:, 0], rtol=1e-4)
     np.testing.assert_allclose(scores["ratio"], dist[:, 0] / dist[:, 1], rtol=1e-4)

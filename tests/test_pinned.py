@@ -5,8 +5,8 @@ part of the method is covered.
 
 Tolerance. Float kernels follow the instruction set (and the thread count), so the same run gives
 weights that differ in their last bits from one CPU to another; a bit-exact hash held only on the
-machine that wrote it (issue 21: a CPU without AVX-512 failed all three). The check is the mean
-absolute difference over every weight of the model and of its EMA, against TOLERANCE = 2e-5.
+machine that wrote it (a CPU without AVX-512 failed all three). The check is the mean absolute
+difference over every weight of the model and of its EMA, against TOLERANCE = 2e-5.
 Measured on one machine (2026-12-01, torch 2.13.0+cpu), mean absolute difference from the reference:
   - the same run with 2 threads instead of 1 (other reduction order, the effect another CPU has):
     7.4e-7 baseline, 2.9e-7 IET-AGC+, 3.3e-7 grad-accum -- at least 27x below the tolerance;
@@ -19,10 +19,10 @@ proxies compare two runs made here (tests/test_resume.py, test_distributed.py, t
 
 A deliberate change of behaviour rewrites the references in a commit of its own, saying why:
 `python tests/test_pinned.py --write`. History: train.warmup_share replaced train.warmup_steps
-(issue 23: warmup the same share of every model's steps); at 0.04 the baseline keeps its 2 warmup
+(docs/method.md#small-scale: warmup the same share of every model's steps); at 0.04 the baseline keeps its 2 warmup
 steps and is unchanged, each proxy warms up 1 step of its 18 instead of 2 (IET-AGC+ references moved
 by 3.6e-5 mean absolute difference, 1.8x the tolerance). Then a round became epochs of each shard
-as it is (issue 23): batches of distinct samples from successive permutations (drop_last), each
+as it is (docs/method.md#small-scale): batches of distinct samples from successive permutations (drop_last), each
 proxy's steps its shard's share of the baseline's; batch 4 instead of 8, since with drop_last a
 batch of 8 is each 4-image shard whole and AGC no longer skipped enough for MSR to move anything.
 On the new references (2026-12-02): 2 threads instead of 1 now give the same bits (batches of 4

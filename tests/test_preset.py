@@ -1,4 +1,5 @@
-"""presets/p1-cifar10.yaml, the official CIFAR-10 setting of P1: valid on top of params.yaml, the
+"""presets/p1-cifar10.yaml, the official CIFAR-10 setting of the IET-AGC paper
+(docs/method.md#iet): valid on top of params.yaml, the
 DDPM CIFAR-10 UNet (35.7M parameters, attention at 16x16), and a CPU smoke run of its whole
 structure (K=10, folder source of 32x32 RGB images, dropout, attention) on tiny data."""
 from pathlib import Path

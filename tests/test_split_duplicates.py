@@ -1,4 +1,4 @@
-"""Exact duplicates in the source never straddle the split (issue 25): a held-out image that is a
+"""Exact duplicates in the source never straddle the split (docs/data.md): a held-out image that is a
 copy of a training one would get a memorization ratio for an image that was trained on, and count
 as a non-member in membership inference."""
 import hashlib

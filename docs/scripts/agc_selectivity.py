@@ -1,4 +1,4 @@
-"""AGC's selectivity (issue 23): for every model trained by the DVC experiments whose names start
+"""AGC's selectivity (docs/method.md#small-scale): for every model trained by the DVC experiments whose names start
 with --prefix, the mean skip rate of duplicated and of unique samples in each round (the training
 run's `skip_rate_duplicated` / `skip_rate_unique`), the ROC AUC of the skip rate for the images the
 baseline copies (`risk.risk_skip_auc`, logged by the report where the experiment ran it: K > 1),

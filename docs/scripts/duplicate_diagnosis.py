@@ -1,4 +1,4 @@
-"""Where the duplicated images go in an IET run, and what AGC and MSR do with them (docs/results.md).
+"""Where the duplicated images go in an IET run, and what AGC and MSR do with them (docs/history.md).
 
 For one finished run (the files DVC versions; `dvc exp apply <name>` brings an experiment's):
   - shard composition: how the copies of each duplicated image are spread over the K shards, at the

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Queue issue 24's benchmark as DVC experiments: one regime, the named variants, the given seeds,
-# one thread each (run them with `dvc queue start -j 2`, read them with `iet-agc ablation`).
+# Queue the two-regime benchmark (docs/results.md) as DVC experiments: one regime, the named
+# variants, the given seeds, one thread each (run them with `dvc queue start -j 2`, read them with
+# `iet-agc ablation`).
 #
 #   docs/scripts/queue_regime.sh finetune 0 1 2 -- baseline dedup agcplus   # these variants, 3 seeds
 #   docs/scripts/queue_regime.sh scratch 0                                  # every variant, seed 0

@@ -1,7 +1,8 @@
-"""Issue 24's table of one benchmark, read from its MLflow store: per setting (a regime), each variant's
-seeds, verdict and memorization at matched KID against the baseline [95%] (also relative to the
-baseline's memorization there, the papers' "% less memorization"), the area between the
-frontiers [95%], the best feature FD and KID any of its checkpoints reached (mean over seeds), its
+"""The table of one benchmark, read from its MLflow store: per setting (a regime), each variant's
+seeds, verdict (with its role: primary or exploratory, and its adjusted p) and memorization at
+matched KID against the baseline [Welch 95% over seeds] (also relative to the baseline's
+memorization there, the papers' "% less memorization", where the baseline copies above the floor),
+the area between the frontiers, the best feature FD and KID any of its checkpoints reached (mean over seeds), its
 final memorization ratio, membership AUC (loss attack) and training seconds. The frontier numbers
 are `iet-agc ablation`'s (commands/ablation.py); this adds only the best quality reached.
 
@@ -21,8 +22,8 @@ from commands import ablation  # noqa: E402
 from commands.mlflow_results import curve, read_results  # noqa: E402
 from pipeline.comparison import frontier_verdict  # noqa: E402
 
-HEAD = ["variant", "seeds", "verdict (KID; FD)", "memorization at matched KID [95%]",
-        "relative to the baseline's there [95%]", "area between frontiers, KID [95%]",
+HEAD = ["variant", "seeds", "verdict (KID; FD-infinity)", "p (adjusted)", "memorization at matched KID [95%]",
+        "relative to the baseline's there [95%]", "area between frontiers, KID",
         "best FD reached", "best KID reached", "memorization ratio (final)", "membership AUC", "train seconds"]
 
 
@@ -59,10 +60,13 @@ def line(row: dict, best: dict) -> str:
     reached = [best[run, model] for run in row["runs"] if (run, model) in best]
     fd, kid = (np.mean([r[i] for r in reached]) if reached else math.nan for i in (0, 1))
     f = row["frontier"]
+    adjusted = f.get("mem_matched_p_adjusted", math.nan)
     verdict = "reference" if row["variant"] == "baseline" else (
-        f"{frontier_verdict(f)}; {frontier_verdict(f, 'mem_matched_fd')}" if f else "no curve")
-    cells = [row["variant"], ",".join(row["seeds"]), verdict, interval(f, "mem_matched"),
-             interval(f, "mem_matched_relative", "+.0%"), interval(f, "frontier_area"),
+        f"{frontier_verdict(f, '', adjusted if math.isfinite(adjusted) else None)} ({row.get('role', 'exploratory')}); "
+        f"{frontier_verdict(f, '_fd')}" if f else "no curve")
+    p = f"{f.get('mem_matched_p', math.nan):.3f} ({adjusted:.3f})" if f else "-"
+    cells = [row["variant"], ",".join(row["seeds"]), verdict, p, interval(f, "mem_matched"),
+             interval(f, "mem_matched_relative", "+.0%"), f"{f.get('frontier_area', math.nan):+.3f}" if f else "-",
              f"{fd:.2f}", f"{kid:.3f}", _mean(row, "mem_ratio", ".3f"), _mean(row, "mia_auc", ".3f"),
              _mean(row, "train_seconds", ".0f")]
     return "| " + " | ".join(cells) + " |"

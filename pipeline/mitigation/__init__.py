@@ -45,7 +45,7 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("ambient", "ambient", "pipeline.mitigation.ambient:Ambient", shows=("t_n", "timestep")),
     Entry("dedup", "dedup", "pipeline.mitigation.dedup:Dedup"),
 )}
-# the paper's name for IET with all three of its parts (P2: IET-AGC+)
+# the IET-AGC+ paper's name for IET with all three of its parts (docs/method.md#sources)
 FULL_METHOD = ("agc", "msr", "taa")
 
 

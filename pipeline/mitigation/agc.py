@@ -1,6 +1,6 @@
-"""Anti-gradient control (P1, official code): skip samples whose loss falls well below the
-running loss of their timestep, because such samples are already fitted and further gradient
-on them is what drives memorization."""
+"""Anti-gradient control (the IET-AGC paper, Liu et al. ECCV 2024, and its official code;
+docs/method.md#agc): skip samples whose loss falls well below the running loss of their timestep,
+because such samples are already fitted and further gradient on them is what drives memorization."""
 from __future__ import annotations
 
 import torch
@@ -36,7 +36,7 @@ def update_bank(bank: torch.Tensor, timesteps: torch.Tensor, losses: torch.Tenso
 class OfficialBank:
     """The official reference: per timestep a running loss, zero at the start, never reset. At the
     official scale (about 5,000 updates per timestep and proxy) it tracks the current mean loss;
-    at a few hundred steps it remembers the start of training (method.md, "Faithful at small scale")."""
+    at a few hundred steps it remembers the start of training (docs/method.md#small-scale)."""
 
     def __init__(self, timesteps: int, device, decay: float):
         self.bank, self.decay = torch.zeros(timesteps, device=device), decay
@@ -55,7 +55,7 @@ class OfficialBank:
 
 
 class PooledReference:
-    """This project's reference (method.md, AGC variants): timesteps pooled into B equal bins, per bin
+    """This project's reference (docs/method.md#agc-variants): timesteps pooled into B equal bins, per bin
     an EMA of every draw's loss with a short memory d_p and its draw count n, read bias-corrected as
     Adam's moments are: ref(t) = m[b(t)] / (1 - d_p ** n[b(t)]). A bin never drawn reads 0."""
 

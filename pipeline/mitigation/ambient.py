@@ -1,6 +1,6 @@
 """Ambient high-noise training (Shah, Kalavasis, Klivans, Daras, "Does Generation Require
 Memorization? Creative Diffusion Models using Ambient Diffusion", ICML 2025), in this project's DDPM
-terms (method.md, "Reference mitigations").
+terms (docs/method.md#references).
 
 Each training image x0 gets one fixed noisy copy x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eta (eta
 drawn once per sample, seeded). At t <= t_n the model learns as usual from x0. Above t_n it never

@@ -1,5 +1,5 @@
-"""Memory-sample redistribution: this project's design of P2's idea (neither official repository
-has it; see the README). Samples that AGC skips often are the ones their proxy fits too easily;
+"""Memory-sample redistribution: this project's design of the IET-AGC+ paper's idea (neither official
+repository has it; docs/method.md#msr). Samples that AGC skips often are the ones their proxy fits too easily;
 after each round they move to the shard whose proxy fits them least, so that no proxy sees them
 long enough to copy them."""
 from __future__ import annotations

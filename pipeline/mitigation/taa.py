@@ -1,7 +1,7 @@
-"""Threshold-aware augmentation: this project's design of the TAA idea from P2 (whose code is not
-public). Instead of only skipping samples that AGC finds too easy, augment them when drawn, more
-strongly the further their loss ratio l / bank[t] falls below the threshold, so that the model is
-never shown the same pixels often enough to copy them."""
+"""Threshold-aware augmentation: this project's design of the TAA idea from the IET-AGC+ paper
+(docs/method.md#taa; its code is not public). Instead of only skipping samples that AGC finds too
+easy, augment them when drawn, more strongly the further their loss ratio l / bank[t] falls below
+the threshold, so that the model is never shown the same pixels often enough to copy them."""
 from __future__ import annotations
 
 import torch
