@@ -5,7 +5,7 @@ import click
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.dedup import duplicate_groups
-from pipeline.io import write_csv, write_json
+from pipeline.io import staged_folder, write_csv, write_json
 from stages import params_option, path_option, stage
 
 
@@ -16,17 +16,18 @@ from stages import params_option, path_option, stage
 def main(params_path, out):
     p = load_params(params_path)
     splits = prepare_splits(p.data, p.seeds.data)  # everything is read and checked before anything is written
-    for name in ("train", "heldout", "pool"):
-        getattr(splits, name).save(f"{out}/{name}.npz")
     info = {name: len(getattr(splits, name)) for name in ("train", "heldout", "pool")}
     # pixel-identical training images: copies concentrate on them, and every memorization score is
     # taken against one image per group (evaluate logs the same counts to MLflow)
     dup = duplicate_groups(splits.train.images).summary()
-    added = _added_duplicates(splits, f"{out}/copy_of.csv") if p.data.duplicates.images else {}
     src = splits.source_duplicates  # the source's own, each group dealt whole to one side of the split
-    write_json(f"{out}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
-                                    "channels": p.data.channels, "train_duplicates": dup, "source_duplicates": src,
-                                    **added})
+    with staged_folder(out) as staged:  # all of the files or none: a full disk left train.npz without pool.npz
+        for name in ("train", "heldout", "pool"):
+            getattr(splits, name).save(f"{staged}/{name}.npz")
+        added = _added_duplicates(splits, f"{staged}/copy_of.csv") if p.data.duplicates.images else {}
+        write_json(f"{staged}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
+                                           "channels": p.data.channels, "train_duplicates": dup,
+                                           "source_duplicates": src, **added})
     click.echo(f"prepared {info} from {p.data.source} at {p.data.resolution}px")
     if src["groups"]:
         click.echo(f"the source holds {src['groups']} groups of exact duplicates ({src['images']} images), none split: "
