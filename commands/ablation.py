@@ -34,7 +34,7 @@ from commands.mlflow_results import ModelResult, frontier_curve, read_results, t
 from pipeline import mitigation
 from pipeline import figures
 from pipeline import verdict
-from pipeline.comparison import frontier_lines, frontier_numbers, frontier_verdict, read_comparison
+from pipeline.comparison import NOT_COMPUTED, frontier_lines, frontier_numbers, frontier_verdict, read_comparison
 from pipeline.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 
@@ -146,7 +146,7 @@ def null_check(rows: list[dict], size: int | None = None, margin: float = verdic
     out = []
     for row in rows:
         curves = dict(zip(row["curve_seeds"], row["curves"])) if row["variant"] == "baseline" else {}
-        seeds = [s for s, c in curves.items() if c is not None]
+        seeds = sorted((s for s, c in curves.items() if c is not None), key=lambda s: (len(s), s))
         for model, baseline in _splits(seeds, size or len(seeds) // 2):
             numbers = frontier_numbers({"null": [curves[s] for s in model]}, [curves[s] for s in baseline], margin)["null"]
             out.append({"setting": row["setting"], "model": ",".join(model), "baseline": ",".join(baseline),
@@ -196,6 +196,8 @@ def null_markdown(pairs: list[dict]) -> str:
         lines.append(f"| {q['model']} | {q['baseline']} | {spec.format(q['mem_matched'])} [{spec.format(q['mem_matched_low'])}, "
                      f"{spec.format(q['mem_matched_high'])}] | {q['mem_matched_p']:.3f} | {q['verdict']} | {q['verdict_fd']} |")
     for key, label in (("verdict", "KID"), ("verdict_fd", "FD-infinity")):
+        if all(q[key] == NOT_COMPUTED for q in pairs):
+            continue
         false = sum(q[key] in (verdict.BETTER, verdict.WORSE, verdict.BELOW_FLOOR_BOUND) for q in pairs)
         low, high = scipy.stats.binomtest(false, len(pairs)).proportion_ci(0.95)
         lines.append(f"{'' if key == 'verdict_fd' else chr(10)}false verdicts under {label}: {false} of {len(pairs)} "

@@ -111,12 +111,15 @@ def read_comparison(numbers: dict, suffix: str = "") -> verdict.SeedComparison:
                                   get(f"mem_matched_relative{suffix}_low"), get(f"mem_matched_relative{suffix}_high"))
 
 
+NOT_COMPUTED = "not computed"  # a quality measure the sample count did not allow (FD-infinity)
+
+
 def frontier_verdict(numbers: dict, suffix: str = "", p: float | None = None) -> str:
     """The verdict in words (verdict.word) of frontier_numbers' comparison under KID (suffix "") or
     FD ("_fd"); `p` a multiplicity-adjusted p in place of the comparison's own. "not computed" where
     the measure was left out."""
     if "mem_matched" + suffix not in numbers:
-        return "not computed"
+        return NOT_COMPUTED
     return verdict.word(read_comparison(numbers, suffix), p)
 
 
