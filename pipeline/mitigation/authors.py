@@ -186,4 +186,6 @@ class QueueTAA(Mitigation):
                 "taa_queue_strength": sum(v[2] for v in self.totals.values()) / steps if steps else 0.0}
 
     def summary(self):
-        return {"taa_queue_steps": sum(v[0] for v in self.totals.values())}
+        # every optimizer step is a queue step: the run's count of draws is not its count of steps
+        steps = sum(v[0] for v in self.totals.values())
+        return {"taa_queue_steps": steps, "optimizer_steps": steps}
