@@ -5,8 +5,9 @@ A round, as `run` reads: every proxy trains on its shard (`train_proxies`); the 
 averaged, weighted by shard size (`average_proxies`); with K > 1 the samples are scored under the
 proxies' end-of-round weights (the loss table) and the mitigations act on it, MSR moving samples
 between shards (`end_round`); the average is loaded back into every proxy (the authors' ring MSR:
-after even rounds and the last only) and the whole state is saved (`save_state`), so a killed run resumes from its last complete round. `finish` writes the
-models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
+after even rounds and the last only) and the whole state is saved (`save_state`), so a killed run
+resumes from its last complete round. `finish` writes the models. What one round hands the next
+is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
 import math
