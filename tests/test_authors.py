@@ -177,12 +177,16 @@ def test_each_full_queue_is_one_optimizer_step():
 # ---- resume, names, refusals, RandAugment ----
 
 def test_an_interrupted_authors_run_resumes_to_the_same_weights(tmp_path):
-    groups = {"iet": {"rounds": 4}, "agc": {"tau": 0.8}}
+    """Cut after round 2 (averaged; saved with skip counts since round 1's exchange, that exchange's
+    shard order and part-filled queues): the resumed round 3 must make the same exchange and reach
+    the same weights. tau 1 and 12 draws a round so that AGC skips."""
+    groups = {"iet": {"rounds": 4, "local_epochs": 24}, "agc": {"tau": 1.0}}
     with pytest.raises(Stop):
-        _run(tmp_path / "cut", hooks=stop_after_round(2), **groups)  # the state after round 1 (an exchange)
+        _run(tmp_path / "cut", hooks=stop_after_round(3), **groups)
     saved = load_file(str(tmp_path / "cut/state/samples.safetensors"))
-    assert "msr.skips" in saved and "msr.arrival" in saved
-    assert "extra.taa.queue" in load_file(str(tmp_path / "cut/state/proxy_0.safetensors"))
+    assert saved["msr.skips"].sum() > 0 and not torch.equal(saved["msr.arrival"], torch.arange(12))
+    queues = [load_file(str(tmp_path / f"cut/state/proxy_{j}.safetensors"))["extra.taa.queue"] for j in range(3)]
+    assert any(len(q) for q in queues)
     resumed = _run(tmp_path / "cut", **groups)
     straight = _run(tmp_path / "straight", **groups)
     assert resumed["taa_queue_steps"] == straight["taa_queue_steps"] > 0
@@ -190,9 +194,10 @@ def test_an_interrupted_authors_run_resumes_to_the_same_weights(tmp_path):
         a = load_file(str(tmp_path / f"cut/out/{m}/unet/diffusion_pytorch_model.safetensors"))
         b = load_file(str(tmp_path / f"straight/out/{m}/unet/diffusion_pytorch_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
-    for r in range(4):
-        name = f"rounds/round_{r:02d}/shards.csv"
-        assert (tmp_path / "cut/out" / name).read_text() == (tmp_path / "straight/out" / name).read_text()
+    for name in ("shards.csv", "moves.csv"):
+        path = f"rounds/round_03/{name}"
+        assert (tmp_path / "cut/out" / path).read_text() == (tmp_path / "straight/out" / path).read_text()
+    assert (tmp_path / "straight/out/rounds/round_03/moves.csv").read_text().count("\n") == 1 + 3  # one from each shard
 
 
 def test_the_variant_is_named_iet_agc_plus_authors():
