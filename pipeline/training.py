@@ -156,7 +156,8 @@ def queue_steps(group, noise_schedule: DDPMScheduler, params: Params, mitigation
         positions, x0 = queued
         gen = proxy.generator
         noise = torch.randn(x0.shape, generator=gen, device=gen.device)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen, device=gen.device)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen,
+                          device=gen.device)
         xt, target = mitigations.noised(k, x0, positions, t, noise, noise_schedule)
         backward(proxy, xt, t, target, params)
         update(proxy, params.train.grad_clip)

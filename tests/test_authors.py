@@ -63,7 +63,8 @@ def test_skip_counts_accumulate_until_an_exchange_then_reset():
     m = Mitigations(("agc", "msr"), p, 6, (0, 1))
     ring = m.built["msr"]
     shard = np.array([0, 0, 0, 1, 1, 1])
-    step = Step(torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long), torch.ones(3), torch.tensor([True, False, False]))
+    step = Step(torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.long), torch.ones(3),
+                torch.tensor([True, False, False]))
     m.observe(0, step)
     end = RoundEnd(shard, np.zeros(6), np.zeros((6, 2)), None, round=0)
     m.end_round(end)  # an even round: no exchange, counts kept
@@ -211,7 +212,8 @@ def test_the_variant_is_named_iet_agc_plus_authors():
 
 @pytest.mark.parametrize("groups, message", [
     ({"msr": {"mode": "ring"}, "iet": {"split": "groups"}}, "msr.mode ring moves single samples"),
-    ({"taa": {"mode": "queue"}, "train": {"stack_proxies": "true"}}, "train.stack_proxies cannot be true with taa.mode queue"),
+    ({"taa": {"mode": "queue"}, "train": {"stack_proxies": "true"}},
+     "train.stack_proxies cannot be true with taa.mode queue"),
     ({"taa": {"augment_base": 31}}, "taa.augment_base"),
     ({"msr": {"mode": "authors"}}, "msr.mode"),
 ])
