@@ -190,7 +190,7 @@ def test_an_interrupted_authors_run_resumes_to_the_same_weights(tmp_path):
     assert any(len(q) for q in queues)
     resumed = _run(tmp_path / "cut", **groups)
     straight = _run(tmp_path / "straight", **groups)
-    assert resumed["taa_queue_steps"] == straight["taa_queue_steps"] > 0
+    assert resumed["taa_queue_steps_total"] == straight["taa_queue_steps_total"] == straight["optimizer_steps"] > 0
     for m in ("model", "model_ema"):
         a = load_file(str(tmp_path / f"cut/out/{m}/unet/diffusion_pytorch_model.safetensors"))
         b = load_file(str(tmp_path / f"straight/out/{m}/unet/diffusion_pytorch_model.safetensors"))

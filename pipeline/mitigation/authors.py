@@ -188,4 +188,4 @@ class QueueTAA(Mitigation):
     def summary(self):
         # every optimizer step is a queue step: the run's count of draws is not its count of steps
         steps = sum(v[0] for v in self.totals.values())
-        return {"taa_queue_steps": steps, "optimizer_steps": steps}
+        return {"taa_queue_steps_total": steps, "optimizer_steps": steps}
