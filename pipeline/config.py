@@ -214,6 +214,11 @@ class MSRConfig(_Group):
     max_imbalance: float = Field(0.25, ge=0, le=1)
     profile_timesteps: int = Field(1, ge=1)
     profile: Literal["candidates", "all"] = "candidates"
+    # ring: the authors' unreleased prototype (docs/authors_variant.md): on odd rounds each proxy sends
+    # its top `exchange` share of samples by AGC skips to the next proxy; proxies are averaged (plain
+    # mean) only after even rounds and the last
+    mode: Literal["ours", "ring"] = "ours"
+    exchange: float = Field(0.25, gt=0, le=1)
 
 
 class Transforms(_Group):
@@ -228,6 +233,10 @@ class TAAConfig(Transforms):
     margin: float = Field(0.1, ge=0)
     rise: float = Field(0.1, gt=0)
     decay: float = Field(0.9, ge=0, lt=1)
+    # queue: the authors' unreleased prototype (docs/authors_variant.md): kept samples queue with strength
+    # exp(-5 d); a full queue's first 8 take one step under RandAugment(2, int(mean strength x augment_base))
+    mode: Literal["ours", "queue"] = "ours"
+    augment_base: float = Field(5.0, ge=0, le=30)  # RandAugment has 31 magnitude bins: int(s x base) <= 30
 
 
 class AugmentConfig(Transforms):
@@ -363,6 +372,7 @@ class Params(_Group):
         if self.dp.enabled:
             self._dp_fits()
         self._counts_fit()
+        self._authors_modes_fit()
         if self.train.stack_proxies == "true" and (why := self.stacking_refused()):
             raise ValueError(f"train.stack_proxies cannot be true with {why}: use auto or false")
         return self
@@ -427,7 +437,14 @@ class Params(_Group):
             return "train.mixed_precision fp16 (one loss scaler per proxy)"
         if self.train.grad_accum > 1:
             return f"train.grad_accum {self.train.grad_accum} (one backward pass per step)"
+        if self.taa.enabled and self.taa.mode == "queue":
+            return "taa.mode queue (each proxy steps when its own queue fills)"
         return None
+
+    def _authors_modes_fit(self) -> None:
+        """The authors' ring moves single samples, so it cannot keep near-duplicate groups whole."""
+        if self.msr.enabled and self.msr.mode == "ring" and self.iet.split == "groups":
+            raise ValueError("msr.mode ring moves single samples: it needs iet.split random, not groups")
 
     def _dp_fits(self) -> None:
         """What DP-SGD is refused with: its per-sample clipping bounds each sample's share of a step

@@ -4,9 +4,10 @@ times the local steps, so both models get the same optimizer steps x batch size.
 A round, as `run` reads: every proxy trains on its shard (`train_proxies`); the proxies are
 averaged, weighted by shard size (`average_proxies`); with K > 1 the samples are scored under the
 proxies' end-of-round weights (the loss table) and the mitigations act on it, MSR moving samples
-between shards (`end_round`); the average is loaded back into every proxy and the whole state is
-saved (`save_state`), so a killed run resumes from its last complete round. `finish` writes the
-models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
+between shards (`end_round`); the average is loaded back into every proxy (the authors' ring MSR:
+after even rounds and the last only) and the whole state is saved (`save_state`), so a killed run
+resumes from its last complete round. `finish` writes the models. What one round hands the next
+is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
 import shutil
@@ -123,10 +124,11 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
         train_seconds = time.perf_counter() - t0
         averaged, ema_averaged = average_proxies(r, progress, rnd)
         metrics = end_round(r, progress, rnd, counts)
-        for proxy in r.proxies.values():
-            proxy.model.load_state_dict(averaged)
-            for i, shadow in enumerate(proxy.ema.shadow_params):
-                shadow.data.copy_(ema_averaged[i])
+        if r.mitigations.averages(rnd, plan.rounds):  # the authors' ring MSR: after even rounds and the last only
+            for proxy in r.proxies.values():
+                proxy.model.load_state_dict(averaged)
+                for i, shadow in enumerate(proxy.ema.shadow_params):
+                    shadow.data.copy_(ema_averaged[i])
         progress.seconds += time.perf_counter() - t0
         metrics.update(round_seconds=time.perf_counter() - t0, round_train_seconds=train_seconds)
         if r.ranks.is_main:
@@ -265,8 +267,9 @@ def _checkpointer(r: Run, steps: int, group):
 
 def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:
     """The shard-size-weighted mean of the proxies' end-of-round weights and of their EMA weights
-    (IET's aggregation), every proxy's state sent from its owner; saved beside the round."""
-    sizes = np.bincount(progress.shard, minlength=r.plan.shards).tolist()
+    (IET's aggregation; the mitigations may weigh otherwise: the authors' ring MSR takes the plain
+    mean), every proxy's state sent from its owner; saved beside the round."""
+    sizes = r.mitigations.weights(np.bincount(progress.shard, minlength=r.plan.shards).tolist())
     ends = [r.ranks.share_tensors(r.proxies[k].model.state_dict() if k in r.proxies else None, r.like_model,
                                   r.ranks.owner(k)) for k in range(r.plan.shards)]
     emas = [r.ranks.share_tensors(dict(enumerate(r.proxies[k].ema.shadow_params)) if k in r.proxies else None,
@@ -303,7 +306,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
                             derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
         profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
                       else progress.shard[:, None] == np.arange(r.plan.shards))
-        end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows, r.groups)
+        end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows, r.groups, round=rnd)
         r.mitigations.end_round(end)
         metrics["profile_seconds"] = time.perf_counter() - t0
         if r.ranks.is_main:

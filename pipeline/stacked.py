@@ -24,7 +24,8 @@ inside of vmap"), so the stacked copy of the UNet uses `VmapGroupNorm`, the same
 over proxies) where scaled_dot_product_attention has no batching rule (the CPU kernel has none).
 
 Not stacked (params refuse `true`, `auto` falls back to one after another): DP-SGD (its Opacus
-optimizer wraps each proxy), fp16 loss scaling (one GradScaler per proxy) and grad_accum > 1.
+optimizer wraps each proxy), fp16 loss scaling (one GradScaler per proxy), grad_accum > 1 and the
+authors' TAA queue (taa.mode: queue: each proxy steps when its own queue fills).
 """
 from __future__ import annotations
 

@@ -121,14 +121,19 @@ def train_steps(group, images: torch.Tensor, shards: dict[int, torch.Tensor], st
     logs = {k: _CurveLog(proxy.generator.device) for k, proxy in proxies.items()}
     group.train()
     bar = tqdm(range(steps), desc=desc, unit="step", mininterval=1, leave=False)
+    # the authors' TAA queue: a draw gives no gradient, only evidence; the proxy steps on queued batches
+    evidence_only = not mitigations.trains_draws
     for i in bar:
         batches = {k: draw(proxy, k, next(streams[k]), images, noise_schedule, mitigations)
                    for k, proxy in proxies.items()}
-        results = group.forward_backward(batches, mitigations.keep, desc)
+        results = (group.evidence if evidence_only else group.forward_backward)(batches, mitigations.keep, desc)
         for k, (losses, keep, _) in results.items():
             mitigations.observe(k, Step(batches[k].positions, batches[k].t, losses, keep))
             counts.add(batches[k].positions, keep)
-        group.update(params.train.grad_clip)
+        if evidence_only:
+            queue_steps(group, noise_schedule, params, mitigations)
+        else:
+            group.update(params.train.grad_clip)
         if on_step:
             on_step(i + 1)
         for k, (_, keep, loss) in results.items():
@@ -139,6 +144,23 @@ def train_steps(group, images: torch.Tensor, shards: dict[int, torch.Tensor], st
                 if on_curve:
                     on_curve(k, row)
     bar.close()
+
+
+def queue_steps(group, noise_schedule: DDPMScheduler, params: Params, mitigations: Mitigations) -> None:
+    """One optimizer step for each proxy of `group` whose mitigations queue a batch now (plain
+    DDPM objective unless a mitigation sets it, mean loss), its noise and timesteps from its own
+    generator."""
+    for k, proxy in group.proxies.items():
+        if (queued := mitigations.queued(k, proxy.generator)) is None:
+            continue
+        positions, x0 = queued
+        gen = proxy.generator
+        noise = torch.randn(x0.shape, generator=gen, device=gen.device)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (x0.shape[0],), generator=gen,
+                          device=gen.device)
+        xt, target = mitigations.noised(k, x0, positions, t, noise, noise_schedule)
+        backward(proxy, xt, t, target, params)
+        update(proxy, params.train.grad_clip)
 
 
 def diverged(desc: str, step: int | str, loss="not finite") -> FloatingPointError:
@@ -225,6 +247,18 @@ class OneProxy:
             raise diverged(desc, proxy.step + 1, loss.item())
         return {k: (losses, keep, loss)}
 
+    def evidence(self, batches: dict[int, Batch], keep_fn, desc: str) -> dict[int, tuple]:
+        """forward_backward's results from a forward pass without gradient: the draw only tells the
+        mitigations its losses and keep mask (the authors' TAA queue)."""
+        (k, proxy), = self.proxies.items()
+        b = batches[k]
+        with torch.no_grad():
+            losses = sample_losses(proxy.model, b.xt, b.t, b.target, self.params.train.mixed_precision)
+        keep, loss = kept_loss(losses, keep_fn(k, losses, b.t, b.positions))
+        if not finite(loss):
+            raise diverged(desc, proxy.step + 1, loss.item())
+        return {k: (losses, keep, loss)}
+
     def update(self, grad_clip: float) -> None:
         for proxy in self.proxies.values():
             update(proxy, grad_clip)
@@ -261,18 +295,23 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
 
 
+def sample_losses(model: UNet2DModel, xt, t, target, precision: str) -> torch.Tensor:
+    """Per-sample denoising loss mean((pred - target)^2) of `model` on (xt, t), under autocast."""
+    device = next(model.parameters()).device
+    with autocast(device, precision):
+        pred = model(xt.to(device), t.to(device)).sample
+    return (pred.float() - target.to(device)).pow(2).mean(dim=(1, 2, 3))
+
+
 def backward(proxy: Proxy, xt, t, target, params: Params, keep_fn=lambda losses, sl: None):
     """Forward and backward of one optimizer step's batch, in train.grad_accum micro-batches
     (same gradient, less activation memory). `keep_fn(losses, sl)` is the mitigations' keep mask of
     the batch's slice `sl` (None: keep all). Returns per-sample losses, the keep mask and the step's loss: the mean over
     kept samples, as one full batch would give."""
     cfg, model = params.train, proxy.model
-    device = next(model.parameters()).device
 
     def forward(sl):
-        with autocast(device, cfg.mixed_precision):
-            pred = model(xt[sl].to(device), t[sl].to(device)).sample
-        return (pred.float() - target[sl].to(device)).pow(2).mean(dim=(1, 2, 3))
+        return sample_losses(model, xt[sl], t[sl], target[sl], cfg.mixed_precision)
 
     if cfg.grad_accum == 1:
         losses = forward(slice(None))

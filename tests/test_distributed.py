@@ -2,7 +2,8 @@
 tables, moves and curves, bit for bit, as one plain process: every rank averages the same K states
 in proxy order, so nothing is summed in a different order. K=3 puts two proxies on rank 0 and one
 on rank 1; tau 0.9 makes AGC skip, TAA raise strengths and MSR move samples, all of which cross
-ranks."""
+ranks. The authors' prototype (ring MSR, queue TAA: each proxy's queue on its rank, skip counts
+summed over ranks) is held to the same."""
 import json
 import os
 import shutil
@@ -23,11 +24,12 @@ from tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = tiny(agc={'tau': 0.9}, msr={'fraction': 0.25, 'max_imbalance': 0.5})
+AUTHORS = tiny(agc={'tau': 0.8}, msr={'mode': 'ring'}, taa={'mode': 'queue'})
 
 
-def _workdir(path: Path) -> Path:
+def _workdir(path: Path, raw: dict) -> Path:
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for group, values in TINY.items():
+    for group, values in raw.items():
         params[group].update(values)
     params["tracking"]["uri"] = f"sqlite:///{path / 'mlflow.db'}"
     path.mkdir(parents=True)
@@ -57,11 +59,12 @@ def _stage(cwd: Path, launcher: list[str]):
     return out
 
 
-def test_two_processes_give_the_same_run_as_one(tmp_path):
+@pytest.mark.parametrize("raw", [TINY, AUTHORS], ids=["default", "authors"])
+def test_two_processes_give_the_same_run_as_one(tmp_path, raw):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
-    one, two = _workdir(tmp_path / "one"), _workdir(tmp_path / "two")
+    one, two = _workdir(tmp_path / "one", raw), _workdir(tmp_path / "two", raw)
     _stage(one, [sys.executable])
     # accelerate's multi-CPU mode wants MPI; its multi-GPU launcher with Accelerator(cpu=True) semantics
     # (PartialState(cpu=True) in pipeline/distributed.py) runs torch.distributed over gloo instead.
@@ -81,7 +84,7 @@ def test_two_processes_give_the_same_run_as_one(tmp_path):
         assert not differ, f"{model}: {len(differ)} tensors differ, e.g. {differ[:3]}"
     assert (one / "out/curves.csv").read_text() == (two / "out/curves.csv").read_text()
     moved = 0
-    for r in range(TINY["iet"]["rounds"]):
+    for r in range(raw["iet"]["rounds"]):
         rd = f"out/rounds/round_{r:02d}"
         for f in ("loss_table.csv", "moves.csv", "shards.csv"):
             assert (one / rd / f).read_text() == (two / rd / f).read_text(), f"round {r}: {f}"
@@ -96,4 +99,4 @@ def test_two_processes_give_the_same_run_as_one(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("iet-agc").experiment_id])
     names = sorted(r.info.run_name for r in runs if "mlflow.parentRunId" in r.data.tags)
     assert names.count("iet") == 1
-    assert len([n for n in names if n.startswith("round ")]) == 3 * TINY["iet"]["rounds"], names
+    assert len([n for n in names if n.startswith("round ")]) == 3 * raw["iet"]["rounds"], names

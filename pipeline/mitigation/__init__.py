@@ -30,16 +30,20 @@ class Entry:
     min_shards: int = 1             # off below this many IET shards
     shows: tuple[str, str] = ()     # (symbol, key of its group) that variant names show: DP-SGD (sigma=1.0)
     options: tuple[str, ...] = ()   # keys of its group whose non-default values variant names show: AGC [pooled]
+    modes: tuple[tuple[str, str], ...] = ()  # (value of its group's `mode`, "module:Class") replacing `hooks`
 
-    def load(self) -> type[Mitigation]:
-        module, cls = self.hooks.split(":")
+    def load(self, cfg=None) -> type[Mitigation]:
+        """Its hooks' class; the one of `cfg.mode` where its entry names one for it."""
+        module, cls = dict(self.modes).get(getattr(cfg, "mode", None), self.hooks).split(":")
         return getattr(importlib.import_module(module), cls)
 
 
 REGISTRY: dict[str, Entry] = {e.name: e for e in (
     Entry("agc", "AGC", "pipeline.mitigation.agc:AGC", options=("reference", "score")),
-    Entry("msr", "MSR", "pipeline.mitigation.msr:MSR", requires=("agc",), min_shards=2),
-    Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",)),
+    Entry("msr", "MSR", "pipeline.mitigation.msr:MSR", requires=("agc",), min_shards=2, options=("mode",),
+          modes=(("ring", "pipeline.mitigation.authors:RingMSR"),)),
+    Entry("taa", "TAA", "pipeline.mitigation.taa:TAA", requires=("agc",), options=("mode",),
+          modes=(("queue", "pipeline.mitigation.authors:QueueTAA"),)),
     Entry("augment", "augment", "pipeline.mitigation.augment:Augment"),
     Entry("dp", "DP-SGD", "pipeline.mitigation.dp:DPSGD", shows=("sigma", "noise_multiplier")),
     Entry("ambient", "ambient", "pipeline.mitigation.ambient:Ambient", shows=("t_n", "timestep")),
@@ -47,6 +51,8 @@ REGISTRY: dict[str, Entry] = {e.name: e for e in (
 )}
 # the IET-AGC+ paper's name for IET with all three of its parts (docs/method.md#sources)
 FULL_METHOD = ("agc", "msr", "taa")
+# the modes of the authors' unreleased prototype: with both, variant names say [authors]
+AUTHORS = ("ring", "queue")
 
 
 def active(enabled: Mapping[str, bool], shards: int) -> tuple[str, ...]:
@@ -107,6 +113,8 @@ def _options(names: tuple[str, ...], settings: Mapping[str, object], shards: int
     defaults = Params()
     changed = [str(settings[key]) for name in names for key in (f"{name}.{o}" for o in REGISTRY[name].options)
                if key in settings and str(settings[key]) != str(getattr(getattr(defaults, name), key.split(".")[1]))]
+    if set(AUTHORS) <= set(changed):
+        changed = ["authors"] + [c for c in changed if c not in AUTHORS]
     if shards > 1 and str(settings.get(SPLIT, defaults.iet.split)) != defaults.iet.split:
         changed.append(str(settings[SPLIT]))
     return f" [{', '.join(changed)}]" if changed else ""
@@ -182,7 +190,7 @@ class Mitigations:
             ctx = Context(samples, proxies, params.model.num_train_timesteps, {r: built[r] for r in entry.requires},
                           torch.device(device), params.train.batch_size, warmup_steps,
                           derived_seed(params.seeds.train, AMBIENT), images)
-            built[name] = entry.load()(getattr(params, name), ctx)
+            built[name] = entry.load(getattr(params, name))(getattr(params, name), ctx)
         self.built = built
         self.items = list(built.values())
 
@@ -219,6 +227,24 @@ class Mitigations:
     def observe(self, k: int, step: Step) -> None:
         for m in self.items:
             m.observe(k, step)
+
+    @property
+    def trains_draws(self) -> bool:
+        return all(m.trains_draws for m in self.items)
+
+    def queued(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        for m in self.items:
+            if (batch := m.queued(k, generator)) is not None:
+                return batch
+        return None
+
+    def weights(self, sizes: list[int]) -> list[float]:
+        for m in self.items:
+            sizes = m.weights(sizes)
+        return sizes
+
+    def averages(self, rnd: int, rounds: int) -> bool:
+        return all(m.averages(rnd, rounds) for m in self.items)
 
     def end_round(self, end: RoundEnd) -> None:
         for m in self.items:

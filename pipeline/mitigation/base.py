@@ -49,10 +49,15 @@ class RoundEnd:
     score: Callable[[np.ndarray], np.ndarray]
     groups: np.ndarray | None = None  # near-duplicate group of each position with iet.split: groups (they move whole)
     moves: list[dict] = field(default_factory=list)
+    round: int = 0                    # which round ended (0-based)
 
 
 class Mitigation:
     """Its name, label and requirements are its registry entry's."""
+    # Whether a drawn batch's kept samples give the step's gradient. False (the authors' TAA queue): a
+    # draw is a forward pass without gradient that only feeds keep() and observe(); the proxy takes
+    # its optimizer steps on the batches `queued` hands out instead.
+    trains_draws: bool = True
 
     def __init__(self, cfg, ctx: Context):
         self.cfg, self.ctx = cfg, ctx
@@ -85,6 +90,21 @@ class Mitigation:
 
     def observe(self, k: int, step: Step) -> None:
         """After proxy k's backward pass."""
+
+    def queued(self, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """After observe(), where trains_draws is False: (positions, clean images in [-1, 1]) of a
+        batch proxy k takes one optimizer step on now (plain mean loss), or None."""
+        return None
+
+    def weights(self, sizes: list[int]) -> list[float]:
+        """The proxies' weights in IET's mean, from their shard sizes (IET: the sizes themselves)."""
+        return sizes
+
+    def averages(self, rnd: int, rounds: int) -> bool:
+        """Whether the mean is loaded back into every proxy after round `rnd` (0-based) of `rounds`;
+        when not, each proxy goes on from its own weights (the mean is still saved, for evaluation).
+        The last round must average: the model written is the mean."""
+        return True
 
     def end_round(self, end: RoundEnd) -> None:
         """After every proxy trained the round, before the average is loaded back."""
