@@ -59,7 +59,8 @@ def _stage(cwd: Path, launcher: list[str]):
     return out
 
 
-@pytest.mark.parametrize("raw", [TINY, AUTHORS], ids=["default", "authors"])
+# the authors' case adds about 110 s: run with `pytest -m slow` (the default case holds the mechanism)
+@pytest.mark.parametrize("raw", [TINY, pytest.param(AUTHORS, marks=pytest.mark.slow)], ids=["default", "authors"])
 def test_two_processes_give_the_same_run_as_one(tmp_path, raw):
     accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     if accelerate is None:
