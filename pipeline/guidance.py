@@ -18,10 +18,10 @@ be its own second neighbour and shrink the mean the distance is normalized by.
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DModel
 from torch import Tensor
 
-from pipeline import metrics
+from pipeline import metrics, sampling
 from pipeline.config import AMGConfig
 
 NL2_NEIGHBOURS = 50  # the paper's n: the mean distance is over the 50 nearest training images
@@ -36,26 +36,9 @@ def sample(unet: UNet2DModel, scheduler: DDPMScheduler, n: int, steps: int, seed
     """DDIM, eta 0, with dissimilarity guidance away from `reference` (training images in [-1, 1],
     de-duplicated). The same noise as pipeline.sampling.sample for the same seed, so with the
     guidance never active the images are identical. Returns images in [-1, 1] on the CPU."""
-    from tqdm.auto import tqdm
-
-    ddim = DDIMScheduler.from_config(scheduler.config)
-    ddim.set_timesteps(steps)
-    device = next(unet.parameters()).device
-    reference = reference.to(device)
-    unet.eval()
-    generator = torch.Generator().manual_seed(seed)
-    c, r = unet.config.in_channels, unet.config.sample_size
-    out = []
-    with tqdm(total=n * steps, desc=desc, unit="img-step", disable=not progress, mininterval=1) as bar:
-        for start in range(0, n, batch_size):
-            x = torch.randn(min(batch_size, n - start), c, r, r, generator=generator).to(device)
-            for t in ddim.timesteps:
-                eps, _ = guided_eps(unet, x, t, ddim.alphas_cumprod[t].to(device), reference, amg)
-                with torch.no_grad():
-                    x = ddim.step(eps, t, x, eta=0.0).prev_sample
-                bar.update(x.shape[0])
-            out.append(x.clamp(-1, 1).cpu())
-    return torch.cat(out)
+    reference = reference.to(next(unet.parameters()).device)
+    return sampling.ddim_loop(unet, scheduler, n, steps, seed, batch_size, progress, desc,
+                              lambda x, t, alpha_bar: guided_eps(unet, x, t, alpha_bar, reference, amg)[0])
 
 
 def threshold(amg: AMGConfig, alpha_bar: Tensor) -> Tensor:
