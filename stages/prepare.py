@@ -39,11 +39,12 @@ def main(params_path, out):
                    f"{dup['unique_images']} unique images")
     if "near_copies" in added:
         near, t = added["near_copies"], added["near_copies"]["thresholds"]
-        click.echo(f"near copies lie {near['rms_to_original']['median']:.4f} (median; max {near['rms_to_original']['max']:.4f}) "
-                   f"from their originals, distinct images at least {near['distinct_images']['min']:.4f}; a near_duplicate "
-                   + (f"threshold t with {t['catch_above']:.4f} < t <= {t['merges_at']:.4f} catches every copy and merges "
-                      "no distinct images" if t["any_works"] else "threshold that catches every copy merges distinct images"))
-
+        found = (f"a threshold t with {t['catch_above']:.4f} < t <= {t['merges_at']:.4f} catches every copy and "
+                 "merges no distinct images" if t["any_works"] else "any threshold that catches every copy merges "
+                 "distinct images")
+        click.echo(f"near copies lie {near['rms_to_original']['median']:.4f} (median; max "
+                   f"{near['rms_to_original']['max']:.4f}) from their originals, distinct images at least "
+                   f"{near['distinct_images']['min']:.4f} apart (RMS): for near_duplicate, {found}")
 
 def _added_duplicates(splits, path: str, near: bool) -> dict:
     """data.duplicates' copies: copy_of.csv (each added sample's id and the id of its original) and
