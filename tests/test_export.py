@@ -58,6 +58,9 @@ def store(tmp_path_factory):
                     {"iet": final}, {"iet": 320.0}, frontiers={"iet": CURVES["IET"][s]})
     _experiment(client, exp, "N-again-s0", {**BASE, "seeds.train": "0", "iet.shards": "4"},
                 {"baseline": {**final, "fd": 2.5}}, {"baseline": 300.0}, frontiers={"baseline": CURVES["baseline"][0]})
+    for run in client.search_runs([exp], "attributes.run_name = 'evaluate iet'"):  # as evaluate logs them
+        for step, copied in enumerate((0, 1, 2, 3), start=1):
+            client.log_metric(run.info.run_id, "round_distinct_copied", copied, step=step)
     for run in client.search_runs([exp], "attributes.run_name = 'baseline'"):  # the round loop's params
         client.log_param(run.info.run_id, "shards", "1")
         client.log_param(run.info.run_id, "steps_per_round", "96")
@@ -89,6 +92,9 @@ def test_export_writes_one_small_file_per_model_and_seed(exported):
     np.testing.assert_array_equal(columns["mem_ratio"], curve.memorized.mean(1))
     np.testing.assert_array_equal(columns["optimizer_step"], [24, 48, 72, 96])  # progress x 1 shard x 96 steps a round
     assert (columns["samples"] == 64).all() and np.isnan(columns["distinct_copied"]).all()  # not logged per checkpoint
+    plus = export.read(out / "N/iet-agc-plus/seed0.csv")[1]
+    np.testing.assert_array_equal(plus["distinct_copied"], [0, 1, 2, 3])  # logged per checkpoint
+    assert np.isnan(plus["copies_on_duplicated_share"]).all()
     assert np.isfinite(columns["fd_infinity"]).all() and columns["kid"][0] > columns["kid"][-1]
     assert np.isnan(export.read(out / "N/iet/seed0.csv")[1]["optimizer_step"]).all()  # no shards/steps logged
 
