@@ -117,6 +117,8 @@ def frontier_lines(rows: list[dict], points: int = 64) -> dict[str, dict]:
     out = {}
     for row in rows:
         point = fits(row["runs"], "kid")
+        if point is None:  # a checkpoint without a KID: nothing to draw
+            continue
         fitted = [f.frontier for f in point]
         levels = np.linspace(max(f.best for f in fitted), min(f.worst for f in fitted), points)
         out[row["variant"]] = {"quality": np.concatenate([f.raw_quality for f in point]),
