@@ -40,10 +40,11 @@ from pipeline.mitigation.dp import EPSILON
 
 METRICS = shown_in(ABLATION)
 # A setting is every param but these: the seed (averaged over), the switches and shown settings that
-# make the variant, tau and the shard count (shown as their own columns), and where results are
-# logged or how processes are started.
+# make the variant (a sampling-time remedy's whole group: its knobs are in its name), tau and the
+# shard count (shown as their own columns), and where results are logged or how processes are started.
 NOT_SETTING = ("seeds.train", "agc.tau", "iet.shards", "train.launcher",
                *(f"{name}.enabled" for name in mitigation.REGISTRY),
+               *mitigation.sampling_keys(),
                *mitigation.shown_keys())
 # from the training run, beside the evaluation's metrics (runs from before per-round times were
 # named round_train_seconds logged train_seconds by round too: training_metrics takes the last)

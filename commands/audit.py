@@ -48,10 +48,13 @@ class Images:
 @click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--feature-epochs", default=3, show_default=True, type=click.IntRange(min=1),
               help="epochs of the small feature classifier FD/KID are measured with (eval.classifier_epochs)")
+@click.option("--guidance", type=click.Choice(["none", "amg"]), default="none", show_default=True,
+              help="amg: also sample with anti-memorization guidance (settings: amg of ./params.yaml, else the "
+                   "defaults) and set both side by side; the guided audit's files go to OUT/amg/")
 @click.option("--device", default=None, help="torch device  [default: cuda when available, else cpu]")
 @click.option("--tracking-uri", default=None,
               help="MLflow store for models:/ and runs:/ URIs  [default: as for `sample`]")
-def audit(model_uri, train_path, heldout_path, out, num, steps, seed, batch_size, feature_epochs, device,
+def audit(model_uri, train_path, heldout_path, out, num, steps, seed, batch_size, feature_epochs, guidance, device,
           tracking_uri):
     """Does a diffusion model copy its training images? Samples it, finds the copies (duplicate-aware),
     measures membership leakage (with --heldout) and quality, and writes OUT/report.md.
@@ -84,6 +87,11 @@ def audit(model_uri, train_path, heldout_path, out, num, steps, seed, batch_size
     samples, scored, features = run_audit(unet.to(device), scheduler, train, heldout, settings, batch_size,
                                           feature_epochs)
     write_outputs(out, samples, scored, train, {**settings, "features": features})
+    if guidance == "amg":
+        guided = run_audit(unet, scheduler, train, heldout, settings, batch_size, feature_epochs, amg_sampler(train))
+        write_outputs(out / "amg", guided[0], guided[1], train, {**settings, "features": features, "guidance": "amg"})
+        with open(out / "report.md", "a") as f:
+            f.write(guidance_comparison(scored.metrics, guided[1].metrics, num))
     m = scored.metrics
     click.echo(f"{round(m['mem_ratio'] * num)} of {num} samples copy a training image "
                f"({m['distinct_copied']} distinct images); wrote {out / 'report.md'}")
@@ -194,9 +202,10 @@ def read_images(path: Path, unet, option: str) -> Images:
 
 
 def run_audit(unet, scheduler, train: Images, heldout: Images | None, settings: dict, batch_size: int,
-              feature_epochs: int):
+              feature_epochs: int, sampler=None):
     """(samples, evaluation.Scored, what the FD/KID features are): the evaluate stage's measures of
-    the model's samples, against the training images as the feature pool."""
+    the model's samples (drawn by `sampler`, default plain DDIM), against the training images as the
+    feature pool."""
     import torch
 
     from pipeline.dedup import duplicate_groups
@@ -205,13 +214,46 @@ def run_audit(unet, scheduler, train: Images, heldout: Images | None, settings: 
     from pipeline.sampling import sample
 
     device = next(unet.parameters()).device
-    samples = sample(unet, scheduler, settings["num_samples"], settings["ddim_steps"], settings["seed"], batch_size)
+    samples = (sampler or sample)(unet, scheduler, settings["num_samples"], settings["ddim_steps"], settings["seed"],
+                                  batch_size)
     x = train.images.to_tensor()
     # the evaluate stage's classifier trains on the pipeline's pool; here the only real images at hand
     net, info = train_feature_net(x.to(device), torch.from_numpy(train.images.labels), x.shape[1],
                                   epochs=feature_epochs, seed=settings["seed"])
     data = EvalData(x, heldout.images.to_tensor() if heldout else None, x, duplicate_groups(train.images.images))
     return samples, score_samples(unet, scheduler, samples, data, net, settings["seed"]), _feature_words(info)
+
+
+def amg_sampler(train: Images):
+    """guidance.sample away from the training images (exact duplicates collapsed), with ./params.yaml's
+    amg settings when there is one, else the defaults (docs/guidance.md)."""
+    from functools import partial
+
+    import torch
+
+    from pipeline import guidance
+    from pipeline.config import AMGConfig, load_params
+    from pipeline.dedup import duplicate_groups
+
+    amg = load_params("params.yaml").amg if Path("params.yaml").is_file() else AMGConfig()
+    reference = train.images.to_tensor()[torch.from_numpy(duplicate_groups(train.images.images).representatives)]
+    return partial(guidance.sample, reference=reference, amg=amg, desc="sampling (AMG)")
+
+
+def guidance_comparison(plain: dict, guided: dict, num: int) -> str:
+    """The report's section on the same model sampled with and without AMG [sampling], same noise."""
+    rows = [("samples copying a training image", "mem_ratio", ".3f"), ("distinct images copied", "distinct_copied", "d"),
+            ("normalized L2 below 1.4 (the paper's share)", "nl2_copy_share", ".3f"),
+            ("normalized L2, 5th percentile", "nl2_p5", ".2f"), ("normalized L2, least", "nl2_min", ".2f"),
+            ("feature FD (lower is better)", "fd", ".2f"), ("feature KID", "kid", ".3f")]
+    lines = ["", "## With anti-memorization guidance (AMG [sampling])", "",
+             f"The same model and noise, {num} samples each, without and with guidance away from the training "
+             "images (docs/guidance.md in the IET-AGC+ repository); the guided audit's files are in `amg/`.", "",
+             "| | without | with AMG |", "|---|---|---|"]
+    for label, key, fmt in rows:
+        if key in plain and key in guided:
+            lines.append(f"| {label} | {plain[key]:{fmt}} | {guided[key]:{fmt}} |")
+    return "\n".join(lines + ["", "![copies with AMG](amg/copies.png)", ""])
 
 
 def _feature_words(info: dict) -> str:

@@ -76,7 +76,7 @@ def _write_pngs(images, folder: Path) -> None:
 @click.option("--model", "model_uri", required=True,
               help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/PATH or a local model directory")
 @click.option("--num", "-n", default=16, show_default=True, type=click.IntRange(min=1), help="images to sample")
-@click.option("--seed", default=0, show_default=True, type=int, help="same seed, same images")
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(0, 2**32 - 1), help="same seed, same images")
 @click.option("--steps", default=None, type=click.IntRange(min=1),
               help="DDIM steps  [default: 50, or the model's training timesteps if fewer]")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="folder for one PNG per image")
@@ -86,18 +86,30 @@ def _write_pngs(images, folder: Path) -> None:
 @click.option("--tracking-uri", default=None,
               help="MLflow store for models:/ and runs:/ URIs  [default: tracking.uri of ./params.yaml, "
                    "else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root]")
-def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_uri):
+@click.option("--guidance", type=click.Choice(["none", "amg"]), default="none", show_default=True,
+              help="amg: anti-memorization guidance away from the --train images (settings: amg of "
+                   "./params.yaml when there is one, else the defaults)")
+@click.option("--train", "train_path", type=click.Path(exists=True, path_type=Path),
+              help="the model's training images for --guidance amg: a folder of images or an .npz")
+def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_uri, guidance, train_path):
     """Sample images from a registered or local model (DDIM, eta 0), seeded, to PNG files and/or a grid.
 
     \b
     iet-agc sample --model models:/iet-agc@candidate --num 16 --grid grid.png
     iet-agc sample --model runs/iet/model --num 64 --seed 1 --out samples/
+    iet-agc sample --model runs/baseline/model --guidance amg --train data/prepared/train.npz --grid amg.png
     """
     if out is None and grid is None:
         raise click.UsageError("nothing to write: give --out FOLDER and/or --grid FILE.png")
+    if (guidance == "amg") != (train_path is not None):
+        raise click.UsageError("--guidance amg and --train go together: the guidance needs the training images")
+    for path, option in ((out, "--out"), (grid, "--grid")):
+        if path is not None:
+            _check_destination(path, option, folder=option == "--out")
     from mlflow.exceptions import MlflowException
 
     from pipeline.config import ConfigError
+    from pipeline.data import DataError
     from pipeline.io import local_path
     from pipeline.fetch import fetched
     from pipeline.store import StoreError
@@ -111,11 +123,21 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             from pipeline.sampling import sample as ddim_sample
 
             unet, scheduler = load_pipeline(path)
+            from pipeline.preflight import check_saved_model
+
+            check_saved_model(unet.config, scheduler.config, min(batch_size, num), label)
         steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
         unet.to(device)
-        click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed})", err=True)
+        if train_path is not None:
+            from commands.audit import amg_sampler, read_images
+
+            ddim_sample = amg_sampler(read_images(train_path, unet, "--train"))
+            click.echo(f"guidance away from {len(ddim_sample.keywords['reference'])} unique training images in "
+                       f"{train_path}", err=True)
+        click.echo(f"sampling {num} images from {label} ({steps} DDIM steps, seed {seed}"
+                   f"{', AMG' if train_path else ''})", err=True)
         images = ddim_sample(unet, scheduler, num, steps, seed, batch_size=batch_size, progress=True)
-    except (StoreError, ConfigError, FileNotFoundError) as err:
+    except (StoreError, ConfigError, FileNotFoundError, DataError) as err:
         raise click.ClickException(str(err)) from None
     except MlflowException as err:
         raise click.ClickException(f"MLflow failed ({err.message}); check --tracking-uri") from None
@@ -161,6 +183,7 @@ def tradeoff(out, experiment, tracking_uri):
 
     from commands.tradeoff import main as plot_tradeoff, markdown_table
 
+    _check_destination(out, "--out")
     experiment = experiment or _tracking_config().experiment
     try:
         points = plot_tradeoff(_existing_store(tracking_uri), experiment, out)
@@ -201,6 +224,8 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
 
     from commands import ablation as ab
 
+    if figure is not None:
+        _check_destination(figure, "--figure")
     experiment = experiment or _tracking_config().experiment
     try:
         records = ab.collect(MlflowClient(tracking_uri=_existing_store(tracking_uri)), experiment)
@@ -212,6 +237,47 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
     click.echo(ab.markdown(rows) + ab.null_markdown(ab.null_check(rows, null_seeds)))
     for path in ab.save_frontier_figures(rows, figure) if figure else []:
         click.echo(f"wrote {path}")
+
+
+def _merged_preset(preset: Path, base: Path) -> tuple[dict, dict]:
+    """The preset's values as 'group.key' -> value, and `base`'s mapping with them set; a file
+    that is not a parameter mapping, or a value where the preset sets a group's key, in one line."""
+    from pipeline.config import ConfigError, flatten, read_yaml
+
+    try:
+        overrides, merged = flatten(read_yaml(preset) or {}), read_yaml(base) or {}
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
+    for key, value in overrides.items():  # nested groups too: data.duplicates.images
+        *groups, name = key.split(".")
+        node = merged
+        for depth, group in enumerate(groups):
+            node = node.setdefault(group, {})
+            if not isinstance(node, dict):
+                raise click.ClickException(f"{preset}: {key}: {base} holds a value, not a group, at "
+                                           f"{'.'.join(groups[:depth + 1])}")
+        node[name] = value
+    return overrides, merged
+
+
+def _check_destination(path: Path, option: str, folder: bool = False, parents: bool = True) -> None:
+    """Before the work: `path` (a file, or with `folder` a folder) can be written: not the other
+    kind where it stands, and the nearest existing folder above it (or, without `parents`, its own
+    folder) is a writable folder; else a usage error naming the option. Sampling ran to its end
+    and then lost its images to a `FileExistsError` where a file stood in the way."""
+    import os
+
+    if path.exists() and path.is_dir() != folder:
+        raise click.BadParameter(f"{path} is a {'file' if folder else 'folder'}", param_hint=option)
+    above = path if folder and path.exists() else path.parent
+    while not above.exists():
+        if not parents:  # a parameter file's folder must be there: a typo would put it elsewhere
+            raise click.BadParameter(f"folder {above} does not exist", param_hint=option)
+        above = above.parent
+    if not above.is_dir():
+        raise click.BadParameter(f"{above} is a file, not a folder, so {path} cannot be written", param_hint=option)
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {above} is not writable", param_hint=option)
 
 
 def _cli_value(value) -> str:
@@ -241,23 +307,26 @@ def preset(preset, base, write_to):
 
     import yaml
 
-    from pipeline.config import ConfigError, flatten, load_params
+    from pipeline.config import ConfigError, load_params
 
-    overrides = flatten(yaml.safe_load(preset.read_text()) or {})
-    merged = yaml.safe_load(Path(base).read_text())
-    for key, value in overrides.items():  # nested groups too: data.duplicates.images
-        *groups, name = key.split(".")
-        node = merged
-        for group in groups:
-            node = node.setdefault(group, {})
-        node[name] = value
+    if write_to is not None:
+        _check_destination(write_to, "--write", parents=False)
+    overrides, merged = _merged_preset(preset, Path(base))
     with tempfile.TemporaryDirectory() as tmp:
-        target = write_to or Path(tmp) / "params.yaml"
-        target.write_text(yaml.safe_dump(merged, sort_keys=False))
+        staged = Path(tmp) / "params.yaml"  # the target only once valid: a refused preset leaves it as it was
+        staged.write_text(yaml.safe_dump(merged, sort_keys=False))
         try:
-            load_params(target)
+            load_params(staged)
         except ConfigError as err:
-            raise click.ClickException(str(err).replace(str(target), f"{base} + {preset}")) from None
+            raise click.ClickException(str(err).replace(str(staged), f"{base} + {preset}")) from None
+        if write_to is not None:
+            from pipeline.io import publish
+
+            try:
+                publish(staged, write_to)
+            except OSError as err:
+                raise click.ClickException(f"{write_to}: cannot be written ({err.strerror})") from None
+            click.echo(f"wrote {write_to} ({base} with {preset}'s values; YAML comments are not kept)", err=True)
     if write_to is None:
         for key, value in overrides.items():
             click.echo(f"-S\n{key}={_cli_value(value)}")

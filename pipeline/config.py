@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+import math
+import posixpath
+import typing
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 
 
 class ConfigError(ValueError):
@@ -17,6 +21,26 @@ class _Group(BaseModel):
     # inf and NaN are never what a parameter file means, and fail only later (an infinite
     # iet.local_epochs overflows the step count, an infinite train.lr diverges)
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans(cls, v, info: ValidationInfo):
+        # bool is a subclass of int, so pydantic's lax mode reads `iet.shards: true` as 1 and
+        # `train.lr: yes` as 1.0; a number key never means a boolean
+        values = v if isinstance(v, (list, tuple)) else [v]
+        if _numbers_only(cls.model_fields[info.field_name].annotation) and any(isinstance(x, bool) for x in values):
+            raise ValueError("must be a number, not a boolean (YAML reads true/false/yes/no/on/off as booleans)")
+        return v
+
+
+def _numbers_only(annotation) -> bool:
+    """Whether a field's type takes numbers (or lists of them) and no boolean."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return any(type(a) in (int, float) for a in args)
+    if annotation in (int, float):
+        return True
+    return bool not in args and any(_numbers_only(a) for a in args if a is not Ellipsis)
 
 
 SEED_MAX = 2**32 - 1  # numpy's legacy seeding and torch both accept this range
@@ -234,6 +258,15 @@ class DPConfig(_Group):
     delta: float = Field(1e-5, gt=0, lt=1)  # the (epsilon, delta) guarantee's delta; below 1/N to mean anything
 
 
+class AMGConfig(_Group):
+    """Anti-memorization guidance at sampling time (pipeline/guidance.py): the evaluate stage samples
+    with it when enabled, the trained models unchanged. Thresholds are normalized L2 distances."""
+    enabled: bool = False
+    scale: float = Field(2.0, ge=0)  # the noise estimate's shift per unit of normalized L2 past the threshold
+    threshold_start: float = Field(1.6, gt=0)  # at pure noise; the paper's parabolic schedule in a_t to...
+    threshold_end: float = Field(1.4, gt=0)  # ...the clean image (1.4: the paper's copy threshold)
+
+
 class EvalConfig(_Group):
     num_samples: int = Field(256, ge=2)
     ddim_steps: int = Field(50, ge=1)
@@ -274,6 +307,12 @@ class TrackingConfig(_Group):
         # '/', ':' and '@' would break models:/NAME/VERSION and models:/NAME@ALIAS URIs
         if not v or any(c in v for c in "/:@") or v != v.strip():
             raise ValueError(f"must be a non-empty name without '/', ':', '@' or surrounding spaces (got {v!r})")
+        # MLflow's own rule (mlflow.utils.validation.path_not_unique), met otherwise only in `register`:
+        # a name is also a path, and must not resolve to another one
+        if posixpath.normpath(v) != v or v == "." or v.startswith(".."):
+            raise ValueError(f"must not be a path that resolves to another name, as '.' and '..' do (got {v!r})")
+        if len(v) > 256:  # the registry's column
+            raise ValueError(f"must be at most 256 characters (got {len(v)})")
         return v
 
     @field_validator("alias")
@@ -299,6 +338,7 @@ class Params(_Group):
     pretrain: PretrainConfig = PretrainConfig()
     dedup: DedupConfig = DedupConfig()
     dp: DPConfig = DPConfig()
+    amg: AMGConfig = AMGConfig()
     eval: EvalConfig = EvalConfig()
     tracking: TrackingConfig = TrackingConfig()
 
@@ -323,6 +363,7 @@ class Params(_Group):
                              f"({self.model.num_train_timesteps})")
         if self.dp.enabled:
             self._dp_fits()
+        self._counts_fit()
         if self.train.stack_proxies == "true" and (why := self.stacking_refused()):
             raise ValueError(f"train.stack_proxies cannot be true with {why}: use auto or false")
         return self
@@ -344,6 +385,30 @@ class Params(_Group):
             raise ValueError(f"model.attention_head_dim ({m.attention_head_dim}) must not exceed the width of "
                              f"any level with attention (the narrowest is {narrowest}): it would get no head; "
                              "use a smaller value or null (one head over all channels)")
+
+    def iet_steps_per_round(self) -> int:
+        """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full
+        batches: K times it is a round's steps, the baseline's, which proxy_steps shares out by the
+        shards' sizes as they are."""
+        shard = math.ceil(self.data.train_samples / self.iet.shards)
+        return max(1, math.ceil(self.iet.local_epochs * shard / self.train.batch_size))
+
+    def _counts_fit(self) -> None:
+        """A count of things no larger than what it counts. Checkpoints: a proxy with fewer steps a
+        round than checkpoints is allowed (the round's start weights stand in; MSR can shrink a
+        shard, and tiny runs take one step a round), but beyond the run's optimizer steps every
+        further checkpoint is a copy, each held in memory until its round ends (100000000 of them
+        grew until memory ran out). Pretrain rounds beyond its steps would each take a whole step,
+        training more steps than asked."""
+        steps = self.iet.rounds * self.iet.shards * self.iet_steps_per_round()
+        if self.iet.checkpoints_per_round > steps:
+            raise ValueError(f"iet.checkpoints_per_round ({self.iet.checkpoints_per_round}) must not exceed the "
+                             f"optimizer steps of the whole run ({steps}: iet.rounds times the baseline's steps a "
+                             "round, iet.shards times a proxy's iet.local_epochs over its shard in batches of "
+                             "train.batch_size)")
+        if self.pretrain.rounds > self.pretrain.steps:
+            raise ValueError(f"pretrain.rounds ({self.pretrain.rounds}) must not exceed pretrain.steps "
+                             f"({self.pretrain.steps}): each round takes at least one step")
 
     def _shifts_fit(self) -> None:
         """augment() translates by up to max_shift pixels at strength 1, filling with background: a
@@ -425,6 +490,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def _no_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue  # `<<: *anchor`: its keys are defaults the mapping's own keys override, by design
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise ConfigError(f"{loader.name}: line {key_node.start_mark.line + 1}: key '{key}' appears twice")
@@ -447,24 +514,41 @@ def _missing_keys(raw: dict, model: type[BaseModel] = Params, prefix: str = "") 
     return missing
 
 
+def read_yaml(path: Path) -> dict | None:
+    """A parameter file's mapping (None when empty), or a one-line ConfigError naming the file: not
+    there, not UTF-8 (YAML's encoding; the locale's would vary), not YAML, a key twice, or not a
+    mapping of groups with names as keys."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such parameter file") from None
+    except OSError as err:  # a folder, no permission
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = str(path)
+    try:
+        raw = loader.get_single_data()
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    finally:
+        loader.dispose()
+    if raw is not None and not (isinstance(raw, dict) and all(isinstance(k, str) for k in _all_keys(raw))):
+        raise ConfigError(f"{path}: must be a mapping of parameter groups, with names as keys")
+    return raw
+
+
+def _all_keys(tree: dict) -> list:
+    """Every key of a nested mapping."""
+    return [k for key, value in tree.items() for k in [key, *(_all_keys(value) if isinstance(value, dict) else [])]]
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """The parameter file, validated. Unlike parse_params, every key must be present: the file is
     the single source of truth of a run, so a deleted key must not fall back on a built-in default."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such parameter file")
-    try:
-        with open(path) as f:
-            loader = _UniqueKeyLoader(f)
-            loader.name = str(path)
-            try:
-                raw = loader.get_single_data()
-            finally:
-                loader.dispose()
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
-    if raw is not None and not isinstance(raw, dict):
-        raise ConfigError(f"{path}: must be a mapping of parameter groups")
+    raw = read_yaml(path)
     params = parse_params(raw, str(path))
     missing = _missing_keys(raw or {})
     if missing:

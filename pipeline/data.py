@@ -4,9 +4,10 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.resources
+import os
 import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,8 +189,9 @@ def _open_image(path: Path, size: int, mode: str) -> np.ndarray:
 
 
 def image_files(root: Path) -> list[Path]:
-    """The image files of a folder source, at any depth, in the order their images are read."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """The image files of a folder source, at any depth (symlinked folders too), in the order their
+    images are read."""
+    return sorted(p for p in _walk(root) if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def _folder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +213,21 @@ def _folder(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
+def _walk(root: Path) -> Iterator[Path]:
+    """Every file under `root`, through symlinked folders too (rglob skips them: a linked class
+    folder's images vanished in silence); a folder reached a second time, by a link loop or two
+    links to it, is read once."""
+    seen = set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs.sort()
+        yield from (Path(folder) / name for name in files)
+
+
 def _npz(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     path = Path(cfg.path)
     if not path.is_file():
@@ -229,6 +246,8 @@ def _npz(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
     else:
         raise DataError(f"{path}: images has shape {images.shape}; expected [N, H, W], "
                         "[N, H, W, C] or [N, C, H, W] with C = 1 or 3")
+    if 0 in images.shape[1:]:  # resizing an image of no pixels fails with a traceback
+        raise DataError(f"{path}: images has shape {images.shape}: images of no pixels")
     if np.issubdtype(images.dtype, np.floating):
         if not ((images >= 0) & (images <= 1)).all():  # NaN fails both comparisons too
             raise DataError(f"{path}: float images must lie in [0, 1]")
@@ -243,7 +262,10 @@ def _npz(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray]:
                         f"integers of shape ({len(images)},) to match images {images.shape}")
     if (labels < 0).any():
         raise DataError(f"{path}: labels must be non-negative class indices")
-    return images, labels.astype(np.int64)
+    # class ids as 0..C-1 in the order of the ids: the feature classifier has labels.max() + 1
+    # outputs (ids like 0, 1e9 asked for 512 GB), and uint64 ids at or above 2**63 became negative,
+    # that is "unlabelled", when cast
+    return images, np.unique(labels, return_inverse=True)[1].reshape(-1).astype(np.int64)
 
 
 _SOURCES = {"mnist5k": _mnist5k, "digits": _digits, "fashion-mnist": _fashion_mnist,

@@ -4,16 +4,19 @@ reference; SSCD similarity when eval.sscd), how good they are (classifier-featur
 Inception FID/KID against the fid_reference stage's cached statistics), how much membership leaks
 (loss attack and PIA), and memorization against quality over training. The evaluate stage loads
 the inputs, calls `evaluate` and writes the outputs; `iet-agc audit` (commands/audit.py) scores a
-model from outside the pipeline with the same `score_samples`."""
+model from outside the pipeline with the same `score_samples`. With amg.enabled every sample (the
+curve's too) is drawn with anti-memorization guidance (pipeline/guidance.py): the same trained
+model evaluated as the variant AMG [sampling]."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline import inception, metrics, privacy
+from pipeline import guidance, inception, metrics, privacy
 from pipeline.config import Params, resolve_device
 from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_memorization_scores, duplicate_groups
 from pipeline.features import extract_features
@@ -69,7 +72,8 @@ def evaluate(unet, scheduler, data: EvalData, feature_net, reference_dir: Path, 
     device = resolve_device(p.train.device)
     unet.to(device)
     feature_net.to(device)
-    samples = sample(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size)
+    samples = sampler(p, data)(unet, scheduler, p.eval.num_samples, p.eval.ddim_steps, p.seeds.eval,
+                               p.eval.batch_size)
     scored = score_samples(unet, scheduler, samples, data, feature_net, p.seeds.eval)
     result = {
         **scored.metrics,
@@ -96,6 +100,9 @@ def score_samples(unet, scheduler, samples: torch.Tensor, data: EvalData, featur
     result = {
         **metrics.summarize(gen_scores),
         **(metrics.summarize(ref_scores, prefix="heldout_") if held else {}),
+        **guidance.nl2_summary(guidance.normalized_l2_scores(samples.to(device), members)),
+        **(guidance.nl2_summary(guidance.normalized_l2_scores(data.heldout.to(device), members), prefix="heldout_")
+           if held else {}),
         **copy_headline(copies),
         **data.groups.summary(),
         **feature_quality(feature_net, samples, data),
@@ -104,6 +111,15 @@ def score_samples(unet, scheduler, samples: torch.Tensor, data: EvalData, featur
            if held else {}),
     }
     return Scored(result, gen_scores, ref_scores, copies)
+
+
+def sampler(p: Params, data: EvalData):
+    """The sampler every evaluation draws with (pipeline.sampling.sample's signature): plain DDIM,
+    or with amg.enabled DDIM with anti-memorization guidance away from the de-duplicated training set."""
+    if not p.amg.enabled:
+        return sample
+    members = data.train[torch.from_numpy(data.groups.representatives)]
+    return partial(guidance.sample, reference=members, amg=p.amg, desc="sampling (AMG)")
 
 
 def glance(unet, scheduler, data: EvalData, feature_net, p: Params) -> dict[str, float]:
@@ -171,7 +187,7 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
     device = next(unet.parameters()).device
     for i, (progress, path) in enumerate(points, start=1):
         x = last if i == len(points) and last is not None else _checkpoint_samples(
-            unet, scheduler, path, p, f"checkpoint {i}/{len(points)}")
+            unet, scheduler, path, p, data, f"checkpoint {i}/{len(points)}")
         scores = dedup_memorization_scores(x.to(device), data.train, data.groups)
         s, f_gen = metrics.summarize(scores), extract_features(feature_net, x)
         s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool),
@@ -184,9 +200,9 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
     return rows, curve
 
 
-def _checkpoint_samples(unet, scheduler, path: Path, p: Params, desc: str) -> torch.Tensor:
+def _checkpoint_samples(unet, scheduler, path: Path, p: Params, data: EvalData, desc: str) -> torch.Tensor:
     unet.load_state_dict(load_tensors(path))
-    return sample(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size, desc=desc)
+    return sampler(p, data)(unet, scheduler, p.eval.curve_samples, p.eval.ddim_steps, p.seeds.eval, p.eval.batch_size, desc=desc)
 
 
 def reuses_final_samples(p: Params) -> bool:

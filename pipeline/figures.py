@@ -213,3 +213,55 @@ def save_skip_histogram(skip_rate: np.ndarray, path) -> None:
     ax.set_xlabel("AGC skip rate in the round")
     ax.set_ylabel("samples")
     _save_figure(fig, path)
+
+
+def save_side_by_side(train: np.ndarray, copied: list[dict], samples: dict[str, np.ndarray], path,
+                      shown: int = 32, top: int = 8) -> None:
+    """What a person reads at a glance: each model's first `shown` samples side by side, then the
+    `top` training images the first model (the baseline) copies most, each beside every model's
+    nearest sample to it and its L2 distance (the same images: a model that copies them less shows
+    its nearest attempt). Images uint8 [N, H, W, C]; `copied`: the baseline's copied.csv rows with
+    each image's index in `train` as 'position'."""
+    from pipeline.metrics import nearest_neighbors
+
+    ranked = sorted(copied, key=lambda r: (-r["copies"], -r["nearest"]))[:top]
+    targets = train[[int(r["position"]) for r in ranked]]
+    names = list(samples)
+    found = [_nearest(samples[name], targets, nearest_neighbors) for name in names]
+    fig = Figure(figsize=(3.2 * len(names), 3.0 + 0.62 * len(ranked)))
+    grid = fig.add_gridspec(2, len(names), height_ratios=[2.6, 0.62 * max(len(ranked), 1)])
+    for col, name in enumerate(names):
+        _show(fig.add_subplot(grid[0, col]), _tile(samples[name][:shown], 8), f"{name}: samples")
+    if not ranked:
+        return _save_figure(fig, path)
+    cells = np.stack([img for i in range(len(ranked)) for img in (targets[i], *(f[0][i] for f in found))])
+    ax = fig.add_subplot(grid[1, :])
+    _show(ax, _tile(cells, 1 + len(names)), "the images the baseline copies most,\nbeside each model's nearest sample")
+    step = targets.shape[1] + 1  # a tile and its white line
+    ax.set_xticks([(j + 0.5) * step for j in range(1 + len(names))],
+                  ["training image", *names], fontsize=7, rotation=30, ha="right")
+    ax.set_yticks([(i + 0.5) * step for i in range(len(ranked))],
+                  [f"copied {int(r['copies'])}x; L2 " + " / ".join(f"{f[1][i]:.2f}" for f in found)
+                   for i, r in enumerate(ranked)], fontsize=7)
+    _save_figure(fig, path)
+
+
+def _nearest(samples: np.ndarray, targets: np.ndarray, search) -> tuple[np.ndarray, np.ndarray]:
+    """Each target's nearest sample and its L2 distance in [0, 1] pixel units."""
+    if not len(targets):
+        return samples[:0], np.zeros(0)
+    dist, index = search(_unit(targets), _unit(samples), 1)
+    return samples[index[:, 0].numpy()], dist[:, 0].sqrt().numpy()
+
+
+def _unit(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images.astype(np.float32) / 255.0).flatten(1)
+
+
+def _show(ax, image: np.ndarray, title: str) -> None:
+    gray = image.shape[-1] == 1
+    ax.imshow(image[..., 0] if gray else image, cmap="gray" if gray else None, vmin=0, vmax=255,
+              interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=8)

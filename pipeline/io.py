@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -42,6 +43,48 @@ def atomic_path(path: str | Path):
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+class DiskFull(OSError):
+    """A write failed for want of space; the message names the output: `<path>: no space left on device`."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def no_space(err: BaseException) -> bool:
+    """Whether `err` is a full disk: an OSError's ENOSPC, or a library's own error wrapping it
+    (safetensors raises SafetensorError with the OS's text)."""
+    return getattr(err, "errno", None) == errno.ENOSPC or "No space left on device" in str(err)
+
+
+@contextmanager
+def staged_folder(path: str | Path):
+    """Yield an empty temporary folder beside `path`; when the block succeeds, everything in it is
+    renamed into `path` (renames, which need no space; what else `path` holds, such as DVC's
+    .gitignore, stays). A failure, a full disk or a kill while writing leaves the previous files or
+    none, never some new and some missing; a full disk is a DiskFull naming `path`. A staging
+    folder left by a killed attempt is removed by the next one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{path.name}.staged-"
+    for stale in path.parent.glob(prefix + "*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=prefix))
+    try:
+        yield tmp
+        apply_umask(tmp)  # mkdtemp made it 0700
+        path.mkdir(exist_ok=True)
+        for item in sorted(tmp.iterdir()):
+            if (path / item.name).is_dir() and not (path / item.name).is_symlink():
+                shutil.rmtree(path / item.name)
+            os.replace(item, path / item.name)
+    except Exception as err:
+        if no_space(err):
+            raise DiskFull(errno.ENOSPC, f"{path}: no space left on device") from None
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_json(path: str | Path, obj) -> None:

@@ -17,13 +17,33 @@ from pipeline.distributed import Ranks
 from pipeline.tracking import Tracker, TrainingHooks
 
 
-def read_shards(path: str | Path, train: ImageSet) -> np.ndarray:
+def read_shards(path: str | Path, train: ImageSet, shards: int) -> np.ndarray:
+    """Every training sample's initial shard, from the split stage's table; checked before any
+    training: a shard that is not an integer in 0..shards-1 (a hand edit, a table of other params)
+    failed only after a whole round had trained."""
+    table = {}
     with open(path, newline="") as f:
-        table = {int(r["sample_id"]): int(r["shard"]) for r in csv.DictReader(f)}
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            sample, shard = row.get("sample_id"), row.get("shard")
+            if not (_is_int(sample) and _is_int(shard)):
+                raise click.ClickException(f"{path}: line {line}: sample_id and shard must be integers (got "
+                                           f"{sample!r}, {shard!r}); re-run the split stage")
+            if not 0 <= int(shard) < shards:
+                raise click.ClickException(f"{path}: line {line}: shard {int(shard)} is outside 0..{shards - 1} "
+                                           f"(iet.shards is {shards}); re-run the split stage")
+            table[int(sample)] = int(shard)
     missing = set(train.ids.tolist()) - table.keys()
     if missing:
         raise click.ClickException(f"{path}: no shard for {len(missing)} training samples; re-run the split stage")
     return np.array([table[i] for i in train.ids.tolist()], dtype=np.int64)
+
+
+def _is_int(text: str | None) -> bool:
+    try:
+        int(text)
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def check_pretrained(p: Params, pretrained: str | Path) -> None:

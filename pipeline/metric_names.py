@@ -56,6 +56,9 @@ _NN1 = MetricSpec("mean_nn1", "mean NN1 distance", ".2f", False, (REPORT, ABLATI
 _FD = MetricSpec("fd", "feature FD", ".2f", True, (REPORT, ABLATION, TRADEOFF, MODEL_TAGS), curve=True)
 _FID = MetricSpec("fid", "Inception FID", ".1f", True, (ABLATION, TRADEOFF))
 _INCEPTION_KID = MetricSpec("inception_kid", "Inception KID", ".3f", True)
+_NL2_SHARE = MetricSpec("nl2_copy_share", "normalized L2 < 1.4 (Chen et al.)", ".3f", True, (REPORT, ABLATION))
+_NL2_P5 = MetricSpec("nl2_p5", "normalized L2, 5th percentile", ".2f", False, (ABLATION,))
+_NL2_MIN = MetricSpec("nl2_min", "normalized L2, minimum", ".2f", False)
 _SSCD_ABOVE = MetricSpec("sscd_above", "SSCD copies (similarity above the threshold)", ".3f", True)
 _SSCD_SIM = MetricSpec("sscd_mean_max_sim", "mean SSCD similarity to the nearest training image", ".3f", True)
 
@@ -93,6 +96,13 @@ METRICS = (
     *(_held_out(_official(t)) for t in OFFICIAL_THRESHOLDS),
     _NN1,
     _held_out(_NN1),
+    # the normalized L2 of Chen et al. (CVPR 2024; pipeline/guidance.py), so that their figure can be set beside ours
+    _NL2_SHARE,
+    _held_out(_NL2_SHARE),
+    _NL2_P5,
+    _held_out(_NL2_P5),
+    _NL2_MIN,
+    _held_out(_NL2_MIN),
     MetricSpec("distinct_copied", "distinct images copied", "d", True, (REPORT, ABLATION, MODEL_TAGS), curve=True),
     MetricSpec("copies_on_duplicated_share", "copies on duplicated images", ".2f", None, (REPORT, ABLATION),
                curve=True),

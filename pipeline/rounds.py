@@ -9,7 +9,6 @@ saved (`save_state`), so a killed run resumes from its last complete round. `fin
 models. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
-import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -64,11 +63,8 @@ class Plan:
 
 
 def iet_steps_per_round(p: Params) -> int:
-    """local_epochs over a nominal shard of N/K samples (N counts data.duplicates' copies), in full
-    batches: K times it is a round's steps, the baseline's, which proxy_steps shares out by the
-    shards' sizes as they are."""
-    shard = math.ceil(p.data.train_samples / p.iet.shards)
-    return max(1, math.ceil(p.iet.local_epochs * shard / p.train.batch_size))
+    """A proxy's optimizer steps a round (Params.iet_steps_per_round, which validation bounds by)."""
+    return p.iet_steps_per_round()
 
 
 class Hooks:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -31,18 +32,24 @@ def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None
     not answer; a SQLite file that does not exist when reading (MLflow would create it empty and
     then report the model as missing) or whose folder cannot hold it when writing; a file store,
     which MLflow 3 refuses unless MLFLOW_ALLOW_FILE_STORE is set, in a folder that cannot be made.
-    Other schemes (postgresql://, databricks, ...) are left to MLflow."""
+    A SQLite file that is there must be a usable MLflow store (_check_sqlite); a database server
+    needs its driver. Other schemes (databricks, ...) are left to MLflow."""
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme in ("http", "https"):
         _check_server(uri, timeout)
     elif parsed.scheme == "sqlite":
         path = sqlite_file(uri)
-        if path is None:
-            return
-        if must_exist and not path.is_file():
+        if path is None:  # MLflow would accept it, record nothing and put the artifacts in ./mlruns
+            raise StoreError(f"tracking URI {uri} is an in-memory SQLite store, which keeps nothing; "
+                             "use sqlite:///<path>/mlflow.db")
+        if must_exist and not path.exists():
             raise StoreError(f"no MLflow store at {path} (tracking URI {uri}); run the pipeline first "
                              "or give the right tracking URI")
         _check_folder(path.parent, uri)
+        if path.exists():
+            _check_sqlite(path, uri, writing=not must_exist)
+    elif "+" in parsed.scheme or parsed.scheme in SQLALCHEMY_SCHEMES:
+        _check_driver(uri)
     elif parsed.scheme in ("file", "") or len(parsed.scheme) == 1:  # a path; one letter: a Windows drive
         if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
             raise StoreError(f"tracking URI {uri} is a file store, which MLflow 3 refuses unless "
@@ -51,6 +58,63 @@ def check_store(uri: str, must_exist: bool = True, timeout: float = 5.0) -> None
         if must_exist and not folder.is_dir():
             raise StoreError(f"no MLflow store at {folder} (tracking URI {uri})")
         _check_folder(folder if folder.exists() else folder.parent, uri)
+
+
+# database servers MLflow reaches through SQLAlchemy (dialect+driver://... too)
+SQLALCHEMY_SCHEMES = ("postgresql", "postgres", "mysql", "mariadb", "mssql", "oracle")
+# what MLflow's SQLAlchemy store creates in an empty database; a database with other tables is not one
+MLFLOW_TABLES = {"alembic_version", "experiments", "runs"}
+
+
+def _check_sqlite(path: Path, uri: str, writing: bool) -> None:
+    """An existing store file must be what MLflow can open: a file (a folder made MLflow retry for
+    minutes), readable and, for the stages, writable (found only at the first write, after DVC
+    deleted the outputs), a SQLite database that is not damaged (a truncated one failed mid-stage)
+    and either empty or holding MLflow's tables (MLflow would add its own to a foreign database)."""
+    if path.is_dir():
+        raise StoreError(f"{path}: is a folder, not an MLflow SQLite file (tracking URI {uri})")
+    if not os.access(path, os.R_OK | (os.W_OK if writing else 0)):
+        raise StoreError(f"{path}: the MLflow store is not {'writable' if writing else 'readable'} "
+                         f"(tracking URI {uri})")
+    if path.stat().st_size == 0:
+        return  # a new store: MLflow creates its tables
+    try:
+        with open(path, "rb") as f:
+            header = f.read(16)
+        if header != b"SQLite format 3\x00":
+            raise sqlite3.DatabaseError("file is not a database")
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            check = db.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            db.close()
+    except sqlite3.Error as err:
+        raise StoreError(f"{path}: not a readable SQLite database ({err}); restore it or give another "
+                         f"tracking URI") from None
+    if check != "ok":
+        raise StoreError(f"{path}: damaged SQLite database ({check}); restore it or give another tracking URI")
+    if tables and not MLFLOW_TABLES <= tables:
+        raise StoreError(f"{path}: a SQLite database without MLflow's tables ({', '.join(sorted(MLFLOW_TABLES - tables))} "
+                         "missing), not an MLflow store; give another tracking URI")
+
+
+def _check_driver(uri: str) -> None:
+    """A database server's URI needs its Python driver, found otherwise only at the first stage
+    that logs (a ModuleNotFoundError after DVC deleted its outputs)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(uri)
+        shown = url.render_as_string(hide_password=True)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError) as err:
+        raise StoreError(f"tracking URI {uri.split('://')[0]}://...: not a database URI SQLAlchemy knows "
+                         f"({err})") from None
+    except ImportError as err:
+        raise StoreError(f"tracking URI {shown}: its database driver is not installed ({err.name or err}); "
+                         "install it or use sqlite:///<path>/mlflow.db") from None
 
 
 def _check_server(uri: str, timeout: float) -> None:

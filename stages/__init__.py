@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
@@ -15,6 +17,22 @@ from pipeline.config import ConfigError, load_params
 TRACKED = {"pretrain", "baseline", "iet", "evaluate", "report", "register"}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what `timeout`, systemd, Slurm and Kubernetes send), handled as Ctrl-C is: the
+    stage's MLflow runs are marked KILLED instead of being left RUNNING."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _handle_sigterm():
+    """Install the SIGTERM handler (the main thread only can); the handler it replaced, to restore."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def stage(fn):
     """Turn the errors a user can fix (bad params, bad data, missing inputs, unreachable tracking
     server, a diverged or out-of-memory training step) into one clear message and exit code 1,
@@ -24,6 +42,8 @@ def stage(fn):
         from mlflow.exceptions import MlflowException
 
         from pipeline.data import DataError
+        from pipeline.io import DiskFull, no_space
+        previous = _handle_sigterm()
         try:
             if Path(fn.__code__.co_filename).stem in TRACKED and "params_path" in kwargs:
                 from pipeline.store import check_tracking
@@ -32,12 +52,24 @@ def stage(fn):
             result = fn(*args, **kwargs)
         except BaseException as err:
             _close_runs("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            if no_space(err):  # anywhere in the stage: one line, not a library's traceback
+                raise click.ClickException(str(err) if isinstance(err, DiskFull) else (
+                    f"{err.filename}: no space left on device" if getattr(err, "filename", None)
+                    else f"no space left on device ({type(err).__name__} while writing)")) from None
+            if isinstance(err, Terminated):
+                click.echo("stopped by SIGTERM; its MLflow runs are marked KILLED", err=True)
+                sys.exit(128 + signal.SIGTERM)  # the status a process killed by it would have
             if isinstance(err, (ConfigError, DataError, FileNotFoundError, FloatingPointError, MemoryError)):
-                raise click.ClickException(str(err)) from None
+                # never an empty line: a bare MemoryError has no message
+                raise click.ClickException(str(err) or (
+                    "out of memory (MemoryError)" if isinstance(err, MemoryError) else type(err).__name__)) from None
             if isinstance(err, MlflowException):
                 raise click.ClickException(f"MLflow tracking failed ({err.message}); "
                                            "check tracking.uri / MLFLOW_TRACKING_URI") from None
             raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
         _pause_parents()
         return result
     return wrapper

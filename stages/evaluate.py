@@ -12,7 +12,7 @@ from pipeline.data import ImageSet, to_uint8
 from pipeline.evaluation import EvalData, evaluate
 from pipeline.features import load_feature_net
 from pipeline.frontier import Curve
-from pipeline.io import chosen_weights, write_csv, write_json
+from pipeline.io import chosen_weights, staged_folder, write_csv, write_json
 from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
 from pipeline.models import load_pipeline
 from pipeline.tracking import Tracker
@@ -47,7 +47,8 @@ def main(params_path, model_name, model_dir, model_ema_dir, rounds_dir, train_pa
     train, heldout, pool = (ImageSet.load(path) for path in arrays.values())
     data = EvalData.of(train, heldout, pool)
     result = evaluate(unet, scheduler, data, load_feature_net(features_dir), reference_dir, rounds_dir, p)
-    _write(result, data, train.ids, out)
+    with staged_folder(out) as staged:  # all of the files or none (a full disk left figures without metrics.json)
+        _write(result, data, train.ids, staged)
 
     tracker = Tracker(p)
     run_id = tracker.child(evaluation_run(model_name))

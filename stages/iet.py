@@ -22,7 +22,7 @@ def main(params_path, train_path, shards_path, out, state, pretrained):
     resolve_device(p.train.device)  # an absent device fails here, before any work
     check_pretrained(p, pretrained)
     train = ImageSet.load(train_path)
-    train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train), out,
+    train_model("iet", p, Plan.iet(p), train, read_shards(shards_path, train, p.iet.shards), out,
                 state, data={"train": train_path})
 
 

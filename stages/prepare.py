@@ -6,7 +6,7 @@ import numpy as np
 from pipeline.config import load_params
 from pipeline.data import prepare_splits
 from pipeline.dedup import duplicate_groups, near_copy_report
-from pipeline.io import write_csv, write_json
+from pipeline.io import staged_folder, write_csv, write_json
 from stages import params_option, path_option, stage
 
 
@@ -17,17 +17,19 @@ from stages import params_option, path_option, stage
 def main(params_path, out):
     p = load_params(params_path)
     splits = prepare_splits(p.data, p.seeds.data)  # everything is read and checked before anything is written
-    for name in ("train", "heldout", "pool"):
-        getattr(splits, name).save(f"{out}/{name}.npz")
     info = {name: len(getattr(splits, name)) for name in ("train", "heldout", "pool")}
     # pixel-identical training images: copies concentrate on them, and every memorization score is
     # taken against one image per group (evaluate logs the same counts to MLflow)
     dup = duplicate_groups(splits.train.images).summary()
-    added = _added_duplicates(splits, f"{out}/copy_of.csv", p.data.duplicates.near) if p.data.duplicates.images else {}
     src = splits.source_duplicates  # the source's own, each group dealt whole to one side of the split
-    write_json(f"{out}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
-                                    "channels": p.data.channels, "train_duplicates": dup, "source_duplicates": src,
-                                    **added})
+    with staged_folder(out) as staged:  # all of the files or none: a full disk left train.npz without pool.npz
+        for name in ("train", "heldout", "pool"):
+            getattr(splits, name).save(f"{staged}/{name}.npz")
+        added = (_added_duplicates(splits, f"{staged}/copy_of.csv", p.data.duplicates.near)
+                 if p.data.duplicates.images else {})
+        write_json(f"{staged}/info.json", {**info, "source": p.data.source, "resolution": p.data.resolution,
+                                           "channels": p.data.channels, "train_duplicates": dup,
+                                           "source_duplicates": src, **added})
     click.echo(f"prepared {info} from {p.data.source} at {p.data.resolution}px")
     if src["groups"]:
         click.echo(f"the source holds {src['groups']} groups of exact duplicates ({src['images']} images), none split: "
@@ -45,6 +47,7 @@ def main(params_path, out):
         click.echo(f"near copies lie {near['rms_to_original']['median']:.4f} (median; max "
                    f"{near['rms_to_original']['max']:.4f}) from their originals, distinct images at least "
                    f"{near['distinct_images']['min']:.4f} apart (RMS): for near_duplicate, {found}")
+
 
 def _added_duplicates(splits, path: str, near: bool) -> dict:
     """data.duplicates' copies: copy_of.csv (each added sample's id and the id of its original) and

@@ -8,11 +8,13 @@ experiments is `iet-agc tradeoff` and `iet-agc ablation`. It logs to MLflow, and
 place only once everything, the logging included, has succeeded: a failed report writes none."""
 import math
 import tempfile
+import zipfile
 from pathlib import Path
 
 import click
+import numpy as np
 
-from pipeline import figures
+from pipeline import figures, mitigation
 from pipeline import verdict
 from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
                                  read_comparison, read_rows, risk_table, skip_rates)
@@ -20,7 +22,7 @@ from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import duplicate_groups
 from pipeline.frontier import NO_COMPARABLE_QUALITY, Curve
-from pipeline.io import publish, read_json, write_csv, write_json
+from pipeline.io import publish, read_json, unreadable, write_csv, write_json
 from pipeline.metric_names import BY_KEY, REPORT, shown_in
 from pipeline.tracking import Tracker
 from stages import MODELS, pair_option, params_option, path_option, stage
@@ -44,6 +46,7 @@ def _table(rows: dict[str, dict]) -> str:
 @pair_option("--samples", "samples_paths", help="evaluate's sample grid, logged to MLflow")
 @pair_option("--copies", "copies_paths", help="evaluate's copies beside their nearest training image, logged")
 @pair_option("--most-copied", "most_copied_paths", help="evaluate's most-copied training images, logged")
+@pair_option("--sample-arrays", "sample_arrays", help="evaluate's samples.npz (the final samples as uint8)")
 @path_option("--copied", "copied_path", help="the baseline's copies per training image (evaluate's copied.csv)")
 @path_option("--skips", "rounds_dir", help="the IET run's rounds/ (AGC skip rates in each round's loss table)")
 @path_option("--train", "train_path", help="prepared training set (.npz)")
@@ -51,22 +54,26 @@ def _table(rows: dict[str, dict]) -> str:
 @path_option("--summary", "summary_path", help="every number of the report (.json)")
 @path_option("--curves", "curves_path", help="figure: both models' memorization vs quality over training (.png)")
 @path_option("--frontier-figure", "frontier_png", help="figure: both models' memorization-quality frontiers (.png)")
+@path_option("--side-by-side", "side_png", help="figure: both models' samples, and the images the baseline copies "
+             "most beside each model's nearest sample (.png)")
 @path_option("--risk-table", "risk_csv", help="per unique training image: copies, loss, skip rate (.csv)")
 @path_option("--risk-figure", "risk_png", help="figure: IET's skip rate vs the baseline's copies (.png)")
 @stage
 def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, samples_paths, copies_paths,
-         most_copied_paths, copied_path, rounds_dir, train_path, report_path, summary_path, curves_path, frontier_png,
-         risk_csv, risk_png):
+         most_copied_paths, sample_arrays, copied_path, rounds_dir, train_path, report_path, summary_path, curves_path,
+         frontier_png, side_png, risk_csv, risk_png):
     p = load_params(params_path)
     # everything is read and computed before anything is written
     rows, curves = _rows(metrics_paths, info_paths, curve_paths)
+    for row in rows.values():  # evaluated with a sampling-time remedy (amg): a variant of its own
+        row["variant"] = mitigation.with_sampling(row.get("variant", "iet"), mitigation.sampling_settings(p))
     frontiers = {m: Curve.load(frontier_paths[m]) for m in MODELS}
     rows["iet"].update(_frontier_numbers(frontiers))
     train = ImageSet.load(train_path)
     risk_rows, risk = risk_table(duplicate_groups(train.images), train.ids, read_rows(copied_path),
                                  skip_rates(rounds_dir, train.ids))
     names = {"curve": curve_paths["baseline"].name, "curves": curves_path.name, "risk_csv": risk_csv.name,
-             "risk_png": risk_png.name, "frontier": frontier_png.name}
+             "risk_png": risk_png.name, "frontier": frontier_png.name, "side": side_png.name}
     text = _text(p, rows, risk, names)
     numbers = {**{f"{m}.{k}": v for m, r in rows.items() for k, v in r.items() if _number(v)},
                **{f"risk.{k}": v for k, v in risk.items()}}
@@ -74,6 +81,7 @@ def main(params_path, metrics_paths, info_paths, curve_paths, frontier_paths, sa
                summary_path: lambda path: write_json(path, numbers),
                curves_path: lambda path: _save_curves(rows, curves, path),
                frontier_png: lambda path: _save_frontiers(rows, frontiers, path),
+               side_png: lambda path: _save_side_by_side(rows, train, copied_path, sample_arrays, path),
                risk_csv: lambda path: write_csv(path, risk_rows, RISK_FIELDS),
                risk_png: lambda path: figures.save_risk(risk_rows, path)}
     evaluation_files = {m: [curve_paths[m], samples_paths[m], copies_paths[m], most_copied_paths[m]] for m in MODELS}
@@ -120,6 +128,26 @@ def _save_frontiers(rows: dict[str, dict], frontiers: dict[str, Curve], path: Pa
                            reference=rows["baseline"].get("heldout_mem_ratio"))
 
 
+def _save_side_by_side(rows: dict[str, dict], train: ImageSet, copied_path: Path, arrays: dict[str, Path],
+                       path: Path) -> None:
+    position = {int(i): p for p, i in enumerate(train.ids)}
+    copied = [{**r, "position": position[int(r["sample_id"])]} for r in read_rows(copied_path)]
+    samples = {rows[m]["variant"]: _channels_last(_sample_array(arrays[m])) for m in MODELS}
+    figures.save_side_by_side(_channels_last(train.images), copied, samples, path)
+
+
+def _sample_array(path: Path) -> np.ndarray:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z["images"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:  # truncated, or not this format
+        raise unreadable(path, err) from None
+
+
+def _channels_last(images: np.ndarray) -> np.ndarray:
+    return np.moveaxis(images, 1, -1) if images.ndim == 4 and images.shape[1] in (1, 3) else images
+
+
 def _save_curves(rows: dict[str, dict], curves: dict[str, list], path: Path) -> None:
     figures.save_curves({rows[m]["variant"]: curves[m] for m in MODELS}, path,
                         BY_KEY["fd"].axis_label + ", curve samples", BY_KEY["mem_ratio"].axis_label,
@@ -150,6 +178,7 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
     return "\n".join([
         f"# Baseline vs {variant}", "",
         _lead(variant, rows["iet"]), "",
+        f"![both models side by side]({names['side']})", "",
         f"Data: {p.data.source}, {p.data.train_size} training images at {p.data.resolution}px "
         f"({rows['iet'].get('unique_images', '?')} unique, {rows['iet'].get('duplicate_groups', 0)} duplicated); "
         f"{variant}: {rows['iet']['shards']} shards x {rows['iet']['rounds']} rounds "

@@ -6,6 +6,7 @@ import click
 
 from pipeline.config import load_params
 from pipeline.io import atomic_path
+from pipeline.preflight import check_machine
 from pipeline.store import check_tracking
 from stages import params_option, path_option, stage
 
@@ -17,7 +18,9 @@ MARKER = "params.yaml is valid\n"
 @path_option("--out", help="the marker written when the params are valid")
 @stage
 def main(params_path, out):
-    check_tracking(load_params(params_path).tracking)  # a store MLflow would fail on, after training
+    params = load_params(params_path)
+    check_tracking(params.tracking)  # a store MLflow would fail on, after training
+    check_machine(params)  # a launcher that is not there, a run that cannot fit in memory
     with atomic_path(out) as tmp:
         tmp.write_text(MARKER)
     click.echo(f"{params_path}: valid")

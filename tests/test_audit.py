@@ -135,3 +135,15 @@ def test_inputs_the_model_cannot_be_audited_on_give_one_line(trained, tmp_path, 
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and all(w in lines[0] for w in words), result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_with_guidance_the_report_sets_both_samplings_side_by_side(trained, tmp_path):
+    root, _ = trained
+    result = _audit("--model", root / "run/model", "--train", root / "train.npz", "--num", 8, "--guidance", "amg",
+                    "--out", tmp_path / "g")
+    assert result.exit_code == 0, result.output
+    plain, guided = _metrics(tmp_path / "g"), _metrics(tmp_path / "g/amg")
+    report = (tmp_path / "g/report.md").read_text()
+    assert "## With anti-memorization guidance (AMG [sampling])" in report
+    assert f"| samples copying a training image | {plain['mem_ratio']:.3f} | {guided['mem_ratio']:.3f} |" in report
+    assert (tmp_path / "g/amg/copies.png").is_file() and "![copies with AMG](amg/copies.png)" in report

@@ -39,6 +39,7 @@ def inputs(tmp_path, monkeypatch):
         for name in ("samples.png", "copies.png", "most_copied.png"):
             Image.new("L", (8, 8)).save(f"runs/eval/{m}/{name}")
         Path(f"runs/eval/{m}/rounds.csv").write_text(CURVE)
+        np.savez_compressed(f"runs/eval/{m}/samples.npz", images=np.random.default_rng(0).integers(0, 2, (6, 1, 4, 4), np.uint8))
         synthetic_curve([0.0, 0.1, 0.3] if m == "baseline" else [0.0, 0.0, 0.1], [2.0, 1.0, 0.0]).save(
             f"runs/eval/{m}/curve.npz")
     Path("runs/eval/baseline/copied.csv").write_text("sample_id,group,size,copies,nearest,loss\n0,0,1,3,5,0.1\n1,1,1,0,1,0.4\n")
@@ -89,7 +90,8 @@ def test_the_same_inputs_give_the_same_report_whatever_the_store_holds(inputs):
     # matched at FD 2.0, the baseline's own last point: no difference
     assert summary["iet.mem_at_matched_quality"] == pytest.approx(0.0)
     assert summary["risk.risk_copied_images"] == 1
-    assert first["reports/curves.png"].startswith(b"\x89PNG")
+    assert first["reports/curves.png"].startswith(b"\x89PNG") and first["reports/side_by_side.png"].startswith(b"\x89PNG")
+    assert "![both models side by side](side_by_side.png)" in text
     # it still logs: this run's numbers and files on its own parent run
     client = MlflowClient(busy)
     (parent,) = [r for r in client.search_runs([client.get_experiment_by_name("iet-agc").experiment_id])

@@ -1,6 +1,6 @@
 """Soak: a bounded fault loop on tiny params, not in the default suite (`pytest -m slow
 tests/test_soak.py`; SOAK_N=<iterations>, default 6). Each iteration changes agc.tau, starts
-`dvc repro iet`, kills DVC and its stage at a random moment, sometimes truncates a random file under
+`dvc repro iet`, kills DVC and its stage (SIGKILL or SIGTERM) at a random moment, sometimes truncates a random file under
 runs/.resume/, and runs `dvc repro iet` again. Each time: the run completes with no manual step,
 its weights equal an uninterrupted run's bit for bit (same machine), and the MLflow store holds no
 RUNNING run. The seed of the faults is printed, so a failure can be replayed (SOAK_SEED)."""
@@ -35,19 +35,38 @@ def _set_tau(repo, tau: str) -> None:
 
 
 def _kill_during_training(repo, env, rng) -> str:
-    """`dvc repro iet` killed with its stage (SIGKILL to the process group) at a random moment of
-    its training; returns what was done."""
+    """`dvc repro iet` killed with its stage (SIGKILL or SIGTERM, as `timeout`, Slurm and
+    Kubernetes send it, to the process group) at a random moment of its training; returns what was
+    done. After a SIGTERM the stage itself marks its runs KILLED: none may be left RUNNING."""
     proc = subprocess.Popen(["dvc", "repro", "iet"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
     while not (repo / "runs/.resume/iet").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(rng.uniform(0, 3))
+    sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
     finished = proc.poll() is not None
     if not finished:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, sig)
     proc.wait(30)
-    return "finished before the kill" if finished else "killed"
+    if finished:
+        return "finished before the kill"
+    _wait_for_group(proc.pid)
+    if sig == signal.SIGTERM:
+        assert _running_runs(repo) == [], "a run left RUNNING by SIGTERM"
+    return f"killed ({sig.name})"
+
+
+def _wait_for_group(pgid: int, timeout: float = 60) -> None:
+    """Until every process of the group (the stage, after DVC) has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"process group {pgid} still running {timeout} s after the signal")
 
 
 def _truncate_one(repo, rng) -> str:

@@ -48,6 +48,15 @@ def test_a_bad_value_under_dvc_repro_keeps_the_trained_model(repo):
     log = _run(["dvc", "repro", "iet"], repo, env)
     assert set(re.findall(r"Running stage '([^']+)'", log)) == {"validate"}
 
+    # a stage that fails after DVC deleted its outputs: every output that took training is cached,
+    # and `dvc checkout` brings it back without training again
+    for name in ("model", "model_ema", "train_info.json", "curves.csv"):
+        _run(["rm", "-rf", f"runs/iet/{name}"], repo, env)
+    _run(["dvc", "checkout", "iet"], repo, env)
+    assert {f: (repo / f).read_bytes() for f in kept} == before
+    assert "up to date" in _run(["dvc", "status", "iet"], repo, env)
+    assert "runs/iet" not in _run(["git", "status", "--porcelain"], repo, env)  # ignored, not left for git
+
 
 def test_the_marker_is_the_same_for_all_valid_params(tmp_path):
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())

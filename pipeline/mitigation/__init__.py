@@ -124,13 +124,46 @@ def variant_name(shards: int, names: tuple[str, ...], settings: Mapping[str, obj
         names, settings or {}, shards)
 
 
+# Remedies applied when sampling, not training: group -> (label, the key whose non-default value the
+# name shows). Evaluating a trained model with one makes a variant of its own: the baseline's
+# training (reused from DVC's cache) sampled with AMG is "AMG [sampling]", IET-AGC+'s is
+# "IET-AGC+ with AMG [sampling]", at another strength "AMG [sampling] (scale=4.0)".
+SAMPLING = {"amg": ("AMG [sampling]", "scale")}
+
+
+def sampling_keys() -> list[str]:
+    """Every 'group.key' of the sampling-time remedies' groups (their settings make the variant)."""
+    return [f"{group}.{key}" for group in SAMPLING for key in type(getattr(Params(), group)).model_fields]
+
+
+def with_sampling(name: str, flat: Mapping[str, str]) -> str:
+    """A trained variant's name as evaluated with the sampling-time remedies switched on in `flat`
+    (logged params as strings: 'amg.enabled' -> 'True')."""
+    labels = []
+    for group, (label, key) in SAMPLING.items():
+        if flat.get(f"{group}.enabled") != "True":
+            continue
+        default = getattr(getattr(Params(), group), key)
+        value = flat.get(f"{group}.{key}", default)
+        labels.append(label if float(value) == float(default) else f"{label} ({key}={float(value)})")
+    if not labels:
+        return name
+    return "+".join(labels) if name == "baseline" else f"{name} with {'+'.join(labels)}"
+
+
+def sampling_settings(params) -> dict[str, str]:
+    """The sampling-time remedies' settings of a Params object, spelled as MLflow logs them (for
+    with_sampling, where a stage names what it evaluated)."""
+    return {key: str(getattr(getattr(params, key.split(".")[0]), key.split(".")[1])) for key in sampling_keys()}
+
+
 def logged_variant(flat: Mapping[str, str], model: str) -> str:
-    """The variant a pipeline run's `model` (baseline | iet) was trained as, from its logged params.
-    Runs from before `iet.shards` could be 1 always had K > 1."""
+    """The variant a pipeline run's `model` (baseline | iet) was trained and evaluated as, from its
+    logged params. Runs from before `iet.shards` could be 1 always had K > 1."""
     if model == "baseline":
-        return "baseline"
+        return with_sampling("baseline", flat)
     shards = int(flat.get("iet.shards", 2))
-    return variant_name(shards, active(enabled_in_logged(flat), shards), flat)
+    return with_sampling(variant_name(shards, active(enabled_in_logged(flat), shards), flat), flat)
 
 
 def variant_sort_key(name: str) -> tuple:
