@@ -335,6 +335,8 @@ def preset(preset, base, write_to):
 from commands.audit import audit  # noqa: E402  (it imports its heavy libraries inside, as these commands)
 
 main.add_command(audit)
+from commands.export import export_command  # noqa: E402
+main.add_command(export_command)
 
 
 if __name__ == "__main__":

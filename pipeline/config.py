@@ -61,6 +61,7 @@ class Duplicates(_Group):
     models copy most (Carlini et al. 2023). The copies are extra training samples."""
     images: int = Field(8, ge=0)   # how many of the data.train_size images are duplicated (0: none)
     copies: int = Field(16, ge=2)  # samples of each such image in total, the original included
+    near: bool = False  # each extra copy a seeded near copy (pipeline/data.py near_copy), not pixel-identical
 
 
 class DataConfig(_Group):

@@ -405,20 +405,55 @@ def _where_duplicates_went(group: np.ndarray, heldout: np.ndarray, train: np.nda
 
 def add_duplicates(train: ImageSet, dup: Duplicates, seed: int, first_id: int) -> tuple[ImageSet, np.ndarray]:
     """`train` with dup.copies - 1 extra samples of each of dup.images images (a seeded choice),
-    appended with the same pixels and label and new ids from `first_id` on (the source's size, so
-    no id of any split is reused). Returns it and each sample's original id.
+    appended with the same pixels (or, with dup.near, each a `near_copy`) and label and new ids
+    from `first_id` on (the source's size, so no id of any split is reused). Returns it and each
+    sample's original id.
 
     The choice draws from its own stream, so the split above is the same with or without it, and
-    images = 0 leaves `train` as it was."""
+    images = 0 leaves `train` as it was; near copies draw after the choice, so it is the same too."""
     if dup.images == 0:
         return train, train.ids.copy()
     rng = np.random.default_rng(np.random.SeedSequence([seed, DUPLICATES]))
     chosen = np.sort(rng.choice(len(train), dup.images, replace=False))
     extra = np.repeat(chosen, dup.copies - 1)
     new_ids = first_id + np.arange(len(extra), dtype=np.int64)
-    grown = ImageSet(np.concatenate([train.images, train.images[extra]]),
+    copies = near_copies(train.images, chosen, dup.copies - 1, rng) if dup.near else train.images[extra]
+    grown = ImageSet(np.concatenate([train.images, copies]),
                      np.concatenate([train.labels, train.labels[extra]]), np.concatenate([train.ids, new_ids]))
     return grown, np.concatenate([train.ids, train.ids[extra]])
+
+
+# A near copy, as a web-scraped set holds them (the same image cropped, re-exposed, recompressed):
+# shifted by up to NEAR_SHIFT pixels each way (edges repeated), brightness scaled within
+# +-NEAR_BRIGHTNESS, Gaussian noise of NEAR_NOISE grey levels (sd), rounded back to uint8.
+NEAR_SHIFT, NEAR_BRIGHTNESS, NEAR_NOISE = 1, 0.03, 2.0
+NEAR_TRIES = 100  # draws of an image's copies until all differ from it and each other
+
+
+def near_copy(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One seeded near copy of a uint8 [C, H, W] image (see NEAR_SHIFT)."""
+    dy, dx = rng.integers(-NEAR_SHIFT, NEAR_SHIFT + 1, size=2)
+    s = NEAR_SHIFT
+    padded = np.pad(image.astype(np.float64), ((0, 0), (s, s), (s, s)), mode="edge")
+    shifted = padded[:, s + dy:s + dy + image.shape[1], s + dx:s + dx + image.shape[2]]
+    scaled = shifted * (1.0 + rng.uniform(-NEAR_BRIGHTNESS, NEAR_BRIGHTNESS))
+    return np.clip(np.rint(scaled + rng.normal(0.0, NEAR_NOISE, image.shape)), 0, 255).astype(np.uint8)
+
+
+def near_copies(images: np.ndarray, chosen: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """`count` near copies of each chosen image, in order ([len(chosen) * count, C, H, W]), no two of
+    an image's copies (and no copy and its original) pixel-identical: drawn again where they are."""
+    out = []
+    for i in chosen:
+        for _ in range(NEAR_TRIES):
+            copies = np.stack([near_copy(images[i], rng) for _ in range(count)])
+            if len({c.tobytes() for c in copies} | {images[i].tobytes()}) == count + 1:
+                break
+        else:
+            raise DataError(f"training image {i}: {NEAR_TRIES} draws of its {count} near copies were never all "
+                            "different (a flat image?); set data.duplicates.near false")
+        out.append(copies)
+    return np.concatenate(out)
 
 
 def unseen_images(pool: ImageSet, seen: list[ImageSet], count: int, seed: int) -> ImageSet:

@@ -104,7 +104,7 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, chunk: int = 102
     40 px and saved as JPEG at quality 75 lie 0.014 (median) to 0.017 from their originals, while
     the closest two distinct images of 2,000 lie 0.0225 apart; threshold 0 gives the exact groups."""
     exact = duplicate_groups(images)
-    reps = torch.from_numpy(images[exact.representatives].reshape(len(exact.representatives), -1)).double() / 255
+    reps = _unit_pixels(images[exact.representatives])
     parent = np.arange(len(reps))
 
     def root(i: int) -> int:
@@ -115,7 +115,7 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, chunk: int = 102
 
     if threshold > 0:
         for start in range(0, len(reps), chunk):  # chunks bound the distance matrix
-            d = torch.cdist(reps[start:start + chunk], reps) / reps.shape[1] ** 0.5
+            d = rms_distances(reps[start:start + chunk], reps)
             for i, j in zip(*np.nonzero((d < threshold).numpy())):
                 a, b = root(start + int(i)), root(int(j))
                 if a != b:
@@ -123,3 +123,66 @@ def near_duplicate_groups(images: np.ndarray, threshold: float, chunk: int = 102
     merged = np.array([root(i) for i in range(len(reps))])
     group, representatives = group_by_key(int(m).to_bytes(8, "little") for m in merged[exact.group])
     return DuplicateGroups(group, representatives, np.bincount(group, minlength=len(representatives)))
+
+
+def _unit_pixels(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, ...] as float64 rows [N, pixels] in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1)).double() / 255
+
+
+def rms_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """RMS pixel distance between every row of `a` and of `b` (_unit_pixels): what near_duplicate_groups
+    compares with its threshold."""
+    return torch.cdist(a, b) / a.shape[1] ** 0.5
+
+
+def near_copy_report(images: np.ndarray, original: np.ndarray, chunk: int = 1024) -> dict:
+    """How far data.duplicates' near copies lie from their originals beside how far distinct images lie
+    from each other, and which near_duplicate thresholds (dedup.near_duplicate, iet.near_duplicate)
+    join every copy with its original and no two distinct images. `original`: each position's
+    original's position (its own for an image that is not an added copy); distinct: different
+    originals that are not pixel-identical.
+
+    near_duplicate_groups joins images closer than t (single linkage), so a threshold t does both
+    exactly when catch_above < t <= merges_at: catch_above, the largest link a group of copies needs
+    (the longest edge of each group's minimum spanning tree), merges_at, the least distance between
+    two images of different groups (copies included)."""
+    from scipy.sparse.csgraph import minimum_spanning_tree
+
+    exact = duplicate_groups(images)
+    truth = exact.group[original]  # a copy belongs where its original does
+    pixels = _unit_pixels(images)
+    copies = np.flatnonzero(original != np.arange(len(images)))
+    to_original = ((pixels[copies] - pixels[original[copies]]).pow(2).mean(1).sqrt()).numpy()
+    catch = 0.0
+    for g in np.unique(truth[copies]):
+        members = exact.representatives[np.unique(exact.group[truth == g])]  # pixel-identical ones once
+        tree = minimum_spanning_tree(rms_distances(pixels[members], pixels[members]).numpy())
+        catch = max(catch, float(tree.max()) if tree.nnz else 0.0)
+    originals = np.unique(exact.group[np.unique(original)])
+    distinct = pixels[exact.representatives[originals]]
+    between, merges = [], math.inf
+    for start in range(0, len(images), chunk):  # chunks bound the distance matrices
+        d = rms_distances(pixels[start:start + chunk], pixels).numpy()
+        other = truth[start:start + chunk, None] != truth[None, :]
+        merges = min(merges, float(d[other].min(initial=math.inf)))
+    for start in range(0, len(distinct), chunk):
+        d = rms_distances(distinct[start:start + chunk], distinct).numpy()
+        rows = np.arange(start, start + len(d))[:, None]
+        between.append(d[rows < np.arange(len(distinct))[None, :]])  # each pair once
+    between = np.concatenate(between) if between else np.zeros(0)
+    works = catch < merges
+    return {"copies": [{"position": int(c), "original": int(original[c]), "rms": float(r)}
+                       for c, r in zip(copies, to_original)],
+            "rms_to_original": _spread(to_original),
+            "distinct_images": {"pairs": int(len(between)), **_spread(between, (0.0, 0.01, 0.5))},
+            "thresholds": {"catch_above": catch, "merges_at": merges if math.isfinite(merges) else None,
+                           "any_works": bool(works),
+                           "suggested": (catch + merges) / 2 if works else None}}
+
+
+def _spread(values: np.ndarray, quantiles=(0.0, 0.5, 1.0)) -> dict[str, float]:
+    names = {0.0: "min", 0.01: "p1", 0.5: "median", 1.0: "max"}
+    if not len(values):
+        return {names[q]: math.nan for q in quantiles}
+    return {names[q]: float(np.quantile(values, q)) for q in quantiles}

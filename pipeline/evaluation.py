@@ -190,7 +190,8 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
             unet, scheduler, path, p, data, f"checkpoint {i}/{len(points)}")
         scores = dedup_memorization_scores(x.to(device), data.train, data.groups)
         s, f_gen = metrics.summarize(scores), extract_features(feature_net, x)
-        s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool))
+        s.update(fd=metrics.frechet_distance(f_gen, f_pool), kid=metrics.kernel_inception_distance(f_gen, f_pool),
+                 **copy_headline(copy_counts(scores, data.groups)))
         rows.append({CURVE_PROGRESS: round(progress, 4), **{k: s[k] for k in CURVE_KEYS}})
         flags.append(np.asarray(scores["ratio"]) < metrics.MEMORIZED_RATIO)
         feats.append(f_gen)

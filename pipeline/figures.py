@@ -149,10 +149,12 @@ def save_curves(curves: dict[str, list[dict]], path, x_label: str, y_label: str,
     _save_figure(fig, path)
 
 
-def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str, reference: float | None = None) -> None:
+def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str, reference: float | None = None,
+                   title: str = "Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band") -> None:
     """Each model's memorization-quality frontier (label -> comparison.frontier_lines' dict): its
     checkpoints as points, the frontier (the least memorization at that quality or better) as a
-    line, its 95% bootstrap band shaded; `reference`, the held-out images' ratio, dotted."""
+    line, its 95% bootstrap band shaded (none where low/high are NaN); `reference`, the held-out
+    images' ratio, dotted."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for i, (label, f) in enumerate(frontiers.items()):
@@ -161,8 +163,7 @@ def save_frontiers(frontiers: dict[str, dict], path, x_label: str, y_label: str,
         ax.fill_between(f["levels"], f["low"], f["high"], color=f"C{i}", alpha=0.2, linewidth=0)
     if frontiers and all(np.min(f["levels"]) > 0 and np.min(f["quality"]) > 0 for f in frontiers.values()):
         _log_x(ax)  # KID spans decades over training (unbiased, it can fall below 0 near real images' own)
-    _finish_curve_axes(ax, bool(frontiers), reference, x_label, y_label,
-                       "Memorization-quality frontiers: checkpoints, frontier, 95% bootstrap band")
+    _finish_curve_axes(ax, bool(frontiers), reference, x_label, y_label, title)
     _save_figure(fig, path)
 
 

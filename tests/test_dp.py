@@ -18,7 +18,7 @@ from pipeline.training import backward, new_proxy, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TINY = {"data": {"train_size": 16, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
+TINY = {"data": {"train_size": 16, "resolution": 8, "duplicates": {"images": 0, "copies": 16, "near": False}},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},
         "train": {"batch_size": 8, "warmup_share": 0.05, "threads": 1, "device": "cpu"},

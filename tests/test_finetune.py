@@ -246,7 +246,7 @@ def test_the_pretrained_model_is_checked_in_its_own_stage(tmp_path, monkeypatch)
                 model={**ARCH_KEYS, "init_from": "runs/pretrain/model"},
                 tracking={"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
                 eval={"num_samples": 8, "ddim_steps": 2, "batch_size": 8, "classifier_epochs": 1},
-                data={"duplicates": {"images": 2, "copies": 3}})
+                data={"duplicates": {"images": 2, "copies": 3, "near": False}})
     raw = yaml.safe_load((tmp_path / "params.yaml").read_text())
     check = json.loads((tmp_path / "runs/pretrain_check/metrics.json").read_text())
     assert check["pretrained"] is True and check["images"] == 32 and check["num_samples"] == 8

@@ -51,7 +51,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REFERENCES = Path(__file__).parent / "pinned"
 RUNS = ("baseline", "iet", "iet_accum")
 TOLERANCE = 2e-5  # mean absolute weight difference; the module docstring gives the measured margins
-TINY = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
+TINY = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0, "copies": 16, "near": False}},
         "model": {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10},
         "eval": {"ddim_steps": 10},  # DDIM cannot take more steps than the training timesteps
         "train": {"batch_size": 4, "lr": 2e-4, "warmup_share": 0.04, "grad_clip": 1.0, "ema_decay": 0.999, "threads": 1,

@@ -65,7 +65,7 @@ def test_evaluate_without_a_trained_model_says_what_is_missing(tmp_path, monkeyp
 
 def test_prepare_with_duplicates_records_them_and_split_shards_every_sample(tmp_path):
     params = _params(tmp_path, data={"source": "digits", "train_size": 40, "heldout_size": 20, "resolution": 8,
-                                     "duplicates": {"images": 2, "copies": 5}}, iet={"shards": 4})
+                                     "duplicates": {"images": 2, "copies": 5, "near": False}}, iet={"shards": 4})
     out = tmp_path / "prepared"
     result = CliRunner().invoke(prepare.main, ["--params", params, "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -16,7 +16,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 
 ARCH = {"block_out_channels": [8, 16], "attention": False, "num_train_timesteps": 10}
-BASE = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0, "copies": 16}},
+BASE = {"data": {"train_size": 12, "resolution": 8, "duplicates": {"images": 0, "copies": 16, "near": False}},
         "model": ARCH,
         "train": {"batch_size": 8, "warmup_share": 0.05, "threads": 1},
         "eval": {"ddim_steps": 10},
