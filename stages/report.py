@@ -177,7 +177,7 @@ def _text(p, rows: dict[str, dict], risk: dict, names: dict[str, str]) -> str:
     variant = rows["iet"]["variant"]
     return "\n".join([
         f"# Baseline vs {variant}", "",
-        _lead(variant, rows["iet"]), "",
+        _lead(variant, rows["iet"]) + " " + _finals(variant, rows), "",
         f"![both models side by side]({names['side']})", "",
         f"Data: {p.data.source}, {p.data.train_size} training images at {p.data.resolution}px "
         f"({rows['iet'].get('unique_images', '?')} unique, {rows['iet'].get('duplicate_groups', 0)} duplicated); "
@@ -219,6 +219,14 @@ def _lead(variant: str, m: dict) -> str:
     return (f"**{variant} vs baseline at matched quality: {words}.** Memorization at matched KID: {sides}; difference "
             f"{_signed(c.estimate)} [{_signed(c.low)}, {_signed(c.high)}] (Welch 95% over seeds), exact permutation "
             f"p = {c.p:.3f} ({c.seeds[0]} vs {c.seeds[1]} seeds).")
+
+
+def _finals(variant: str, rows: dict[str, dict]) -> str:
+    """What the final models did, beside the verdict: a model that copies nothing because it has not
+    learned the data shows it in its FD (and in the side-by-side figure)."""
+    b, m = rows["baseline"], rows["iet"]
+    return (f"Final models: the baseline copies {_fmt(b.get('mem_ratio'))} of its samples at feature FD "
+            f"{_fmt(b.get('fd'))}, {variant} {_fmt(m.get('mem_ratio'))} at FD {_fmt(m.get('fd'))} (lower FD is better).")
 
 
 def _side(scores, bound: float) -> str:
