@@ -14,8 +14,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline import figures, mitigation
-from pipeline import verdict
+from pipeline import figures, mitigation, verdict
 from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
                                  read_comparison, read_rows, risk_table, skip_rates)
 from pipeline.config import load_params
