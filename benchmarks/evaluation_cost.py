@@ -19,9 +19,10 @@ from pipeline.comparison import RESAMPLES, frontier_numbers
 from pipeline.config import load_params
 from pipeline.data import ImageSet
 from pipeline.dedup import dedup_memorization_scores, duplicate_groups
-from pipeline.evaluation import LOSS_PAIRS, EvalData, checkpoints, copy_table, curve_over_training, reuses_final_samples
+from pipeline.evaluation import LOSS_PAIRS, EvalData, copy_table, curve_over_training, reuses_final_samples
 from pipeline.metrics import MEMORIZED_RATIO
 from pipeline.features import load_feature_net
+from pipeline.layout import Rounds
 from pipeline.models import load_pipeline
 from pipeline.sampling import sample
 
@@ -54,7 +55,7 @@ def main():
     members = data.train[torch.from_numpy(data.groups.representatives)]
     _, t_mia = timed(lambda: privacy.membership_inference(unet, scheduler, members, data.heldout, seed=p.seeds.eval,
                                                           pairs=LOSS_PAIRS))
-    points = len(checkpoints(run / args.model / "rounds"))
+    points = len(Rounds(run / args.model / "rounds").checkpoints(p.iet.rounds))
     held = np.asarray(dedup_memorization_scores(data.heldout, data.train, data.groups)["ratio"]) < MEMORIZED_RATIO
     last = samples if reuses_final_samples(p) else None
     (_, curve), t_curve = timed(lambda: curve_over_training(unet, scheduler, run / args.model / "rounds", data, net, p,

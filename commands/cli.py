@@ -334,6 +334,20 @@ def preset(preset, base, write_to):
 
 from commands.audit import audit  # noqa: E402  (it imports its heavy libraries inside, as these commands)
 
+@main.command()
+@click.argument("n", type=click.IntRange(min=1, max=1000))
+@click.option("--pipeline", "dvc_yaml", default="dvc.yaml", show_default=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--params", "params_path", default="params.yaml", show_default=True, type=click.Path(exists=True, dir_okay=False, path_type=Path))
+def rounds(n, dvc_yaml, params_path):
+    """Train N rounds: set iet.rounds in params.yaml and list N rounds' stages in dvc.yaml (DVC's
+    templates cannot count), then `dvc repro` or `dvc exp run [--queue]` as usual."""
+    from pipeline.dag import set_rounds
+
+    removed = set_rounds(n, dvc_yaml, params_path)
+    click.echo(f"{params_path}: iet.rounds {n}; {dvc_yaml}: the stages of {n} rounds"
+               + (f"; removed {len(removed)} folders of later rounds" if removed else ""))
+
+
 main.add_command(audit)
 from commands.export import export_command  # noqa: E402
 main.add_command(export_command)

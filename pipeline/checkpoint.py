@@ -1,22 +1,18 @@
-"""The one resumable checkpoint format: what a training run saves after every complete round, and
-how it is found and read back (pipeline/rounds.py calls `save` and `restore`).
+"""The one checkpoint format: what a round's stages hand each other (pipeline/layout.py says where).
 
-A state folder holds
-  proxy_<k>.safetensors  every tensor of proxy k (weights, EMA, Adam moments, random generator, its
-                         mitigations' own state) and, as JSON metadata, its step, LR schedule, loss
-                         scaler and optimizer settings;
-  samples.safetensors    the shard of every training-set position and the per-sample mitigation state;
-  state.json             written last: the run's fingerprint, the round, the progress, and the SHA-256
-                         of every other file.
-Safetensors and JSON only, no pickle. A state is written to a fresh folder and swapped in, so a kill
-at any moment leaves one complete state (the new one, or the previous one as <folder>.old). A state
-whose files do not match its state.json (truncated, overwritten, unreadable) is set aside as
-<folder>.corrupt with one line saying so, and the run resumes from the other one or starts over."""
+A proxy's file (`save_proxy`) holds every tensor of it (weights, EMA, Adam moments, random generator,
+its mitigations' own state) and, as JSON metadata, its step, LR schedule, loss scaler and optimizer
+settings. A round's train folder holds every proxy's file after training, with the samples' file
+(the shards trained on, the draw and skip counts and the per-sample mitigation state); its profile
+folder holds what the round's end changed (the samples' file with the next round's shards, each
+proxy's mitigation state). Safetensors and JSON only, no pickle. Every folder is written to a
+staging folder and renamed into place, so a kill leaves the whole folder or none."""
 from __future__ import annotations
 
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.io import apply_umask, atomic_path, write_json
-
-MANIFEST = "state.json"
-SAMPLES = "samples.safetensors"
-
-
-def proxy_file(k: int) -> str:
-    return f"proxy_{k}.safetensors"
+from pipeline.io import apply_umask, atomic_path, read_json, write_json
+from pipeline.layout import SAMPLES, TRAIN_INFO, midpoint_file, mitigation_file, proxy_file
 
 
 # ---- one proxy ----
@@ -84,7 +74,9 @@ def load_proxy(proxy, path: str | Path) -> dict[str, torch.Tensor]:
     return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
 
 
-# ---- the whole run ----
+
+
+# ---- a round's folders ----
 
 def fingerprint(p, plan, images: np.ndarray, shard: np.ndarray, init, device: torch.device) -> str:
     """What a saved state must match to be resumed: params, plan, data, shards, the initial weights
@@ -105,89 +97,74 @@ def fingerprint(p, plan, images: np.ndarray, shard: np.ndarray, init, device: to
     return h.hexdigest()[:16]
 
 
-def save(state_dir: Path, proxies: dict, mitigations, info: dict, shard: np.ndarray, ranks) -> None:
-    """Write the state to a fresh folder, then swap it in. Each rank writes its own proxies (several
-    machines need the run folder on shared storage); rank 0 writes the rest and the manifest last."""
-    tmp = state_dir.with_name(state_dir.name + ".tmp")
+@contextmanager
+def shared_folder(path: Path, ranks):
+    """A staging folder every rank writes into; renamed onto `path` (replacing it) once all are done."""
+    tmp = path.with_name(f".{path.name}.staged")
     if ranks.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     ranks.barrier()
-    for k, proxy in proxies.items():
-        save_proxy(proxy, tmp / proxy_file(k), mitigations.state(k))
+    yield tmp
     ranks.barrier()
     if ranks.is_main:
-        save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
-                  str(tmp / SAMPLES))
-        apply_umask(tmp / SAMPLES)  # safetensors writes 0600 whatever the umask
-        files = sorted(f.name for f in tmp.iterdir())
-        write_json(tmp / MANIFEST, {**info, "files": {name: _sha256(tmp / name) for name in files}})
-        old = state_dir.with_name(state_dir.name + ".old")
-        if state_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            state_dir.rename(old)
-        tmp.rename(state_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        apply_umask(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
     ranks.barrier()
 
 
-def find(state_dir: Path, run_fingerprint: str, ranks) -> tuple[Path | None, dict | None]:
-    """The newest complete state of this very run (the folder and its manifest), else (None, None).
-    A state of another run is ignored; an unreadable one is set aside (by rank 0, once every rank
-    has looked: they all read the same files and so agree)."""
-    found, broken = (None, None), []
-    for folder in (state_dir, state_dir.with_name(state_dir.name + ".old")):
-        info, problem = _read_manifest(folder)
-        if problem:
-            broken.append((folder, problem))
-        elif info is not None and info.get("fingerprint") == run_fingerprint:
-            found = (folder, info)
-            break
-    ranks.barrier()
-    if ranks.is_main:
-        for folder, problem in broken:
-            aside = folder.with_name(folder.name + ".corrupt")
-            shutil.rmtree(aside, ignore_errors=True)
-            folder.rename(aside)
-            print(f"{folder}: resume state unreadable ({problem}); set aside as {aside.name}, "
-                  + ("resuming from the previous one" if found[0] else "starting from scratch"))
-    ranks.barrier()
-    return found
+def save_trained(folder: Path, proxies: dict, mitigations, counts, shard: np.ndarray, midpoints: dict,
+                 info: dict, ranks) -> None:
+    """A round's train folder: every proxy's state, its mid-round weights, the samples' file; the
+    info (JSON: seconds, aggregation weights, curves) last. Each rank writes its own proxies."""
+    with shared_folder(folder, ranks) as tmp:
+        for k, proxy in proxies.items():
+            save_proxy(proxy, tmp / proxy_file(k), mitigations.state(k))
+        for j, states in midpoints.items():
+            for k, state in states.items():
+                save_file({key: v.detach().cpu().contiguous() for key, v in state.items()}, str(tmp / midpoint_file(j, k)))
+        ranks.barrier()
+        if ranks.is_main:
+            save_file({"shard": torch.from_numpy(shard), "drawn": counts.drawn.cpu(), "skipped": counts.skipped.cpu(),
+                       **{k: v.cpu() for k, v in mitigations.state(None).items()}}, str(tmp / SAMPLES))
+            write_json(tmp / TRAIN_INFO, info)
 
 
-def restore(folder: Path, proxies: dict, mitigations) -> np.ndarray:
-    """Load a state `find` returned into the proxies and mitigations; returns the shards."""
+def load_trained(folder: Path, proxies: dict, mitigations) -> tuple[np.ndarray, dict[str, torch.Tensor], dict]:
+    """Load a train folder into the proxies and mitigations; returns the shards trained on, the draw
+    and skip counts (CPU) and the info."""
     for k, proxy in proxies.items():
         mitigations.load_state(load_proxy(proxy, folder / proxy_file(k)), k)
-    saved = load_file(str(folder / SAMPLES))
-    mitigations.load_state(saved, None)
-    return saved["shard"].numpy().copy()
+    samples = load_file(str(folder / SAMPLES))
+    mitigations.load_state(samples, None)
+    return samples["shard"].numpy().copy(), {k: samples[k] for k in ("drawn", "skipped")}, read_json(folder / TRAIN_INFO)
 
 
-def _read_manifest(folder: Path) -> tuple[dict | None, str | None]:
-    """(manifest, None) for a complete state, (None, None) where there is none, (None, why) for one
-    that cannot be used: a manifest that does not parse, or a file that does not match its checksum."""
-    path = folder / MANIFEST
-    if not path.is_file():
-        return None, None
-    try:
-        info = json.loads(path.read_text())
-        files = info["files"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return None, f"{MANIFEST}: {type(err).__name__}"
-    for name, digest in files.items():
-        try:
-            if _sha256(folder / name) != digest:
-                return None, f"{name}: checksum mismatch"
-        except OSError as err:
-            return None, f"{name}: {err.strerror or type(err).__name__}"
-    return info, None
+def save_profiled(folder: Path, proxies: dict, mitigations, shard: np.ndarray, ranks) -> None:
+    """Into a profile folder being written: what the round's end changed (the next round's shards,
+    the per-sample and every proxy's mitigation state)."""
+    for k in proxies:
+        save_file({key: v.cpu().contiguous() for key, v in mitigations.state(k).items()}, str(folder / mitigation_file(k)))
+    if ranks.is_main:
+        save_file({"shard": torch.from_numpy(shard), **{k: v.cpu() for k, v in mitigations.state(None).items()}},
+                  str(folder / SAMPLES))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def load_profiled(folder: Path, proxies: dict, mitigations) -> np.ndarray:
+    """Load what save_profiled wrote; returns the next round's shards."""
+    for k in proxies:
+        mitigations.load_state(load_file(str(folder / mitigation_file(k))), k)
+    samples = load_file(str(folder / SAMPLES))
+    mitigations.load_state(samples, None)
+    return samples["shard"].numpy().copy()
 
+
+def load_average(folder: Path, proxies: dict) -> None:
+    """Every proxy takes the round's averaged weights and averaged EMA (an aggregate folder)."""
+    weights = load_file(str(folder / "aggregated.safetensors"))
+    ema = load_file(str(folder / "aggregated_ema.safetensors"))
+    for proxy in proxies.values():
+        proxy.model.load_state_dict(weights)
+        for i, shadow in enumerate(proxy.ema.shadow_params):
+            shadow.data.copy_(ema[str(i)])

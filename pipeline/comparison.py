@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline import frontier, verdict
 from pipeline.dedup import DuplicateGroups
+from pipeline.layout import Rounds
 from pipeline.matched import matched_quality
 from pipeline.risk import risk_summary
 
@@ -144,7 +145,7 @@ def skip_rates(rounds_dir: str | Path, ids: np.ndarray) -> np.ndarray:
     sample never drawn, or everywhere when the run kept no loss table: one shard)."""
     position = {int(i): p for p, i in enumerate(ids)}
     total, seen = np.zeros(len(ids)), np.zeros(len(ids))
-    for table in sorted(Path(rounds_dir).glob("round_*/loss_table.csv")):
+    for table in Rounds(rounds_dir).loss_tables():
         for row in read_rows(table):
             p = position[int(row["sample_id"])]
             if row["drawn"] > 0:

@@ -3,8 +3,14 @@ of the proxies (the loss table is pipeline/loss_table.py, memory-sample redistri
 pipeline/mitigation/msr.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
+
+from pipeline.io import read_json, staged_folder
+from pipeline.layout import TRAIN_INFO, checkpoint_file, midpoint_file, proxy_file
 
 
 def split_shards(labels: np.ndarray, k: int, seed: int, groups: np.ndarray | None = None) -> np.ndarray:
@@ -47,3 +53,21 @@ def aggregate(states: list[dict[str, torch.Tensor]], weights: list[float]) -> di
         else:
             out[key] = first.clone()
     return out
+
+
+def average_round(train: Path, out: Path) -> None:
+    """The aggregate stage of a round: from its train folder, the weighted mean of the proxies'
+    end-of-round weights (aggregated), of their EMA weights (aggregated_ema) and of each mid-round
+    checkpoint's weights (checkpoint_JJ), with the weights the train stage wrote (the shard sizes,
+    or what a mitigation weighs by: the authors' ring MSR takes the plain mean)."""
+    info = read_json(train / TRAIN_INFO)
+    shards, weights = info["shards"], info["aggregation_weights"]
+    states = [load_file(str(train / proxy_file(k))) for k in range(shards)]
+    ends = [{key[6:]: v for key, v in s.items() if key.startswith("model.")} for s in states]
+    emas = [{key[4:]: v for key, v in s.items() if key.startswith("ema.")} for s in states]
+    with staged_folder(out) as tmp:
+        for j in range(1, info["checkpoints_per_round"]):
+            mids = [load_file(str(train / midpoint_file(j, k))) for k in range(shards)]
+            save_file(aggregate(mids, weights), str(tmp / checkpoint_file(j)))
+        save_file(aggregate(emas, weights), str(tmp / "aggregated_ema.safetensors"))
+        save_file(aggregate(ends, weights), str(tmp / "aggregated.safetensors"))  # last: it marks the folder done

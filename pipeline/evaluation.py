@@ -22,6 +22,7 @@ from pipeline.dedup import DuplicateGroups, copy_counts, copy_headline, dedup_me
 from pipeline.features import extract_features
 from pipeline.frontier import Curve
 from pipeline.io import load_tensors, read_json
+from pipeline.layout import Rounds
 from pipeline.metric_names import CURVE_KEYS, CURVE_PROGRESS
 from pipeline.sampling import sample
 
@@ -158,21 +159,6 @@ def feature_quality(feature_net, samples: torch.Tensor, data: EvalData) -> dict:
             "kid": metrics.kernel_inception_distance(f_gen, f_pool)}
 
 
-def checkpoints(rounds_dir: Path) -> list[tuple[float, Path]]:
-    """(training progress in rounds, weights file) of every saved checkpoint, in training order: each
-    round's averaged weights at its end, and the baseline's checkpoints within a round in between."""
-    points = []
-    for round_dir in sorted(Path(rounds_dir).glob("round_*")):
-        rnd = int(round_dir.name.split("_")[1])
-        inner = sorted(round_dir.glob("checkpoint_*.safetensors"))
-        points += [(rnd + (j + 1) / (len(inner) + 1), f) for j, f in enumerate(inner)]
-        if (round_dir / "aggregated.safetensors").is_file():
-            points.append((rnd + 1.0, round_dir / "aggregated.safetensors"))
-    if not points:
-        raise FileNotFoundError(f"{rounds_dir}: no round_*/aggregated.safetensors (re-run the training stage)")
-    return points
-
-
 def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, feature_net, p: Params,
                         heldout_memorized: np.ndarray, last: torch.Tensor | None = None) -> tuple[list[dict], Curve | None]:
     """Memorization and quality of every checkpoint (raw weights, whatever eval.weights says: EMA is
@@ -183,7 +169,7 @@ def curve_over_training(unet, scheduler, rounds_dir: Path, data: EvalData, featu
     if p.eval.curve_samples == 0:
         return [], None
     f_pool = extract_features(feature_net, data.pool)
-    rows, flags, feats, points = [], [], [], checkpoints(rounds_dir)
+    rows, flags, feats, points = [], [], [], Rounds(rounds_dir).checkpoints(p.iet.rounds)
     device = next(unet.parameters()).device
     for i, (progress, path) in enumerate(points, start=1):
         x = last if i == len(points) and last is not None else _checkpoint_samples(

@@ -1,17 +1,21 @@
-"""What the two training stages (baseline, iet) share: read the shard assignment, run the round
-loop on every rank under a lock on its resume state, report to MLflow."""
+"""What the training stages share: read the shard assignment, report to MLflow, and either run one
+stage of a round (`round_stage`: train, profile or finish of the baseline or the IET model, DVC
+stages of their own) or the whole loop in one process under a lock on its resume folder
+(`train_model`: the pretrain stage, long enough to need its own resume)."""
 from __future__ import annotations
 
 import csv
 import fcntl
 import os
+import shutil
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 import numpy as np
 
 from pipeline import rounds
-from pipeline.config import Params
+from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
 from pipeline.tracking import Tracker, TrainingHooks
@@ -75,11 +79,12 @@ def _check_writable(state: Path) -> None:
 
 def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard: np.ndarray, out: str | Path,
                 state: str | Path, data: dict[str, str | Path] | None = None, tracked: Params | None = None) -> None:
-    """Train into `out`, resuming from and saving to the folder `state` after each round. Under
-    `accelerate launch` every rank runs this; rank 0 alone talks to MLflow and holds the lock.
-    `name`: the MLflow run's; `data`: the files read, MLflow dataset context -> path; `tracked`: the
-    params the pipeline's MLflow run is found by and records, when `p` is a stage's own variant of
-    them (the pretrain stage trains from scratch whatever model.init_from says)."""
+    """Train every round in one process into `out`, with the rounds' folders in `state` (resumed
+    after a kill, removed at the end). Under `accelerate launch` every rank runs this; rank 0 alone
+    talks to MLflow and holds the lock. `name`: the MLflow run's; `data`: the files read, MLflow
+    dataset context -> path; `tracked`: the params the pipeline's MLflow run is found by and
+    records, when `p` is a stage's own variant of them (the pretrain stage trains from scratch
+    whatever model.init_from says)."""
     ranks = Ranks.from_environment(p.train.device)
     state = Path(state)
     if not ranks.is_main:
@@ -87,11 +92,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
         return
     _check_writable(state)
     tracker = Tracker(tracked or p)
-    run_id = tracker.child(name)
-    tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
-                                "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
-                                "processes": ranks.world})
-    tracker.log_data(run_id, data or {})
+    run_id = _new_model_run(tracker, name, plan, ranks, data)
     # A killed `dvc repro` can leave its stage process running; two trainers on one resume state
     # would overwrite each other. The OS drops the lock when its holder dies, even on SIGKILL.
     with open(state.with_name(state.name + ".lock"), "w") as lock:
@@ -101,13 +102,68 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
             tracker.finish(run_id, "FAILED")
             raise click.ClickException(f"another process is already training {name} ({state}.lock is held): "
                                        "let it finish or stop it, then run again") from None
-        try:
-            with tracker.system_metrics(run_id):
-                summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id),
-                                     ranks=ranks)
-        except BaseException:
-            tracker.finish(run_id, "FAILED")
-            raise
+        with tracker.system_metrics(run_id):
+            summary = rounds.run(p, plan, train, shard, out, state, hooks=TrainingHooks(tracker, run_id), ranks=ranks)
+    shutil.rmtree(state, ignore_errors=True)
     tracker.log_metrics(run_id, summary)
     tracker.finish(run_id)
     click.echo(f"{name}: {summary}")
+
+
+def _new_model_run(tracker: Tracker, name: str, plan: rounds.Plan, ranks: Ranks, data: dict | None) -> str:
+    run_id = tracker.child(name)
+    tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
+                                "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
+                                "processes": ranks.world})
+    tracker.log_data(run_id, data or {})
+    return run_id
+
+
+def round_stage(model: str, phase: str, rnd: int, p: Params, train: ImageSet, shard: np.ndarray,
+                rounds_dir: Path, out: Path | None = None, data: dict[str, str | Path] | None = None) -> None:
+    """One stage of round `rnd` (from 0) of `model` (baseline | iet): `phase` train, profile or
+    finish (into `out`, after the last round). The model's MLflow run is opened by its first train
+    stage and reopened by every later one; finish closes it."""
+    plan = rounds.Plan.baseline(p) if model == "baseline" else rounds.Plan.iet(p)
+    ranks = Ranks.from_environment(p.train.device) if phase != "finish" else Ranks(device=resolve_device(p.train.device))
+    tracker = Tracker(p) if ranks.is_main else None
+    run_id = None
+    if tracker is not None:
+        run_id = (tracker.reopen(model) if (phase, rnd) != ("train", 0) else None) or \
+            _new_model_run(tracker, model, plan, ranks, data)
+    r = rounds.start(p, plan, train, shard, rounds_dir, TrainingHooks(tracker, run_id) if tracker else None, ranks)
+    if phase == "train":
+        progress = rounds.Progress(shard) if rnd == 0 else rounds.restore_round_end(r, rnd - 1)
+        with tracker.system_metrics(run_id) if tracker else nullcontext():
+            rounds.train_round(r, progress, rnd)
+    elif phase == "profile":
+        progress, counts = rounds.restore_trained(r, rnd)
+        rounds.profile_round(r, progress, rnd, counts)
+    else:
+        summary = rounds.finish(r, rounds.restore_round_end(r, plan.rounds - 1), out)
+        tracker.log_metrics(run_id, summary)
+        tracker.finish(run_id)
+        click.echo(f"{model}: {summary}")
+        return
+    if tracker is not None:
+        tracker.pause(run_id)
+
+
+def run_round_stage(model: str, phase: str, rnd: int | None, params_path: Path, train_path: Path,
+                    shards_path: Path | None, pretrained: Path, rounds_dir: Path, out: Path | None = None) -> None:
+    """A round stage's command (stages/train.py, profile.py, finish.py): read and check its inputs,
+    then `round_stage`. `rnd` counts from 1, as the DVC stages do; None: after the last round."""
+    from pipeline.config import load_params
+
+    p = load_params(params_path)
+    resolve_device(p.train.device)  # an absent device fails here, before any work
+    check_pretrained(p, pretrained)
+    if rnd is not None and rnd > p.iet.rounds:
+        raise click.ClickException(f"--round {rnd}: iet.rounds is {p.iet.rounds}")
+    train = ImageSet.load(train_path)
+    if model == "iet" and shards_path is None:
+        raise click.ClickException("the IET model's stages need --shards (the split stage's shards.csv)")
+    shard = (read_shards(shards_path, train, p.iet.shards) if model == "iet"
+             else np.zeros(len(train), dtype=np.int64))
+    round_stage(model, phase, p.iet.rounds - 1 if rnd is None else rnd - 1, p, train, shard, rounds_dir, out,
+                data={"train": train_path})

@@ -1,13 +1,17 @@
 """The IET round loop. The fair baseline is the same loop with one shard, no mitigation, and K
 times the local steps, so both models get the same optimizer steps x batch size.
 
-A round, as `run` reads: every proxy trains on its shard (`train_proxies`); the proxies are
-averaged, weighted by shard size (`average_proxies`); with K > 1 the samples are scored under the
-proxies' end-of-round weights (the loss table) and the mitigations act on it, MSR moving samples
-between shards (`end_round`); the average is loaded back into every proxy (the authors' ring MSR:
-after even rounds and the last only) and the whole state is saved (`save_state`), so a killed run
-resumes from its last complete round. `finish` writes the models. What one round hands the next
-is a `Progress`; what stays fixed is a `Run`."""
+A round is three stages, each a DVC stage of its own (dvc.yaml) and a function here, which hand
+each other the round's folders (pipeline/layout.py, pipeline/checkpoint.py):
+  train      every proxy trains on its shard (`train_round`);
+  aggregate  the proxies are averaged, weighted by shard size (pipeline.ensemble.average_round);
+  profile    with K > 1 the samples are scored under the proxies' end-of-round weights (the loss
+             table) and the mitigations act on it, MSR moving samples between shards (`profile_round`).
+The next round starts from the proxies as trained, the profile's shards and mitigation state, and
+the average loaded into every proxy (the authors' ring MSR: after even rounds and the last only).
+`finish` writes the models. A stage rebuilds the run (`start`) and loads the state it starts from
+(`restore_trained`, `restore_round_end`); `run` does all rounds in one process through the same
+folders. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
 import shutil
@@ -17,14 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from pipeline import checkpoint, ensemble, mitigation, seeds, stacked
 from pipeline.loss_table import LossTable
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
-from pipeline.io import atomic_path, write_csv, write_json
+from pipeline.io import read_json, write_csv, write_json
+from pipeline.layout import ROUND_INFO, TRAIN_INFO, Rounds
 from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
 from pipeline.pretrained import initial_unet
@@ -71,7 +75,7 @@ def iet_steps_per_round(p: Params) -> int:
 class Hooks:
     """Where the loop reports to (MLflow in the stages); the defaults do nothing."""
     def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None: ...
-    def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None: ...
+    def round_done(self, rnd: int, metrics: dict, folder: Path) -> None: ...
 
 
 def _cell(x: float) -> float | str:
@@ -88,11 +92,8 @@ class Run:
     noise_schedule: object
     proxies: dict[int, Proxy]   # the proxies this process trains
     mitigations: Mitigations
-    out_dir: Path
-    state_dir: Path
+    rounds: Rounds               # where the rounds' folders are (pipeline/layout.py)
     fingerprint: str
-    like_model: dict             # shapes and dtypes of what is shared between processes
-    like_ema: dict
     hooks: Hooks
     ranks: Ranks
     groups: np.ndarray | None    # near-duplicate group per position with iet.split: groups (MSR moves them whole)
@@ -102,7 +103,7 @@ class Run:
 
 @dataclass
 class Progress:
-    """What one round hands the next; the resume state holds it."""
+    """What one round hands the next (through the round's folders)."""
     shard: np.ndarray            # shard of every training-set position
     next_round: int = 0
     seconds: float = 0.0
@@ -110,38 +111,30 @@ class Progress:
 
 
 def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: str | Path,
-        state_dir: str | Path, hooks: Hooks | None = None, ranks: Ranks | None = None) -> dict:
-    """Train per `plan`; write rounds/, model/ (raw averaged weights), model_ema/, curves.csv and
-    return a summary. `shard` gives the initial shard of every training-set position. Under
-    several processes (`ranks`) proxy k trains on rank k % world and only rank 0 writes outputs
-    and calls the hooks; the weights do not depend on the process count."""
-    r = _start(params, plan, train, shard, Path(out_dir), Path(state_dir), hooks or Hooks(),
-               ranks or Ranks(device=resolve_device(params.train.device)))
+        rounds_dir: str | Path, hooks: Hooks | None = None, ranks: Ranks | None = None) -> dict:
+    """Every round's three stages in one process (the pretrain stage, tests, benchmarks), each
+    writing its folder under `rounds_dir` as the DVC stages do, then `finish` into `out_dir`.
+    `shard` gives the initial shard of every training-set position. A killed run resumes after its
+    last complete round. Under several processes (`ranks`) proxy k trains on rank k % world and
+    only rank 0 writes shared files and calls the hooks; the weights do not depend on the process
+    count."""
+    r = start(params, plan, train, shard, rounds_dir, hooks, ranks)
     progress = _resume(r, shard)
     for rnd in range(progress.next_round, plan.rounds):
-        t0 = time.perf_counter()
-        counts = train_proxies(r, progress, rnd)
-        train_seconds = time.perf_counter() - t0
-        averaged, ema_averaged = average_proxies(r, progress, rnd)
-        metrics = end_round(r, progress, rnd, counts)
-        if r.mitigations.averages(rnd, plan.rounds):  # the authors' ring MSR: after even rounds and the last only
-            for proxy in r.proxies.values():
-                proxy.model.load_state_dict(averaged)
-                for i, shadow in enumerate(proxy.ema.shadow_params):
-                    shadow.data.copy_(ema_averaged[i])
-        progress.seconds += time.perf_counter() - t0
-        metrics.update(round_seconds=time.perf_counter() - t0, round_train_seconds=train_seconds)
+        counts = train_round(r, progress, rnd)
         if r.ranks.is_main:
-            round_dir = _round_dir(r, rnd)
-            write_json(round_dir / "round.json", metrics)
-            r.hooks.round_done(rnd, metrics, round_dir)
-        progress.next_round = rnd + 1
-        save_state(r, progress)
-    return finish(r, progress)
+            ensemble.average_round(r.rounds.train(rnd + 1), r.rounds.aggregate(rnd + 1))
+        r.ranks.barrier()
+        profile_round(r, progress, rnd, counts)
+        take_average(r, rnd)
+    return finish(r, progress, Path(out_dir))
 
 
-def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir: Path, state_dir: Path,
-           hooks: Hooks, ranks: Ranks) -> Run:
+def start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, rounds_dir: str | Path,
+          hooks: Hooks | None = None, ranks: Ranks | None = None) -> Run:
+    """The run as it stands before its first round: the initial weights, this process's proxies and
+    the mitigations (every stage of a round builds it, then loads the round's state)."""
+    ranks = ranks or Ranks(device=resolve_device(params.train.device))
     torch.set_num_threads(params.train.threads)
     seed = params.seeds.train
     init = initial_unet(params, seed)
@@ -155,8 +148,8 @@ def _start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_d
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
     run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
     return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
-               mitigations, out_dir, state_dir, run_fingerprint, init.state_dict(),
-               dict(enumerate(p.detach() for p in init.parameters())), hooks, ranks, _groups(params, plan, train), _duplicated(train))
+               mitigations, Rounds(rounds_dir), run_fingerprint, hooks or Hooks(), ranks,
+               _groups(params, plan, train), _duplicated(train))
 
 
 def _duplicated(train: ImageSet) -> np.ndarray:
@@ -176,20 +169,91 @@ def _groups(params: Params, plan: Plan, train: ImageSet) -> np.ndarray | None:
 
 
 def _resume(r: Run, shard: np.ndarray) -> Progress:
-    """The saved progress when a state of this very run exists, else a fresh start (and no rounds
-    of an earlier run left behind)."""
-    folder, info = checkpoint.find(r.state_dir, r.fingerprint, r.ranks)
-    if folder is None:
-        if r.ranks.is_main:
-            shutil.rmtree(r.out_dir / "rounds", ignore_errors=True)
-        r.ranks.barrier()
-        return Progress(shard)
-    shard = checkpoint.restore(folder, r.proxies, r.mitigations)
-    done = info["round"] + 1
+    """After the last complete round of this very run in its rounds folder, else a fresh start;
+    what a killed attempt or an earlier run left beyond that is removed."""
+    done = r.rounds.complete(r.plan.rounds)
+    while done and read_json(r.rounds.train(done) / TRAIN_INFO).get("fingerprint") != r.fingerprint:
+        done -= 1
     if r.ranks.is_main:
-        print(f"resuming {r.out_dir} after round {done} of {r.plan.rounds}")
+        for folder in r.rounds.stale(done):
+            shutil.rmtree(folder)
     r.ranks.barrier()
-    return Progress(shard, done, info["seconds"], info["history"])
+    if not done:
+        return Progress(shard)
+    if r.ranks.is_main:
+        print(f"resuming {r.rounds.root} after round {done} of {r.plan.rounds}")
+    return restore_round_end(r, done - 1)
+
+
+def restore_trained(r: Run, rnd: int) -> tuple[Progress, RoundCounts]:
+    """The run as round `rnd`'s train stage left it (what its aggregate and profile stages read)."""
+    _require(r, "train", rnd)
+    # no check of the run's fingerprint here: DVC re-runs what a change reaches, and a round whose
+    # stage reads none of the changed keys (train@1 under a new msr.skip_rate) is rightly reused
+    shard, counts, _ = checkpoint.load_trained(r.rounds.train(rnd + 1), r.proxies, r.mitigations)
+    history = [row for q in range(1, rnd + 2) for row in read_json(r.rounds.train(q) / TRAIN_INFO)["curves"]]
+    seconds = sum(read_json(r.rounds.profile(q) / ROUND_INFO)["round_seconds"] for q in range(1, rnd + 1))
+    return (Progress(shard, rnd, seconds, history),
+            RoundCounts(counts["drawn"].to(r.ranks.device), counts["skipped"].to(r.ranks.device)))
+
+
+def restore_round_end(r: Run, rnd: int) -> Progress:
+    """The run as round `rnd` ended (what the next round's train stage and `finish` start from):
+    the proxies as trained, the mitigations' state and shards after the profile, the average taken."""
+    progress, _ = restore_trained(r, rnd)
+    _require(r, "aggregate", rnd)
+    _require(r, "profile", rnd)
+    progress.shard = checkpoint.load_profiled(r.rounds.profile(rnd + 1), r.proxies, r.mitigations)
+    progress.seconds += read_json(r.rounds.profile(rnd + 1) / ROUND_INFO)["round_seconds"]
+    progress.next_round = rnd + 1
+    take_average(r, rnd)
+    return progress
+
+
+def _require(r: Run, phase: str, rnd: int) -> None:
+    if not r.rounds.done(phase, rnd + 1):
+        raise FileNotFoundError(f"{r.rounds.round(rnd + 1) / phase}: round {rnd + 1}'s {phase} stage has not run "
+                                "(dvc repro runs the stages in order)")
+
+
+def take_average(r: Run, rnd: int) -> None:
+    """Every proxy takes round `rnd`'s average (the authors' ring MSR: after even rounds and the last only)."""
+    if r.mitigations.averages(rnd, r.plan.rounds):
+        checkpoint.load_average(r.rounds.aggregate(rnd + 1), r.proxies)
+
+
+def train_round(r: Run, progress: Progress, rnd: int) -> RoundCounts:
+    """The train stage of round `rnd`: every proxy trains on its shard; its folder holds the state
+    after it, the mid-round weights and the weights the aggregate stage averages with."""
+    t0 = time.perf_counter()
+    counts = train_proxies(r, progress, rnd)
+    sizes = r.mitigations.weights(np.bincount(progress.shard, minlength=r.plan.shards).tolist())
+    info = {"fingerprint": r.fingerprint, "round": rnd + 1, "shards": r.plan.shards, "processes": r.ranks.world,
+            "checkpoints_per_round": r.plan.checkpoints_per_round, "aggregation_weights": [float(w) for w in sizes],
+            "seconds": time.perf_counter() - t0, "curves": [row for row in progress.history if row["round"] == rnd],
+            "round_metrics": r.mitigations.round_metrics()}  # what training counted, which a profile process cannot see
+    checkpoint.save_trained(r.rounds.train(rnd + 1), r.proxies, r.mitigations, counts, progress.shard,
+                            dict(sorted(r.midpoints.items())), info, r.ranks)
+    r.midpoints.clear()
+    return counts
+
+
+def profile_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> None:
+    """The profile stage of round `rnd`: with K > 1 the loss table and the mitigations' round end
+    (MSR's moves, the next round's shards); its folder holds what changed and the round's metrics."""
+    t0 = time.perf_counter()
+    folder = r.rounds.profile(rnd + 1)
+    with checkpoint.shared_folder(folder, r.ranks) as tmp:
+        trained = read_json(r.rounds.train(rnd + 1) / TRAIN_INFO)
+        metrics = {**trained["round_metrics"], **end_round(r, progress, rnd, counts, tmp)}
+        checkpoint.save_profiled(tmp, r.proxies, r.mitigations, progress.shard, r.ranks)
+        metrics.update(round_train_seconds=trained["seconds"], round_seconds=trained["seconds"] + time.perf_counter() - t0)
+        if r.ranks.is_main:
+            write_json(tmp / ROUND_INFO, metrics)
+    progress.seconds += metrics["round_seconds"]
+    progress.next_round = rnd + 1
+    if r.ranks.is_main:
+        r.hooks.round_done(rnd, metrics, folder)
 
 
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:
@@ -250,7 +314,7 @@ def _training_groups(r: Run, steps: list[int], members: dict[int, torch.Tensor])
 def _checkpointer(r: Run, steps: int, group):
     """With checkpoints_per_round C > 1, a callback that keeps every proxy's weights after each
     1/C of its `steps` this round but the last (its end is the round's aggregate), for
-    `average_proxies` to average into rounds/round_NN/checkpoint_JJ.safetensors. For evaluation
+    the train stage to save and the aggregate stage to average into checkpoint_JJ.safetensors. For evaluation
     only: training never reads them, so the final weights are the same with or without
     (tests/test_comparison.py)."""
     if r.plan.checkpoints_per_round == 1:
@@ -265,35 +329,7 @@ def _checkpointer(r: Run, steps: int, group):
     return keep
 
 
-def average_proxies(r: Run, progress: Progress, rnd: int) -> tuple[dict, dict]:
-    """The shard-size-weighted mean of the proxies' end-of-round weights and of their EMA weights
-    (IET's aggregation; the mitigations may weigh otherwise: the authors' ring MSR takes the plain
-    mean), every proxy's state sent from its owner; saved beside the round."""
-    sizes = r.mitigations.weights(np.bincount(progress.shard, minlength=r.plan.shards).tolist())
-    ends = [r.ranks.share_tensors(r.proxies[k].model.state_dict() if k in r.proxies else None, r.like_model,
-                                  r.ranks.owner(k)) for k in range(r.plan.shards)]
-    emas = [r.ranks.share_tensors(dict(enumerate(r.proxies[k].ema.shadow_params)) if k in r.proxies else None,
-                                  r.like_ema, r.ranks.owner(k)) for k in range(r.plan.shards)]
-    averaged = ensemble.aggregate(ends, sizes)
-    midpoints = {j: ensemble.aggregate(_shared(r, states), sizes) for j, states in sorted(r.midpoints.items())}
-    r.midpoints.clear()
-    if r.ranks.is_main:
-        round_dir = _round_dir(r, rnd)
-        round_dir.mkdir(parents=True, exist_ok=True)
-        files = {**{f"proxy_{k}": state for k, state in enumerate(ends)},
-                 **{f"checkpoint_{j:02d}": state for j, state in midpoints.items()}, "aggregated": averaged}
-        for name, state in files.items():  # aggregated last: checkpoints() reads a round by it
-            with atomic_path(round_dir / f"{name}.safetensors") as tmp:
-                save_file(state, str(tmp))
-    return averaged, ensemble.aggregate(emas, sizes)
-
-
-def _shared(r: Run, states: dict[int, dict]) -> list[dict]:
-    """Every proxy's state of one mid-round checkpoint, sent from its owner."""
-    return [r.ranks.share_tensors(states.get(k), r.like_model, r.ranks.owner(k)) for k in range(r.plan.shards)]
-
-
-def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict:
+def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts, folder: Path) -> dict:
     """With K > 1, score the samples under the proxies' end-of-round weights (the loss table) and
     let the mitigations act on it (MSR moves samples); write the round's tables. Returns the
     round's metrics."""
@@ -310,10 +346,10 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> dict
         r.mitigations.end_round(end)
         metrics["profile_seconds"] = time.perf_counter() - t0
         if r.ranks.is_main:
-            _write_loss_table(r, rnd, progress.shard, drawn, skipped, skip_rate, profile.losses, end.moves)
+            _write_loss_table(r, folder, progress.shard, drawn, skipped, skip_rate, profile.losses, end.moves)
         progress.shard, metrics["moved"] = end.shard, len(end.moves)
     if r.ranks.is_main:
-        write_csv(_round_dir(r, rnd) / "shards.csv",
+        write_csv(folder / "shards.csv",
                    [{"sample_id": int(i), "shard": int(s)} for i, s in zip(r.train.ids, progress.shard)],
                    ["sample_id", "shard"])
     return {**metrics, "skip_fraction": float(skipped.sum() / max(drawn.sum(), 1)),
@@ -332,50 +368,37 @@ def _selectivity(skip_rate: np.ndarray, drawn: np.ndarray, duplicated: np.ndarra
     return out
 
 
-def _write_loss_table(r: Run, rnd: int, shard, drawn, skipped, skip_rate, losses, moves) -> None:
+def _write_loss_table(r: Run, folder: Path, shard, drawn, skipped, skip_rate, losses, moves) -> None:
     ids = r.train.ids
     table = [{"sample_id": int(ids[i]), "shard": int(shard[i]), "drawn": int(drawn[i]),
               "skipped": int(skipped[i]), "skip_rate": float(skip_rate[i]), "loss_own": _cell(losses[i, shard[i]]),
               **{f"loss_proxy_{k}": _cell(losses[i, k]) for k in range(r.plan.shards)}}
              for i in range(len(ids))]
-    write_csv(_round_dir(r, rnd) / "loss_table.csv", table, list(table[0]))
-    write_csv(_round_dir(r, rnd) / "moves.csv", [{"sample_id": int(ids[m["position"]]),
+    write_csv(folder / "loss_table.csv", table, list(table[0]))
+    write_csv(folder / "moves.csv", [{"sample_id": int(ids[m["position"]]),
                                                    **{k: v for k, v in m.items() if k != "position"}} for m in moves],
                ["sample_id", "from", "to", "skip_rate", "loss_from", "loss_to"])
 
 
-def save_state(r: Run, progress: Progress) -> None:
-    """The whole state after a complete round (pipeline/checkpoint.py): every proxy (weights, EMA,
-    optimizer, schedule, generator, its mitigations' state), the shards and the per-sample state."""
-    checkpoint.save(r.state_dir, r.proxies, r.mitigations,
-                     {"fingerprint": r.fingerprint, "round": progress.next_round - 1, "seconds": progress.seconds,
-                      "history": progress.history}, progress.shard, r.ranks)
-
-
-def finish(r: Run, progress: Progress) -> dict:
-    """Write curves.csv, the final models (raw averaged weights and EMA) and train_info.json; remove
-    the resume state. Returns the summary."""
+def finish(r: Run, progress: Progress, out_dir: Path) -> dict:
+    """Write curves.csv, the final models (raw averaged weights and EMA) and train_info.json into
+    `out_dir` (the run as its last round ended). Returns the summary."""
     plan = r.plan
     steps = plan.shards * plan.rounds * plan.steps_per_round
     summary = {"train_seconds": round(progress.seconds, 2), "optimizer_steps": steps,
                "images_seen": steps * r.params.train.batch_size, "shards": plan.shards, "rounds": plan.rounds,
                "variant": plan.variant, **{name: name in plan.mitigations for name in mitigation.REGISTRY},
-               "processes": r.ranks.world, **r.mitigations.summary()}
+               "processes": read_json(r.rounds.train(plan.rounds) / TRAIN_INFO)["processes"], **r.mitigations.summary()}
     if not r.ranks.is_main:
         r.ranks.barrier()
         return summary
     fields = ["round", "proxy", "step", "loss", "kept"] + sorted({k for row in progress.history for k in row}
                                                                   - {"round", "proxy", "step", "loss", "kept"})
-    write_csv(r.out_dir / "curves.csv", progress.history, fields)
+    write_csv(out_dir / "curves.csv", progress.history, fields)
     final = r.proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
-    save_pipeline(final.model, r.noise_schedule, r.out_dir / "model")
+    save_pipeline(final.model, r.noise_schedule, out_dir / "model")
     final.ema.copy_to(final.model.parameters())
-    save_pipeline(final.model, r.noise_schedule, r.out_dir / "model_ema")
-    write_json(r.out_dir / "train_info.json", summary)
-    shutil.rmtree(r.state_dir, ignore_errors=True)
+    save_pipeline(final.model, r.noise_schedule, out_dir / "model_ema")
+    write_json(out_dir / "train_info.json", summary)
     r.ranks.barrier()
     return summary
-
-
-def _round_dir(r: Run, rnd: int) -> Path:
-    return r.out_dir / "rounds" / f"round_{rnd:02d}"

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+import tempfile
 import time
 import warnings
 from contextlib import contextmanager
@@ -135,6 +136,27 @@ class Tracker:
         self.open_runs.append(run.info.run_id)
         return run.info.run_id
 
+    def reopen(self, name: str, parent: str | None = None) -> str | None:
+        """The newest nested run `name` under the parent, RUNNING again (a model's run, which each
+        of its round stages reopens); None when there is none."""
+        parent = parent or self.parent_id
+        found = self.client.search_runs([self.experiment_id], f"tags.`mlflow.parentRunId` = '{parent}' and "
+                                        f"attributes.run_name = '{name}'", max_results=1,
+                                        order_by=["attributes.start_time DESC"])
+        if not found:
+            return None
+        run_id = found[0].info.run_id
+        self.client.update_run(run_id, status="RUNNING")
+        self.open_runs.append(run_id)
+        return run_id
+
+    def pause(self, run_id: str) -> None:
+        """A run with more stages to come (a model's run between its round stages): SCHEDULED, so that
+        nothing is RUNNING while no stage runs."""
+        self.client.update_run(run_id, status="SCHEDULED")
+        if run_id in self.open_runs:
+            self.open_runs.remove(run_id)
+
     def log_params(self, run_id: str, values: dict) -> None:
         items = [Param(k, str(v)) for k, v in values.items()]
         for i in range(0, len(items), 100):
@@ -217,14 +239,19 @@ class TrainingHooks:
         self.tracker.log_curve(child, curve)
         self.tracker.finish(child)
 
-    def round_done(self, rnd: int, metrics: dict, round_dir: Path) -> None:
+    def round_done(self, rnd: int, metrics: dict, folder: Path) -> None:
+        """Round `rnd`'s metrics (step: the round, from 0) and its profile folder's tables, with a
+        histogram of the skip rates, under rounds/round_<r> of the model's run."""
         self.tracker.log_metrics(self.run_id, metrics, step=rnd)
-        table = round_dir / "loss_table.csv"
+        where = f"rounds/round_{rnd + 1}"
+        for name in ("loss_table.csv", "moves.csv", "round.json"):
+            if (folder / name).is_file():
+                self.tracker.log_artifact(self.run_id, folder / name, where)
+        table = folder / "loss_table.csv"
         if table.is_file():
             from pipeline.figures import save_skip_histogram
 
             skip = np.genfromtxt(table, delimiter=",", names=True)["skip_rate"]
-            save_skip_histogram(np.atleast_1d(skip), round_dir / "skip_rate_hist.png")
-        for name in ("loss_table.csv", "moves.csv", "round.json", "skip_rate_hist.png"):
-            if (round_dir / name).is_file():
-                self.tracker.log_artifact(self.run_id, round_dir / name, f"rounds/{round_dir.name}")
+            with tempfile.TemporaryDirectory() as tmp:  # not into the folder: it is a DVC output
+                save_skip_histogram(np.atleast_1d(skip), Path(tmp) / "skip_rate_hist.png")
+                self.tracker.log_artifact(self.run_id, Path(tmp) / "skip_rate_hist.png", where)

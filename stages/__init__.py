@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, load_params
 # Stages that log to MLflow: they check the tracking server before any work, so that a dead one
 # costs seconds, not a trained model (MLflow would retry it for minutes, at the end).
 # By file name: under `python -m stages.iet` the module is called __main__.
-TRACKED = {"pretrain", "baseline", "iet", "evaluate", "report", "register"}
+TRACKED = {"pretrain", "train", "profile", "finish", "evaluate", "report", "register"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -108,3 +108,25 @@ def pair_option(*decls: str, help: str):
     return click.option(*decls, required=True, nargs=2, type=click.Path(path_type=Path),
                         callback=lambda ctx, param, value: dict(zip(MODELS, value)),
                         help=f"{help}: the baseline's, then the IET model's")
+
+
+def round_stage_options(fn):
+    """What every stage of a model's rounds (train, profile, finish) takes: the model, and the files
+    it is rebuilt from (pipeline.launch.run_round_stage). Train and profile also take `--round`."""
+    options = [
+        click.argument("model", type=click.Choice(MODELS)),
+        params_option,
+        path_option("--train", "train_path", help="prepared training set (.npz)"),
+        click.option("--shards", "shards_path", type=click.Path(path_type=Path), default=None,
+                     help="the IET model's initial shard of every training sample (split stage)"),
+        path_option("--pretrained", help="the pretrain stage's folder, which model.init_from may name (fine-tuning)"),
+        path_option("--rounds", "rounds_dir", help="the model's rounds folder (pipeline/layout.py)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def round_option(fn):
+    return click.option("--round", "rnd", required=True, type=click.IntRange(min=1),
+                        help="the round, from 1 (the DVC stage's @ key)")(fn)

@@ -5,6 +5,7 @@ for all valid params, so that a valid change re-runs only the stages that read t
 import click
 
 from pipeline.config import load_params
+from pipeline.dag import check as check_rounds
 from pipeline.io import atomic_path
 from pipeline.preflight import check_machine
 from pipeline.store import check_tracking
@@ -15,10 +16,12 @@ MARKER = "params.yaml is valid\n"
 
 @click.command()
 @params_option
+@path_option("--pipeline", "dvc_yaml", help="dvc.yaml, whose round stages must be those of iet.rounds")
 @path_option("--out", help="the marker written when the params are valid")
 @stage
-def main(params_path, out):
+def main(params_path, dvc_yaml, out):
     params = load_params(params_path)
+    check_rounds(dvc_yaml, params.iet.rounds)  # else DVC would run the rounds dvc.yaml lists, in silence
     check_tracking(params.tracking)  # a store MLflow would fail on, after training
     check_machine(params)  # a launcher that is not there, a run that cannot fit in memory
     with atomic_path(out) as tmp:

@@ -1,12 +1,11 @@
 """A tiny IET run in a process of its own, for tests/test_resume.py to kill with SIGKILL.
 
-    python tests/resume_worker.py OUT STATE [--pause-at ROUND]   one run; with --pause-at it writes
+    python tests/resume_worker.py OUT ROUNDS [--pause-at ROUND]   one run; with --pause-at it writes
         OUT.paused and waits (to be killed) after the first proxy of ROUND has trained
-    python tests/resume_worker.py OUT STATE --chaos N SEED       imports once, then forks the run
+    python tests/resume_worker.py OUT ROUNDS --chaos N SEED       imports once, then forks the run
         and SIGKILLs the child at an arbitrary moment, N times (or until it finishes), then lets
         a last child finish
 """
-import json
 import os
 import random
 import signal
@@ -21,6 +20,7 @@ from pipeline import rounds
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from pipeline.layout import Rounds
 from tiny import tiny
 
 # tau 0.9: AGC skips, TAA strengths rise and MSR moves samples, so all of that state is resumed
@@ -46,17 +46,15 @@ class PauseAt(rounds.Hooks):
 
 
 def _saved_round(state: Path) -> int:
-    try:
-        return json.loads((state / "state.json").read_text())["round"]
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return -1
+    """The last complete round in the rounds folder, from 0; -1 for none."""
+    return Rounds(state).complete() - 1
 
 
 def chaos(out: str, state: str, kills: int, seed: int) -> None:
     """SIGKILL the run `kills` times at arbitrary moments, then let it finish. Odd attempts die at a
     random moment of their first half second (loading the state, building the proxies, training);
     even ones once they have saved one more round, at a random point of the next round (training,
-    profiling, writing the round's files, swapping in the resume state), so the run moves on
+    profiling, writing the round's folders), so the run moves on
     whatever the machine's speed. Forking spares the seconds of importing torch each time."""
     rng = random.Random(seed)
     for attempt in range(kills + 1):

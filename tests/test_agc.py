@@ -121,6 +121,7 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
     from pipeline import rounds
     from pipeline.config import parse_params
     from pipeline.ensemble import split_shards
+    from pipeline.layout import Rounds
     from test_pinned import TINY
     from tiny import Stop, random_train, stop_after_round
 
@@ -131,11 +132,12 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
 
     def run(where, hooks=None):
         summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), where / "out",
-                             where / "state", hooks=hooks)
+                             where / "rounds", hooks=hooks)
         return summary, load_file(str(where / "out/model/unet/diffusion_pytorch_model.safetensors"))
 
     with pytest.raises(Stop):
-        run(tmp_path / "resumed", stop_after_round(1))
+        run(tmp_path / "resumed", stop_after_round(0))
+    assert Rounds(tmp_path / "resumed/rounds").complete() == 1  # resumes from round 1's start, as saved after round 0
     _, resumed = run(tmp_path / "resumed")
     summary, straight = run(tmp_path / "straight")
     assert summary["variant"] == "IET-AGC+ [pooled, image]"
@@ -161,9 +163,9 @@ def test_each_round_logs_the_skip_rate_of_duplicated_and_of_unique_samples(tmp_p
     p = parse_params(TINY)
     train = random_train()
     train.images[6:9] = train.images[0]  # one image stored four times
-    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "state")
-    for rnd in range(3):
-        folder = tmp_path / f"out/rounds/round_{rnd:02d}"
+    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "rounds")
+    for rnd in range(1, 4):
+        folder = tmp_path / f"rounds/round_{rnd}/profile"
         metrics = json.loads((folder / "round.json").read_text())
         with open(folder / "loss_table.csv") as f:
             rate = {int(r["sample_id"]): float(r["skip_rate"]) for r in csv.DictReader(f)}

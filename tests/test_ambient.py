@@ -70,5 +70,5 @@ def test_a_tiny_ambient_run_trains_and_is_named_with_its_level(tmp_path):
     p = parse_params(raw)
     train = random_train()
     summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 1, 0), tmp_path / "out",
-                         tmp_path / "state")
+                         tmp_path / "rounds")
     assert summary["variant"] == "ambient (t_n=4.0)" and summary["ambient"] is True

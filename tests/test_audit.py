@@ -33,7 +33,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("audit")
     p = parse_params(tiny())
     train = random_train()
-    rounds.run(p, rounds.Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), root / "run", root / "state")
+    rounds.run(p, rounds.Plan.baseline(p), train, np.zeros(len(train), dtype=np.int64), root / "run", root / "rounds")
     train.save(root / "train.npz")
     g = np.random.default_rng(1)
     ImageSet(g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), np.arange(12) % 3, np.arange(12)).save(

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from pipeline import mitigation, rounds
 from pipeline.config import ConfigError, parse_params
 from pipeline.ensemble import split_shards
+from pipeline.layout import Rounds
 from pipeline.mitigation import Mitigations, RoundEnd, Step
 from pipeline.mitigation.authors import (QUEUE_TAKE, averaging_round, exchange_candidates, queue_magnitude,
                                          queue_strength, ring_exchange)
@@ -81,24 +82,30 @@ def _run(tmp_path, hooks=None, **groups):
     p = _params(**groups)
     train = random_train()
     return rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out",
-                      tmp_path / "state", hooks=hooks)
+                      tmp_path / "rounds", hooks=hooks)
 
 
-def _proxies(state):
-    return [torch.cat([v.flatten() for k, v in sorted(load_file(str(state / f"proxy_{j}.safetensors")).items())
-                       if k.startswith("model.")]) for j in range(3)]
+def _weights(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten() for _, v in sorted(state.items())])
 
 
 def test_proxies_are_averaged_after_even_rounds_only(tmp_path):
-    for last, averaged in ((1, True), (2, False)):  # the state saved after round last - 1
-        with pytest.raises(Stop):
-            _run(tmp_path / str(last), hooks=stop_after_round(last), iet={"rounds": 4})
-        weights = _proxies(tmp_path / str(last) / "state")
+    with pytest.raises(Stop):
+        _run(tmp_path, hooks=stop_after_round(1), iet={"rounds": 4})
+    folders = Rounds(tmp_path / "rounds")
+    assert folders.complete() == 2
+    p = _params(iet={"rounds": 4})
+    train = random_train()
+    for rnd, averaged in ((0, True), (1, False)):  # the state the next round starts from, as a resume loads it
+        r = rounds.start(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), folders.root)
+        rounds.restore_round_end(r, rnd)
+        weights = [_weights(r.proxies[j].model.state_dict()) for j in range(3)]
         assert all(torch.equal(weights[0], w) for w in weights[1:]) == averaged
     # an unaveraged round still saves the proxies' plain mean, for evaluation
-    folder = tmp_path / "2/out/rounds/round_01"
-    ends = [load_file(str(folder / f"proxy_{j}.safetensors")) for j in range(3)]
-    mean = load_file(str(folder / "aggregated.safetensors"))
+    ends = [{k[6:]: v for k, v in load_file(str(folders.train(2) / f"proxy_{j}.safetensors")).items()
+             if k.startswith("model.")} for j in range(3)]
+    assert not all(torch.equal(_weights(ends[0]), _weights(e)) for e in ends[1:])
+    mean = load_file(str(folders.aggregate(2) / "aggregated.safetensors"))
     key = next(iter(mean))
     assert torch.allclose(mean[key], sum(e[key].double() for e in ends).float() / 3)
 
@@ -183,10 +190,12 @@ def test_an_interrupted_authors_run_resumes_to_the_same_weights(tmp_path):
     the same weights. tau 1 and 12 draws a round so that AGC skips."""
     groups = {"iet": {"rounds": 4, "local_epochs": 24}, "agc": {"tau": 1.0}}
     with pytest.raises(Stop):
-        _run(tmp_path / "cut", hooks=stop_after_round(3), **groups)
-    saved = load_file(str(tmp_path / "cut/state/samples.safetensors"))
+        _run(tmp_path / "cut", hooks=stop_after_round(2), **groups)
+    cut = Rounds(tmp_path / "cut/rounds")
+    assert cut.complete() == 3 and not cut.round(4).exists()  # rounds 0-2 (round_1..3) saved, round 3 to run
+    saved = load_file(str(cut.profile(3) / "samples.safetensors"))  # what round 3 starts from
     assert saved["msr.skips"].sum() > 0 and not torch.equal(saved["msr.arrival"], torch.arange(12))
-    queues = [load_file(str(tmp_path / f"cut/state/proxy_{j}.safetensors"))["extra.taa.queue"] for j in range(3)]
+    queues = [load_file(str(cut.profile(3) / f"mitigations_{j}.safetensors"))["taa.queue"] for j in range(3)]
     assert any(len(q) for q in queues)
     resumed = _run(tmp_path / "cut", **groups)
     straight = _run(tmp_path / "straight", **groups)
@@ -196,9 +205,9 @@ def test_an_interrupted_authors_run_resumes_to_the_same_weights(tmp_path):
         b = load_file(str(tmp_path / f"straight/out/{m}/unet/diffusion_pytorch_model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     for name in ("shards.csv", "moves.csv"):
-        path = f"rounds/round_03/{name}"
-        assert (tmp_path / "cut/out" / path).read_text() == (tmp_path / "straight/out" / path).read_text()
-    assert (tmp_path / "straight/out/rounds/round_03/moves.csv").read_text().count("\n") == 1 + 3  # one from each shard
+        path = f"rounds/round_4/profile/{name}"
+        assert (tmp_path / "cut" / path).read_text() == (tmp_path / "straight" / path).read_text()
+    assert (tmp_path / "straight/rounds/round_4/profile/moves.csv").read_text().count("\n") == 1 + 3  # one from each shard
 
 
 def test_the_variant_is_named_iet_agc_plus_authors():

@@ -110,7 +110,7 @@ def test_validate_refuses_a_damaged_store_and_writes_nothing(tmp_path, real_stor
     text = (ROOT / "params.yaml").read_text().replace("  uri: null", f"  uri: sqlite:///{path}", 1)
     assert f"sqlite:///{path}" in text
     (tmp_path / "params.yaml").write_text(text)
-    result = CliRunner().invoke(validate.main, ["--params", str(tmp_path / "params.yaml"),
+    result = CliRunner().invoke(validate.main, ["--pipeline", str(ROOT / "dvc.yaml"), "--params", str(tmp_path / "params.yaml"),
                                                 "--out", str(tmp_path / "ok")])
     assert result.exit_code == 1 and "disk image is malformed" in result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "ok").exists()

@@ -62,7 +62,7 @@ def test_a_file_that_is_not_utf8_is_one_line_naming_the_file_and_the_byte(tmp_pa
     path.write_bytes((ROOT / "params.yaml").read_bytes() + "# caf\u00e9\n".encode("latin-1"))
     with pytest.raises(ConfigError, match=re.escape(f"{path}: not UTF-8 text (byte 0xe9 at offset ")):
         load_params(path)
-    result = CliRunner().invoke(validate.main, ["--params", str(path), "--out", str(tmp_path / "ok")])
+    result = CliRunner().invoke(validate.main, ["--pipeline", str(ROOT / "dvc.yaml"), "--params", str(path), "--out", str(tmp_path / "ok")])
     assert result.exit_code == 1 and "not UTF-8 text" in result.output and "Traceback" not in result.output
 
 
@@ -115,7 +115,7 @@ def test_more_checkpoints_than_a_proxys_steps_are_still_accepted_up_to_the_runs_
 @pytest.mark.parametrize("launcher", ["pyton", "no-such-accelerate launch", "'"])
 def test_a_launcher_that_is_not_a_command_here_is_refused_by_validate(tmp_path, launcher):
     path = _params_with(tmp_path, "  launcher: python", f"  launcher: {yaml.safe_dump(launcher).splitlines()[0]}")
-    result = CliRunner().invoke(validate.main, ["--params", str(path), "--out", str(tmp_path / "ok")])
+    result = CliRunner().invoke(validate.main, ["--pipeline", str(ROOT / "dvc.yaml"), "--params", str(path), "--out", str(tmp_path / "ok")])
     assert result.exit_code == 1 and "train.launcher: " in result.output, result.output
     assert not (tmp_path / "ok").exists()
 

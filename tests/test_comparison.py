@@ -13,7 +13,7 @@ from pipeline.comparison import at_matched_quality, risk_table, skip_rates
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.dedup import duplicate_groups
-from pipeline.evaluation import checkpoints
+from pipeline.layout import Rounds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,11 +27,13 @@ def test_the_baseline_saves_k_checkpoints_a_round_in_training_order(tmp_path):
     train = _random_train()
     plan = rounds.Plan.baseline(p)
     assert plan.checkpoints_per_round == 3 and plan.steps_per_round % 3 == 0
-    rounds.run(p, plan, train, np.zeros(12, dtype=np.int64), tmp_path / "out", tmp_path / "state")
-    points = checkpoints(tmp_path / "out/rounds")
+    rounds.run(p, plan, train, np.zeros(12, dtype=np.int64), tmp_path / "out", tmp_path / "rounds")
+    points = Rounds(tmp_path / "rounds").checkpoints(p.iet.rounds)
     assert [x for x, _ in points] == pytest.approx([1 / 3, 2 / 3, 1, 4 / 3, 5 / 3, 2])
     assert [f.name for _, f in points[:3]] == ["checkpoint_01.safetensors", "checkpoint_02.safetensors",
                                                 "aggregated.safetensors"]
+    assert [f.parent for _, f in points] == [tmp_path / "rounds/round_1/aggregate"] * 3 + [
+        tmp_path / "rounds/round_2/aggregate"] * 3
     from safetensors.torch import load_file
     states = [load_file(str(f))["conv_in.weight"] for _, f in points]
     assert all(not torch.equal(a, b) for a, b in zip(states, states[1:]))  # each a later state
@@ -62,36 +64,49 @@ def test_an_iet_mid_round_checkpoint_is_the_shard_weighted_average_and_changes_n
     train, shard = _random_train(), np.array([0] * 6 + [1] * 4 + [2] * 2)
     p = _iet_params(2)
     plan = rounds.Plan.iet(p)
-    rounds.run(p, plan, train, shard, tmp_path / "two", tmp_path / "state2")
-    rounds.run(_iet_params(1), rounds.Plan.iet(_iet_params(1)), train, shard, tmp_path / "one", tmp_path / "state1")
-    final = [load_file(str(tmp_path / f"{name}/rounds/round_00/aggregated.safetensors")) for name in ("two", "one")]
+    rounds.run(p, plan, train, shard, tmp_path / "two", tmp_path / "two/rounds")
+    rounds.run(_iet_params(1), rounds.Plan.iet(_iet_params(1)), train, shard, tmp_path / "one", tmp_path / "one/rounds")
+    final = [load_file(str(tmp_path / f"{name}/rounds/round_1/aggregate/aggregated.safetensors"))
+             for name in ("two", "one")]
     assert all(torch.equal(final[0][k], final[1][k]) for k in final[0])
-    assert not (tmp_path / "one/rounds/round_00/checkpoint_01.safetensors").exists()
+    assert not (tmp_path / "one/rounds/round_1/aggregate/checkpoint_01.safetensors").exists()
+    assert not list((tmp_path / "one/rounds/round_1/train").glob("midpoint_*"))
 
-    r = rounds._start(p, plan, train, shard, tmp_path / "hand", tmp_path / "state3", rounds.Hooks(),
-                      rounds.Ranks(device=torch.device("cpu")))
+    r = rounds.start(p, plan, train, shard, tmp_path / "hand", rounds.Hooks(), rounds.Ranks(device=torch.device("cpu")))
     steps = rounds.proxy_steps(3 * plan.steps_per_round, [6, 4, 2])
     for k, proxy in r.proxies.items():
         train_steps(OneProxy(k, proxy, p), r.images, {k: torch.from_numpy(np.flatnonzero(shard == k))},
                     round(steps[k] / 2), r.noise_schedule, p, r.mitigations, RoundCounts.zeros(12))
     by_hand = aggregate([r.proxies[k].model.state_dict() for k in range(3)], [6, 4, 2])
-    mid = load_file(str(tmp_path / "two/rounds/round_00/checkpoint_01.safetensors"))
+    mid = load_file(str(tmp_path / "two/rounds/round_1/aggregate/checkpoint_01.safetensors"))
     assert all(torch.equal(mid[k], by_hand[k]) for k in by_hand)
     assert not torch.equal(mid["conv_in.weight"], final[0]["conv_in.weight"])
-    assert [x for x, _ in checkpoints(tmp_path / "two/rounds")] == [0.5, 1.0]
+    assert [x for x, _ in Rounds(tmp_path / "two/rounds").checkpoints(1)] == [0.5, 1.0]
+
+
+def _complete_round(rounds_dir, r: int) -> None:
+    """Round r's three folders, each holding the file that marks it done (pipeline/layout.py)."""
+    folders = Rounds(rounds_dir)
+    for folder in (folders.train(r), folders.aggregate(r), folders.profile(r)):
+        folder.mkdir(parents=True, exist_ok=True)
+    (folders.train(r) / "train.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, str(folders.aggregate(r) / "aggregated.safetensors"))
+    (folders.profile(r) / "round.json").write_text("{}")
 
 
 def test_checkpoints_of_an_iet_run_are_its_rounds(tmp_path):
-    for r in range(2):
-        (tmp_path / f"round_{r:02d}").mkdir()
-        save_file({"w": torch.zeros(1)}, str(tmp_path / f"round_{r:02d}/aggregated.safetensors"))
-    assert [x for x, _ in checkpoints(tmp_path)] == [1.0, 2.0]
+    for r in (1, 2):
+        _complete_round(tmp_path, r)
+    assert [x for x, _ in Rounds(tmp_path).checkpoints()] == [1.0, 2.0]
+    assert [f for _, f in Rounds(tmp_path).checkpoints()] == [tmp_path / f"round_{r}/aggregate/aggregated.safetensors"
+                                                              for r in (1, 2)]
     with pytest.raises(FileNotFoundError, match="re-run the training stage"):
-        checkpoints(tmp_path / "nothing")
+        Rounds(tmp_path / "nothing").checkpoints()
 
 
-def _loss_table(path, rows):
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _loss_table(rounds_dir, r, rows):
+    _complete_round(rounds_dir, r)
+    path = Rounds(rounds_dir).profile(r) / "loss_table.csv"
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=["sample_id", "drawn", "skip_rate"])
         w.writeheader()
@@ -99,10 +114,10 @@ def _loss_table(path, rows):
 
 
 def test_skip_rates_average_the_rounds_a_sample_was_drawn_in(tmp_path):
-    _loss_table(tmp_path / "round_00/loss_table.csv", [{"sample_id": 7, "drawn": 4, "skip_rate": 0.5},
-                                                       {"sample_id": 9, "drawn": 0, "skip_rate": 0.0}])
-    _loss_table(tmp_path / "round_01/loss_table.csv", [{"sample_id": 7, "drawn": 2, "skip_rate": 1.0},
-                                                       {"sample_id": 9, "drawn": 0, "skip_rate": 0.0}])
+    _loss_table(tmp_path, 1, [{"sample_id": 7, "drawn": 4, "skip_rate": 0.5},
+                              {"sample_id": 9, "drawn": 0, "skip_rate": 0.0}])
+    _loss_table(tmp_path, 2, [{"sample_id": 7, "drawn": 2, "skip_rate": 1.0},
+                              {"sample_id": 9, "drawn": 0, "skip_rate": 0.0}])
     rate = skip_rates(tmp_path, np.array([9, 7]))
     assert math.isnan(rate[0]) and rate[1] == pytest.approx(0.75)
 

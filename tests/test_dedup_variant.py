@@ -45,8 +45,8 @@ def test_dedup_keeps_one_position_per_group_and_the_run_keeps_its_steps():
 def test_a_dedup_run_never_draws_a_later_copy(tmp_path):
     train, p = _with_copies(), _params(iet={"shards": 2, "rounds": 1, "local_epochs": 4})
     shard = np.arange(12) % 2
-    rounds.run(p, rounds.Plan.iet(p), train, shard, tmp_path / "out", tmp_path / "state")
-    with open(tmp_path / "out/rounds/round_00/loss_table.csv") as f:
+    rounds.run(p, rounds.Plan.iet(p), train, shard, tmp_path / "out", tmp_path / "rounds")
+    with open(tmp_path / "rounds/round_1/profile/loss_table.csv") as f:
         drawn = {int(row["sample_id"]) - 100: int(row["drawn"]) for row in csv.DictReader(f)}
     assert [i for i, n in drawn.items() if n == 0] == [3, 6, 9, 10]
     assert all(drawn[i] > 0 for i in (0, 1, 2, 4, 5, 7, 8, 11))

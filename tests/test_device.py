@@ -13,7 +13,7 @@ from pipeline import rounds
 from pipeline.config import ConfigError, parse_params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
-from stages import baseline, evaluate, features, fid_reference, iet
+from stages import evaluate, features, fid_reference, finish, profile, train
 from tiny import dvc_args, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -38,8 +38,10 @@ def test_auto_is_cuda_when_present_and_an_absent_gpu_is_a_config_error():
 
 @pytest.mark.parametrize("command, args", [
     (features.main, dvc_args("features")), (fid_reference.main, dvc_args("fid_reference")),
-    (baseline.main, dvc_args("baseline")), (iet.main, dvc_args("iet")), (evaluate.main, dvc_args("evaluate", "iet")),
-], ids=["features", "fid_reference", "baseline", "iet", "evaluate"])
+    (train.main, dvc_args("baseline_train", "1")), (train.main, dvc_args("iet_train", "1")),
+    (profile.main, dvc_args("iet_profile", "1")), (finish.main, dvc_args("iet_finish")),
+    (evaluate.main, dvc_args("evaluate", "iet")),
+], ids=["features", "fid_reference", "baseline train", "iet train", "iet profile", "iet finish", "evaluate"])
 def test_every_computing_stage_refuses_an_absent_device_before_any_work(command, args, tmp_path, monkeypatch):
     """Each stage resolves train.device first: it stops in one line naming the key, before reading
     its inputs (none exist here) or writing anything."""
@@ -69,8 +71,7 @@ def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
                      ids=np.arange(12))
     plan = rounds.Plan.iet(p)
     shard = split_shards(train.labels, 2, 0)
-    r = rounds._start(p, plan, train, shard, tmp_path / "out", tmp_path / "state", rounds.Hooks(),
-                      rounds.Ranks(device=resolve_device(device)))
+    r = rounds.start(p, plan, train, shard, tmp_path / "rounds", rounds.Hooks(), rounds.Ranks(device=resolve_device(device)))
     want = resolve_device(device).type
     agc, taa = r.mitigations.built["agc"], r.mitigations.built["taa"]
     assert r.images.device.type == want

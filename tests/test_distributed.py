@@ -49,14 +49,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stage(cwd: Path, launcher: list[str]):
+def _stages(cwd: Path, launcher: list[str], rounds: int):
+    """The IET model's stages as dvc.yaml runs them: train and profile under `launcher`, aggregate
+    and finish in one process."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "MLFLOW_DISABLE_TELEMETRY": "true"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    out = subprocess.run([*launcher, "-m", "stages.iet", "--train", "train.npz", "--shards", "shards.csv",
-                          "--out", "out", "--resume", "state", "--pretrained", "pretrain"], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, f"{launcher} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
-    return out
+    common = ["iet", "--train", "train.npz", "--shards", "shards.csv", "--pretrained", "pretrain", "--rounds", "rounds"]
+    commands = []
+    for r in range(1, rounds + 1):
+        commands += [[*launcher, "-m", "stages.train", *common, "--round", str(r)],
+                     [sys.executable, "-m", "stages.aggregate", "--trained", f"rounds/round_{r}/train",
+                      "--out", f"rounds/round_{r}/aggregate"],
+                     [*launcher, "-m", "stages.profile", *common, "--round", str(r)]]
+    for command in commands + [[sys.executable, "-m", "stages.finish", *common, "--out", "out"]]:
+        out = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, f"{command} failed:\n{out.stdout[-3000:]}\n{out.stderr[-5000:]}"
 
 
 # the authors' case adds about 110 s: run with `pytest -m slow` (the default case holds the mechanism)
@@ -66,12 +74,12 @@ def test_two_processes_give_the_same_run_as_one(tmp_path, raw):
     if accelerate is None:
         pytest.skip("accelerate's launcher is not installed")
     one, two = _workdir(tmp_path / "one", raw), _workdir(tmp_path / "two", raw)
-    _stage(one, [sys.executable])
+    _stages(one, [sys.executable], raw["iet"]["rounds"])
     # accelerate's multi-CPU mode wants MPI; its multi-GPU launcher with Accelerator(cpu=True) semantics
     # (PartialState(cpu=True) in pipeline/distributed.py) runs torch.distributed over gloo instead.
-    _stage(two, [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                 "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
-                 "--main_process_port", str(_free_port())])
+    _stages(two, [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
+                  "--main_process_port", str(_free_port())], raw["iet"]["rounds"])
 
     info = [json.loads((d / "out/train_info.json").read_text()) for d in (one, two)]
     assert [i.pop("processes") for i in info] == [1, 2]
@@ -85,13 +93,14 @@ def test_two_processes_give_the_same_run_as_one(tmp_path, raw):
         assert not differ, f"{model}: {len(differ)} tensors differ, e.g. {differ[:3]}"
     assert (one / "out/curves.csv").read_text() == (two / "out/curves.csv").read_text()
     moved = 0
-    for r in range(raw["iet"]["rounds"]):
-        rd = f"out/rounds/round_{r:02d}"
+    for r in range(1, raw["iet"]["rounds"] + 1):
+        rd = f"rounds/round_{r}"
         for f in ("loss_table.csv", "moves.csv", "shards.csv"):
-            assert (one / rd / f).read_text() == (two / rd / f).read_text(), f"round {r}: {f}"
-        a, b = load_file(str(one / rd / "aggregated.safetensors")), load_file(str(two / rd / "aggregated.safetensors"))
-        assert all(torch.equal(a[k], b[k]) for k in a), f"round {r}: aggregated weights differ"
-        moved += (one / rd / "moves.csv").read_text().count("\n") - 1
+            assert (one / rd / "profile" / f).read_text() == (two / rd / "profile" / f).read_text(), f"round {r}: {f}"
+        for f in ("aggregated", "aggregated_ema"):
+            a, b = (load_file(str(d / rd / "aggregate" / f"{f}.safetensors")) for d in (one, two))
+            assert all(torch.equal(a[k], b[k]) for k in a), f"round {r}: {f} weights differ"
+        moved += (one / rd / "profile/moves.csv").read_text().count("\n") - 1
     assert moved > 0, "no sample moved: the test would not see MSR state cross ranks"
 
     # rank 0 alone logs: one iet run with one nested run per proxy and round

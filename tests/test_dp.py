@@ -99,12 +99,12 @@ def test_a_tiny_private_run_trains_and_reports_its_epsilon(tmp_path):
     plan = rounds.Plan.iet(p)
     assert plan.mitigations == ("dp",) and plan.variant == "DP-SGD (sigma=1.0)"
     assert plan.steps_per_round == rounds.Plan.baseline(p).steps_per_round == 12  # the baseline's compute
-    summary = rounds.run(p, plan, train, np.zeros(16, dtype=np.int64), tmp_path / "out", tmp_path / "state")
+    summary = rounds.run(p, plan, train, np.zeros(16, dtype=np.int64), tmp_path / "out", tmp_path / "rounds")
     info = json.loads((tmp_path / "out/train_info.json").read_text())
     assert info["variant"] == "DP-SGD (sigma=1.0)" and info["dp"] is True and info["optimizer_steps"] == 24
     assert info["dp_epsilon"] == summary["dp_epsilon"] == pytest.approx(epsilon(1.0, 8 / 16, 24, 1e-3))
     assert 0 < info["dp_epsilon"] < math.inf
-    by_round = [json.loads((tmp_path / f"out/rounds/round_0{r}/round.json").read_text())["dp_epsilon"] for r in (0, 1)]
+    by_round = [json.loads((tmp_path / f"rounds/round_{r}/profile/round.json").read_text())["dp_epsilon"] for r in (1, 2)]
     assert 0 < by_round[0] < by_round[1] == info["dp_epsilon"]  # spent so far, growing with the steps
     assert (tmp_path / "out/model/unet/diffusion_pytorch_model.safetensors").is_file()
 

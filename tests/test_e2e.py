@@ -40,6 +40,12 @@ def _ran(log):
     return set(re.findall(r"Running stage '([^']+)'", log))
 
 
+def _rounds(model: str, rounds: int) -> set[str]:
+    """The DVC stages of a model's rounds (train, aggregate, profile of each) and its finish."""
+    return {f"{model}_finish"} | {name for r in range(1, rounds + 1)
+                                  for name in (f"{model}_train@{r}", f"aggregate@{model}-{r}", f"{model}_profile@{r}")}
+
+
 # DVC experiment name -> its -S settings and the agc.tau it runs at. tau above the default 0.5: on
 # tiny params a lower tau may skip nothing more than 0.5 does, and DVC's run cache then rightly
 # restores the evaluation unrun. The second is a new mitigation (the augmentation baseline): it must
@@ -81,6 +87,9 @@ def _stale_stages_follow_what_changed(repo, env):
     params = (repo / "params.yaml").read_text()
     (repo / "params.yaml").write_text(params.replace("alias: candidate", "alias: production"))
     assert _stale(repo, env) == {"validate", "register"}  # validate re-checks; its marker stays the same
+    (repo / "params.yaml").write_text(params.replace("skip_rate: 0.5", "skip_rate: 0.3"))
+    stale = _stale(repo, env)  # the loss profile's key: round 1's training is not affected
+    assert "iet_profile@1" in stale and not {"iet_train@1", "baseline_train@1", "baseline_profile@1"} & stale, stale
     (repo / "params.yaml").write_text(params)
     sampler = (repo / "pipeline/sampling.py").read_text()
     (repo / "pipeline/sampling.py").write_text(sampler + "\n# touched\n")
@@ -93,8 +102,9 @@ def _stale_stages_follow_what_changed(repo, env):
 def test_repro_tau_experiment_and_two_queued_experiments(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
-    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "pretrain_check", "baseline", "iet", "evaluate@baseline",
-                  "evaluate@iet", "report", "register"}
+    rounds = TINY["iet"]["rounds"]
+    all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "pretrain_check",
+                  *_rounds("baseline", rounds), *_rounds("iet", rounds), "evaluate@baseline", "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
     report = (repo / "reports/report.md").read_text()
     assert "baseline" in report and "iet" in report and "memorization ratio" in report
@@ -136,7 +146,10 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-qm", "ran"], repo, env)
     log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
-    assert _ran(log) == {"validate", "iet", "evaluate@iet", "report", "register"}
+    assert _ran(log) == {"validate", *_rounds("iet", rounds), "evaluate@iet", "report", "register"}
+    # back to a value trained before: every round stage comes back from DVC's run cache, none trains
+    log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.5"], repo, env)
+    assert not _ran(log) & (_rounds("iet", rounds) | _rounds("baseline", rounds)), log
 
     shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
     assert "mem_ratio" in shown and "0.8" in shown
@@ -147,7 +160,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     exp = client.get_experiment_by_name("iet-agc")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 2  # the repro and the experiment
+    assert len(parents) == 3  # the repro and the two experiments (the second's evaluation ran again)
     for parent in parents:
         assert {"baseline.mem_ratio", "iet.mem_ratio", "baseline.fd", "iet.fd"} <= parent.data.metrics.keys()
         assert parent.data.params["agc.tau"] in ("0.5", "0.8")
@@ -177,7 +190,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
 
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 4, [p.info.run_name for p in parents]  # repro, tau=0.8 and the two queued
+    assert len(parents) == 5, [p.info.run_name for p in parents]  # repro, two tau runs and the two queued
     children = {}
     for r in runs:
         children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)

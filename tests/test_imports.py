@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,13 +113,14 @@ def test_no_stage_lists_code_it_does_not_run():
                 f"dvc.yaml: stage {name} lists {d}, which it does not run"
 
 
-def test_the_iet_stage_depends_on_every_registered_mitigation():
+@pytest.mark.parametrize("stage", ["iet_train", "iet_profile", "iet_finish"])
+def test_the_iet_stages_depend_on_every_registered_mitigation(stage):
     """Mitigations are imported by name when a run uses them, which no import walk sees."""
     from pipeline.mitigation import REGISTRY
 
-    deps = _stages()["iet"]["deps"]
+    deps = _stages()[stage]["deps"]
     for entry in REGISTRY.values():
         path = module_file(entry.hooks.split(":")[0])
         assert any(path == ROOT / d or path.is_relative_to(ROOT / d) for d in deps), \
-            f"dvc.yaml: stage iet does not depend on {path.relative_to(ROOT)} ({entry.name})"
+            f"dvc.yaml: stage {stage} does not depend on {path.relative_to(ROOT)} ({entry.name})"
         assert issubclass(entry.load(), __import__("pipeline.mitigation.base", fromlist=["x"]).Mitigation)

@@ -46,30 +46,34 @@ def test_saved_models_respect_the_umask(umask, tmp_path):
 
 
 @pytest.mark.parametrize("umask", [0o002], indirect=True)  # 0664: neither safetensors' 0600 nor a default 0644
-def test_the_resume_state_and_the_training_outputs_respect_the_umask(umask, tmp_path):
-    """runs/.resume/<stage>/samples.safetensors was written 0600 (safetensors' own mode, not through
-    atomic_path) while its neighbours followed the umask."""
+def test_the_round_folders_and_the_training_outputs_respect_the_umask(umask, tmp_path):
+    """The resume state (runs/.resume/<stage>/samples.safetensors, now each round's folders) was
+    written 0600 (safetensors' own mode, not through atomic_path) while its neighbours followed the
+    umask."""
     from pipeline import rounds
     from pipeline.config import parse_params
     from pipeline.ensemble import split_shards
     from tiny import tiny
 
-    p = parse_params(tiny(iet={"rounds": 2, "local_epochs": 1}))
+    p = parse_params(tiny(iet={"rounds": 2, "local_epochs": 1, "checkpoints_per_round": 2}))
     train = ImageSet(np.random.default_rng(0).integers(0, 256, (12, 1, 8, 8), dtype=np.uint8),
                      np.arange(12) % 3, np.arange(12))
-    state, modes = tmp_path / "state", {}
+    modes = {}
 
     def look(root):
         modes.update({str(f.relative_to(tmp_path)): (_mode(f), 0o777 if f.is_dir() else 0o666) for f in root.rglob("*")})
 
-    class Look(rounds.Hooks):  # round 2 runs while round 1's resume state is on disk (the run removes it)
-        def proxy_round(self, rnd, proxy, curve):
-            if rnd == 1 and proxy == 0:
-                look(state)
-
-    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", state, hooks=Look())
+    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "rounds")
+    look(tmp_path / "rounds")  # kept after the run: it is the record
     look(tmp_path / "out")
-    assert "state/samples.safetensors" in modes and "out/model/unet" in modes
+    for r in (1, 2):
+        assert {f"rounds/round_{r}", *(f"rounds/round_{r}/{phase}" for phase in ("train", "aggregate", "profile")),
+                f"rounds/round_{r}/train/samples.safetensors", f"rounds/round_{r}/train/proxy_0.safetensors",
+                f"rounds/round_{r}/train/midpoint_01_proxy_0.safetensors", f"rounds/round_{r}/train/train.json",
+                f"rounds/round_{r}/aggregate/aggregated.safetensors", f"rounds/round_{r}/aggregate/checkpoint_01.safetensors",
+                f"rounds/round_{r}/profile/samples.safetensors", f"rounds/round_{r}/profile/mitigations_0.safetensors",
+                f"rounds/round_{r}/profile/loss_table.csv", f"rounds/round_{r}/profile/round.json"} <= modes.keys()
+    assert "out/model/unet" in modes and "out/train_info.json" in modes
     wrong = {f: oct(mode) for f, (mode, full) in modes.items() if mode != full & ~umask}
     assert not wrong, wrong
 

@@ -14,6 +14,7 @@ from pipeline.comparison import at_matched_quality
 from pipeline.config import parse_params
 from pipeline.dedup import duplicate_groups
 from pipeline.features import FeatureNet
+from pipeline.layout import Rounds
 from pipeline.models import build_scheduler, build_unet
 from pipeline.risk import risk_summary
 from tiny import arch, tiny
@@ -29,9 +30,13 @@ def evaluated(tmp_path_factory):
     duplicated training images; Inception off (as its reference stage records it)."""
     root = tmp_path_factory.mktemp("evaluation")
     unet, scheduler = build_unet(arch(), 8, 1, seed=0), build_scheduler(arch())
-    for rnd in (0, 1):
-        (root / f"rounds/round_{rnd}").mkdir(parents=True)
-        save_file(unet.state_dict(), str(root / f"rounds/round_{rnd}/aggregated.safetensors"))
+    folders = Rounds(root / "rounds")
+    for rnd in (1, 2):  # complete rounds: each phase's folder holds the file that marks it done
+        for folder in (folders.train(rnd), folders.aggregate(rnd), folders.profile(rnd)):
+            folder.mkdir(parents=True)
+        (folders.train(rnd) / "train.json").write_text("{}")
+        save_file(unet.state_dict(), str(folders.aggregate(rnd) / "aggregated.safetensors"))
+        (folders.profile(rnd) / "round.json").write_text("{}")
     (root / "reference").mkdir()
     (root / "reference/info.json").write_text(json.dumps({"inception": False}))
     images = torch.rand(24, 1, 8, 8, generator=torch.Generator().manual_seed(0)).mul(255).round().div(127.5).sub(1)

@@ -72,9 +72,9 @@ def final_weights(name: str, work: Path) -> dict[str, torch.Tensor]:
     train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8),
                      labels=np.arange(12) % 3, ids=np.arange(100, 112))
     plan = rounds.Plan.baseline(p) if name == "baseline" else rounds.Plan.iet(p)
-    rounds.run(p, plan, train, split_shards(train.labels, 3, 0), work / "out", work / "state")
+    rounds.run(p, plan, train, split_shards(train.labels, 3, 0), work / "out", work / "rounds")
     if name != "baseline":  # the run exercises what it claims to
-        with open(work / "out/rounds/round_02/moves.csv") as f:
+        with open(work / "rounds/round_3/profile/moves.csv") as f:
             assert len(list(csv.DictReader(f))) > 0
     return {f"{folder}/{key}": value for folder in ("model", "model_ema")
             for key, value in load_file(str(work / "out" / folder / "unet/diffusion_pytorch_model.safetensors")).items()}

@@ -88,9 +88,9 @@ def test_cpu_smoke_run_of_the_preset_on_tiny_data(tmp_path):
     train = prepare_splits(p.data, p.seeds.data).train
     assert train.images.shape[1:] == (3, 32, 32)
     summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 10, 0), tmp_path / "out",
-                         tmp_path / "state")
+                         tmp_path / "rounds")
     assert summary["shards"] == 10 and summary["optimizer_steps"] == 10
-    assert len(list((tmp_path / "out/rounds/round_00").glob("proxy_*.safetensors"))) == 10
+    assert len(list((tmp_path / "rounds/round_1/train").glob("proxy_*.safetensors"))) == 10
     config = yaml.safe_load((tmp_path / "out/model/unet/config.json").read_text())
     assert config["dropout"] == 0.1 and config["norm_num_groups"] == 32 and config["layers_per_block"] == 2
     weights = load_file(str(tmp_path / "out/model/unet/diffusion_pytorch_model.safetensors"))

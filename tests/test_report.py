@@ -6,11 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from PIL import Image
+from safetensors.torch import save_file
 
 from pipeline.config import Params, TrackingConfig
 from pipeline.data import ImageSet
@@ -43,8 +45,12 @@ def inputs(tmp_path, monkeypatch):
         synthetic_curve([0.0, 0.1, 0.3] if m == "baseline" else [0.0, 0.0, 0.1], [2.0, 1.0, 0.0]).save(
             f"runs/eval/{m}/curve.npz")
     Path("runs/eval/baseline/copied.csv").write_text("sample_id,group,size,copies,nearest,loss\n0,0,1,3,5,0.1\n1,1,1,0,1,0.4\n")
-    Path("runs/iet/rounds/round_00").mkdir(parents=True)
-    Path("runs/iet/rounds/round_00/loss_table.csv").write_text("sample_id,drawn,skip_rate\n0,4,0.75\n1,4,0.0\n")
+    for phase in ("train", "aggregate", "profile"):  # a complete round 1: each phase's folder holds its last file
+        Path(f"runs/iet/rounds/round_1/{phase}").mkdir(parents=True)
+    Path("runs/iet/rounds/round_1/train/train.json").write_text("{}")
+    save_file({"w": torch.zeros(1)}, "runs/iet/rounds/round_1/aggregate/aggregated.safetensors")
+    Path("runs/iet/rounds/round_1/profile/round.json").write_text("{}")
+    Path("runs/iet/rounds/round_1/profile/loss_table.csv").write_text("sample_id,drawn,skip_rate\n0,4,0.75\n1,4,0.0\n")
     ImageSet(images=np.stack([np.zeros((1, 4, 4), np.uint8), np.ones((1, 4, 4), np.uint8)]), labels=np.zeros(2),
              ids=np.arange(2)).save("data/prepared/train.npz")
     return tmp_path
@@ -90,6 +96,7 @@ def test_the_same_inputs_give_the_same_report_whatever_the_store_holds(inputs):
     # matched at FD 2.0, the baseline's own last point: no difference
     assert summary["iet.mem_at_matched_quality"] == pytest.approx(0.0)
     assert summary["risk.risk_copied_images"] == 1
+    assert summary["risk.risk_skip_auc"] == 1.0  # the IET round's loss table was read: the copied image skipped most
     assert first["reports/curves.png"].startswith(b"\x89PNG") and first["reports/side_by_side.png"].startswith(b"\x89PNG")
     assert "![both models side by side](side_by_side.png)" in text
     # it still logs: this run's numbers and files on its own parent run

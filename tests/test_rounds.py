@@ -10,6 +10,7 @@ from pipeline import rounds
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from pipeline.layout import Rounds
 from tiny import tiny
 
 TINY = tiny(model={'num_train_timesteps': 50}, iet={'local_epochs': 4}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5, 'profile_timesteps': 2})
@@ -35,14 +36,15 @@ def test_baseline_gets_the_same_steps_times_batch_as_all_proxies(tiny):
 def test_round_loop_writes_artifacts_and_is_deterministic(tiny, tmp_path):
     p, train, shard = tiny
     plan = rounds.Plan.iet(p)
-    a = rounds.run(p, plan, train, shard, tmp_path / "a", tmp_path / "state_a")
-    rounds.run(p, plan, train, shard, tmp_path / "b", tmp_path / "state_b")
+    a = rounds.run(p, plan, train, shard, tmp_path / "a", tmp_path / "a/rounds")
+    rounds.run(p, plan, train, shard, tmp_path / "b", tmp_path / "b/rounds")
     wa = load_file(str(tmp_path / "a/model/unet/diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "b/model/unet/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert a["images_seen"] == 3 * 2 * 2 * 8
+    folders = Rounds(tmp_path / "a/rounds")
     for r in range(2):
-        d = tmp_path / f"a/rounds/round_{r:02d}"
+        d = folders.profile(r + 1)
         table = np.genfromtxt(d / "loss_table.csv", delimiter=",", names=True)
         assert sorted(table["sample_id"].astype(int)) == list(range(100, 112))
         # every drawn image counted once: each proxy its steps, each a batch of 8 or its shard whole
@@ -52,20 +54,21 @@ def test_round_loop_writes_artifacts_and_is_deterministic(tiny, tmp_path):
         shards = np.genfromtxt(d / "shards.csv", delimiter=",", names=True)
         assert sorted(shards["sample_id"].astype(int)) == list(range(100, 112))
         # the aggregated checkpoint is the size-weighted mean of the saved proxies
-        sizes = np.bincount(np.genfromtxt(tmp_path / f"a/rounds/round_{r - 1:02d}/shards.csv", delimiter=",",
+        sizes = np.bincount(np.genfromtxt(folders.profile(r) / "shards.csv", delimiter=",",
                                           names=True)["shard"].astype(int) if r else shard, minlength=3)
-        proxies = [load_file(str(d / f"proxy_{k}.safetensors")) for k in range(3)]
-        agg = load_file(str(d / "aggregated.safetensors"))
+        proxies = [load_file(str(folders.train(r + 1) / f"proxy_{k}.safetensors")) for k in range(3)]
+        agg = load_file(str(folders.aggregate(r + 1) / "aggregated.safetensors"))
         key = "conv_in.weight"
-        expected = sum(pr[key].double() * n for pr, n in zip(proxies, sizes)) / sizes.sum()
+        expected = sum(pr[f"model.{key}"].double() * n for pr, n in zip(proxies, sizes)) / sizes.sum()
         torch.testing.assert_close(agg[key], expected.float())
-    assert not (tmp_path / "state_a").exists()  # resume state is removed after a complete run
+    # the rounds folder is kept after a complete run (it is the record): both rounds, whole, and nothing else
+    assert folders.complete() == 2 and sorted(d.name for d in folders.root.iterdir()) == ["round_1", "round_2"]
 
 
 def test_resume_after_an_interruption_gives_the_same_weights(tiny, tmp_path):
     p, train, shard = tiny
     plan = rounds.Plan.iet(p)
-    rounds.run(p, plan, train, shard, tmp_path / "full", tmp_path / "s1")
+    rounds.run(p, plan, train, shard, tmp_path / "full", tmp_path / "full/rounds")
 
     class KillAfterSave(rounds.Hooks):
         def proxy_round(self, rnd, proxy, curve):
@@ -73,9 +76,12 @@ def test_resume_after_an_interruption_gives_the_same_weights(tiny, tmp_path):
                 raise KeyboardInterrupt  # mid round 1: round 0 complete and saved
 
     with pytest.raises(KeyboardInterrupt):
-        rounds.run(p, plan, train, shard, tmp_path / "cut", tmp_path / "s2", hooks=KillAfterSave())
-    assert json.loads((tmp_path / "s2/state.json").read_text())["round"] == 0
-    rounds.run(p, plan, train, shard, tmp_path / "cut", tmp_path / "s2")
+        rounds.run(p, plan, train, shard, tmp_path / "cut", tmp_path / "cut/rounds", hooks=KillAfterSave())
+    cut = Rounds(tmp_path / "cut/rounds")
+    assert cut.complete() == 1 and not cut.round(2).exists()  # round 0 (round_1) saved, nothing of round 1
+    assert json.loads((cut.train(1) / "train.json").read_text())["round"] == 1
+    rounds.run(p, plan, train, shard, tmp_path / "cut", tmp_path / "cut/rounds")
+    assert cut.complete() == 2
     wa = load_file(str(tmp_path / "full/model/unet/diffusion_pytorch_model.safetensors"))
     wb = load_file(str(tmp_path / "cut/model/unet/diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
@@ -87,11 +93,11 @@ def test_loss_table_scores_own_proxy_always_and_others_only_where_redistribution
     for mode in ("candidates", "all"):
         q = p.model_copy(update={"iet": p.iet.model_copy(update={"rounds": 1}),
                                  "msr": p.msr.model_copy(update={"profile": mode, "fraction": 0.75})})
-        rounds.run(q, rounds.Plan.iet(q), train, shard, tmp_path / mode, tmp_path / f"state_{mode}")
-        table = tables[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_00/loss_table.csv", delimiter=",",
+        rounds.run(q, rounds.Plan.iet(q), train, shard, tmp_path / mode, tmp_path / mode / "rounds")
+        table = tables[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_1/profile/loss_table.csv", delimiter=",",
                                              names=True)
         per_proxy[mode] = np.stack([table[f"loss_proxy_{k}"] for k in range(3)], axis=1)
-        moves[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_00/moves.csv", delimiter=",", names=True,
+        moves[mode] = np.genfromtxt(tmp_path / mode / "rounds/round_1/profile/moves.csv", delimiter=",", names=True,
                                     usecols=(0, 1, 2), dtype=int, ndmin=1)
     assert np.all(np.isfinite(per_proxy["all"]))
     assert moves["candidates"].size > 0

@@ -1,7 +1,8 @@
 """Soak: a bounded fault loop on tiny params, not in the default suite (`pytest -m slow
 tests/test_soak.py`; SOAK_N=<iterations>, default 6). Each iteration changes agc.tau, starts
-`dvc repro iet`, kills DVC and its stage (SIGKILL or SIGTERM) at a random moment, sometimes truncates a random file under
-runs/.resume/, and runs `dvc repro iet` again. Each time: the run completes with no manual step,
+`dvc repro iet_finish`, kills DVC and its stage (SIGKILL or SIGTERM) at a random moment of the IET
+model's round stages, sometimes truncates a random file of its round folders (runs/iet/rounds), and
+runs `dvc repro iet_finish` again. Each time: the run completes with no manual step,
 its weights equal an uninterrupted run's bit for bit (same machine), and the MLflow store holds no
 RUNNING run. The seed of the faults is printed, so a failure can be replayed (SOAK_SEED)."""
 import os
@@ -35,13 +36,13 @@ def _set_tau(repo, tau: str) -> None:
 
 
 def _kill_during_training(repo, env, rng) -> str:
-    """`dvc repro iet` killed with its stage (SIGKILL or SIGTERM, as `timeout`, Slurm and
+    """`dvc repro iet_finish` killed with its stage (SIGKILL or SIGTERM, as `timeout`, Slurm and
     Kubernetes send it, to the process group) at a random moment of its training; returns what was
     done. After a SIGTERM the stage itself marks its runs KILLED: none may be left RUNNING."""
-    proc = subprocess.Popen(["dvc", "repro", "iet"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(["dvc", "repro", "iet_finish"], cwd=repo, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 300
-    while not (repo / "runs/.resume/iet").exists() and proc.poll() is None and time.monotonic() < deadline:
+    while not (repo / "runs/iet/rounds").exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(rng.uniform(0, 3))
     sig = rng.choice([signal.SIGKILL, signal.SIGTERM])
@@ -70,7 +71,7 @@ def _wait_for_group(pgid: int, timeout: float = 60) -> None:
 
 
 def _truncate_one(repo, rng) -> str:
-    files = sorted(p for p in (repo / "runs/.resume").rglob("*") if p.is_file() and p.stat().st_size > 0)
+    files = sorted(p for p in (repo / "runs/iet/rounds").rglob("*") if p.is_file() and p.stat().st_size > 0)
     if not files or rng.random() < 0.5:
         return "nothing truncated"
     victim = rng.choice(files)
@@ -94,16 +95,16 @@ def test_killed_and_corrupted_runs_recover_to_the_uninterrupted_weights(tmp_path
     references = {}
     for tau in TAUS:
         _set_tau(reference_repo, tau)
-        _run(["dvc", "repro", "iet"], reference_repo, env)
+        _run(["dvc", "repro", "iet_finish"], reference_repo, env)
         references[tau] = _weights(reference_repo)
     repo, _ = project_copy(tmp_path / "repo", SOAK)
     for i in range(n):
         tau = TAUS[i % len(TAUS)]
         _set_tau(repo, tau)
         what = [_kill_during_training(repo, env, rng), _truncate_one(repo, rng)]
-        out = _run(["dvc", "repro", "iet"], repo, env)
+        out = _run(["dvc", "repro", "iet_finish"], repo, env)
         weights = _weights(repo)
-        print(f"  {i + 1}: tau {tau}, {', '.join(what)}; " + ("resumed" if "resuming" in out else "trained"))
+        print(f"  {i + 1}: tau {tau}, {', '.join(what)}; "
+              + ("resumed" if "Running stage 'iet_train@1'" not in out else "trained from round 1"))
         assert all(torch.equal(weights[k], references[tau][k]) for k in weights), (i, what)
-        assert not (repo / "runs/.resume/iet").exists()
         assert _running_runs(repo) == [], (i, what)

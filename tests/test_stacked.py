@@ -12,6 +12,7 @@ from pipeline import rounds, stacked
 from pipeline.config import ConfigError, parse_params
 from pipeline.data import ImageSet
 from pipeline.ensemble import split_shards
+from pipeline.layout import Rounds
 from test_pinned import TINY
 from tiny import Stop, stop_after_round
 
@@ -27,13 +28,14 @@ def _run(tmp_path, stack: str, hooks=None, **groups):
     g = np.random.default_rng(0)
     train = ImageSet(images=g.integers(0, 256, (12, 1, 8, 8), dtype=np.uint8), labels=np.arange(12) % 3,
                      ids=np.arange(100, 112))
-    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "state",
+    rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 3, 0), tmp_path / "out", tmp_path / "rounds",
                hooks=hooks)
     weights = load_file(str(tmp_path / "out/model/unet/diffusion_pytorch_model.safetensors"))
     moves = []
-    for table in sorted((tmp_path / "out/rounds").glob("round_*/moves.csv")):
-        with open(table) as f:
-            moves += [(table.parent.name, row["sample_id"]) for row in csv.DictReader(f)]
+    folders = Rounds(tmp_path / "rounds")
+    for r in range(1, folders.complete() + 1):
+        with open(folders.profile(r) / "moves.csv") as f:
+            moves += [(r, row["sample_id"]) for row in csv.DictReader(f)]
     with open(tmp_path / "out/curves.csv") as f:
         curve = [(row["proxy"], row["step"], round(float(row["kept"]), 3)) for row in csv.DictReader(f)]
     return p, torch.cat([w.flatten() for _, w in sorted(weights.items())]), moves, curve
@@ -59,7 +61,8 @@ def test_stacked_proxies_give_the_sequential_weights_masks_and_moves(tmp_path):
 
 def test_a_stacked_run_resumes_bit_for_bit(tmp_path):
     with pytest.raises(Stop):
-        _run(tmp_path / "resumed", "true", hooks=stop_after_round(1))
+        _run(tmp_path / "resumed", "true", hooks=stop_after_round(0))
+    assert Rounds(tmp_path / "resumed/rounds").complete() == 1
     _, resumed, _, _ = _run(tmp_path / "resumed", "true")  # from round 1's start, as saved after round 0
     _, straight, _, _ = _run(tmp_path / "straight", "true")
     assert torch.equal(resumed, straight)

@@ -88,17 +88,20 @@ VALIDATED = "runs/validate/params_ok"  # a dependency of every stage that none r
 
 
 def test_every_file_of_a_stage_is_on_its_command_line_in_dvc_yaml():
-    """Each input exactly, each output or the folder it is in; and no path there that dvc.yaml
-    does not declare (but the resume state, which is no output: DVC would delete it)."""
+    """Each input exactly or the folder it is in (a round stage is given its model's rounds folder
+    and its round, pipeline/layout.py finds the round's folders there), each output or the folder
+    it is in; and no path there that dvc.yaml does not declare (but the pretrain stage's resume
+    folder, which is no output: DVC would delete it)."""
     for name, spec in _stages().items():
         words = spec["cmd"].split()
         inputs = [d for d in dvc_paths(spec.get("deps")) if d.split("/")[0] not in ("pipeline", "stages")
                   and d != VALIDATED]
         outputs = [o for key in ("outs", "metrics", "plots") for o in dvc_paths(spec.get(key))]
-        unpassed = [d for d in inputs if d not in words]
+        unpassed = [d for d in inputs if d not in words and not any(d.startswith(w + "/") for w in words)
+                     and d != "${item.after}"]  # the previous round's folders, in the rounds folder
         assert not unpassed, f"stage {name}: inputs not on its cmd line: {unpassed}"
         unnamed = [o for o in outputs if not any(o == w or o.startswith(w + "/") for w in words)]
         assert not unnamed, f"stage {name}: outputs not on its cmd line: {unnamed}"
         undeclared = [w for w in words if "/" in w and not w.startswith("runs/.resume/") and w not in inputs
-                      and not any(o == w or o.startswith(w + "/") for o in outputs)]
+                      and not any(o == w or o.startswith(w + "/") for o in outputs + inputs)]
         assert not undeclared, f"stage {name}: paths on its cmd line that dvc.yaml does not declare: {undeclared}"

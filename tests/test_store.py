@@ -49,7 +49,8 @@ def test_validate_refuses_a_bad_tracking_uri_before_any_stage_runs(tmp_path, mon
     params = yaml.safe_load(open(os.path.join(os.path.dirname(__file__), "..", "params.yaml")))
     params["tracking"]["uri"] = f"file://{tmp_path}/missing/mlruns"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(validate.main, ["--params", str(tmp_path / "params.yaml"),
+    result = CliRunner().invoke(validate.main, ["--pipeline", os.path.join(os.path.dirname(__file__), "..", "dvc.yaml"),
+                                                "--params", str(tmp_path / "params.yaml"),
                                                 "--out", str(tmp_path / "params_ok")])
     assert result.exit_code == 1 and "file store" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "params_ok").exists()

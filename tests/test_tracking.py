@@ -1,6 +1,5 @@
 """MLflow bookkeeping of the stages: a failure leaves no run RUNNING, a dead server is said before
 any work, and every training and evaluation run records its data and its machine's load."""
-import fcntl
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from mlflow import MlflowClient
 from pipeline.config import parse_params
 from pipeline.data import ImageSet
 from pipeline.tracking import PARENT_KEY, Tracker
-from stages import baseline, evaluate, iet, register, report
+from stages import aggregate, evaluate, finish, profile, register, report, train
 from tiny import dvc_args, tiny
 
 PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
@@ -43,19 +42,30 @@ def _runs(uri, experiment):
     return client.search_runs([exp.experiment_id])
 
 
+def _stage(command, args):
+    result = CliRunner().invoke(command, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _rounds_of(model):
+    """Every stage of `model`'s one round and its finish, as `dvc repro` runs them."""
+    return [(train.main, dvc_args(f"{model}_train", "1")), (aggregate.main, dvc_args("aggregate", f"{model}-1")),
+            (profile.main, dvc_args(f"{model}_profile", "1")), (finish.main, dvc_args(f"{model}_finish"))]
+
+
 def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, store, "fail"))
-    Path("runs/.resume").mkdir(parents=True)
-    with open("runs/.resume/baseline.lock", "w") as held:  # another trainer: the stage must stop
-        fcntl.flock(held, fcntl.LOCK_EX)
-        result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
-    assert result.exit_code == 1 and "already training baseline" in result.output
+    result = CliRunner().invoke(profile.main, dvc_args("baseline_profile", "1"))  # before its round trained
+    assert result.exit_code == 1 and "round_1/train" in result.output and "Traceback" not in result.output
     runs = _runs(store, "fail")
     parent = next(r for r in runs if PARENT_KEY in r.data.tags)
     assert {r.info.status for r in runs} == {"FAILED"}, {r.info.run_name: r.info.status for r in runs}
 
-    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
-    assert result.exit_code == 0, result.output
+    for i, (command, args) in enumerate(_rounds_of("baseline")):
+        _stage(command, args)
+        if i < 3:  # between the model's stages its run waits, RUNNING only while a stage runs
+            assert {r.info.status for r in _runs(store, "fail") if r.info.run_name == "baseline"} >= {"SCHEDULED"}
     runs = _runs(store, "fail")
     again = [r for r in runs if PARENT_KEY in r.data.tags]
     assert [r.info.run_id for r in again] == [parent.info.run_id]  # the same execution, not a second parent
@@ -78,8 +88,7 @@ def test_a_killed_attempts_run_is_marked_killed_when_the_stage_runs_again(store,
 
 def test_training_runs_record_their_data_and_system_metrics(store, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, store, "provenance"))
-    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
-    assert result.exit_code == 0, result.output
+    _stage(train.main, dvc_args("baseline_train", "1"))
     (run,) = [r for r in _runs(store, "provenance") if r.info.run_name == "baseline"]
     (used,) = run.inputs.dataset_inputs
     assert used.dataset.source_type == "local" and "train.npz" in used.dataset.source
@@ -103,10 +112,12 @@ def test_runs_on_different_data_have_different_dataset_digests(store, tmp_path):
     assert digests[0] != digests[1]
 
 
-@pytest.mark.parametrize("command, args", [(baseline.main, dvc_args("baseline")), (iet.main, dvc_args("iet")),
+@pytest.mark.parametrize("command, args", [(train.main, dvc_args("baseline_train", "1")),
+                                           (train.main, dvc_args("iet_train", "2")),
+                                           (profile.main, dvc_args("iet_profile", "1")), (finish.main, dvc_args("iet_finish")),
                                            (evaluate.main, dvc_args("evaluate", "iet")),
                                            (report.main, dvc_args("report")), (register.main, dvc_args("register"))],
-                         ids=["baseline", "iet", "evaluate", "report", "register"])
+                         ids=["train", "train round 2", "profile", "finish", "evaluate", "report", "register"])
 def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monkeypatch, command, args):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", "dead"))
     before = sorted(p for p in tmp_path.rglob("*"))
@@ -124,23 +135,12 @@ def test_a_dp_sgd_run_logs_its_variant_and_epsilon(store, tmp_path, monkeypatch)
     (root / "runs/split").mkdir(parents=True)
     (root / "runs/split/shards.csv").write_text("sample_id,shard\n" + "".join(f"{i},0\n" for i in range(8)))
     monkeypatch.chdir(root)
-    result = CliRunner().invoke(iet.main, dvc_args("iet"))
-    assert result.exit_code == 0, result.output
+    for command, args in _rounds_of("iet"):
+        _stage(command, args)
     (run,) = [r for r in _runs(store, "dp") if r.info.run_name == "iet"]
+    assert run.info.status == "FINISHED"
     assert run.data.params["variant"] == "DP-SGD (sigma=1.0)"
     assert 0 < run.data.metrics["dp_epsilon"] < float("inf")
-
-
-def test_a_resume_folder_that_cannot_be_written_is_said_in_one_line(store, tmp_path, monkeypatch):
-    """`runs/.resume` unwritable (here a file where the folder should be, which stops root too): one
-    line naming it and exit 1, before any training or MLflow run."""
-    monkeypatch.chdir(_project(tmp_path, store, "readonly"))
-    Path("runs").mkdir(exist_ok=True)
-    Path("runs/.resume").write_text("not a folder")
-    result = CliRunner().invoke(baseline.main, dvc_args("baseline"))
-    assert result.exit_code == 1 and "cannot write the resume state of baseline" in result.output
-    assert "Traceback" not in result.output
-    assert MlflowClient(store).get_experiment_by_name("readonly") is None  # no run was opened
 
 
 def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):

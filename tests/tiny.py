@@ -50,9 +50,14 @@ def dvc_paths(entries) -> list[str]:
 
 
 def dvc_args(stage: str, item: str | None = None) -> list[str]:
-    """The arguments dvc.yaml gives the stage's module (`item`: a foreach stage's), so that a test
-    calling the stage's click main passes the paths `dvc repro` passes."""
-    words = shlex.split(dvc_stage(stage)["cmd"].replace("${item}", item or ""))
+    """The arguments dvc.yaml gives the stage's module (`item`: a foreach stage's key, such as a
+    model or a round, or `<model>-<round>` for aggregate), so that a test calling the stage's click
+    main passes the paths `dvc repro` passes."""
+    cmd = dvc_stage(stage)["cmd"].replace("${item}", item or "").replace("${key}", item or "")
+    if item and "-" in item:
+        model, rnd = item.rsplit("-", 1)
+        cmd = cmd.replace("${item.model}", model).replace("${item.round}", rnd)
+    words = shlex.split(cmd)
     return words[words.index("-m") + 2:]
 
 
@@ -77,6 +82,9 @@ def project_copy(dest: Path, groups: dict) -> tuple[Path, dict]:
     for group, values in groups.items():
         params[group].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    from pipeline.dag import set_rounds
+
+    set_rounds(params["iet"]["rounds"], dest / "dvc.yaml", dest / "params.yaml")  # `iet-agc rounds N`
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     env.pop("MLFLOW_TRACKING_URI", None)
@@ -101,12 +109,12 @@ class Stop(Exception):
 
 
 def stop_after_round(last: int):
-    """round-loop hooks that stop the run once round `last` (0-based) is trained, before its state
-    is saved: the saved state is the one after round last - 1."""
+    """round-loop hooks that stop the run once round `last` (0-based) has ended, its folders
+    written: a resumed run starts at round last + 1."""
     from pipeline import rounds
 
     class StopAfterRound(rounds.Hooks):
-        def round_done(self, rnd, metrics, round_dir):
+        def round_done(self, rnd, metrics, folder):
             if rnd == last:
                 raise Stop
 

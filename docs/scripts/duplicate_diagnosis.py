@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.comparison import read_rows as rows  # numbers as floats
+from pipeline.layout import Rounds
 
 
 def main(root: Path) -> None:
@@ -26,8 +27,8 @@ def main(root: Path) -> None:
     print(f"{len(duplicated)} duplicated images; the baseline copied {len(copied)} images, "
           f"{len(copied & duplicated)} of them duplicated")
     assignments = [("split", root / "runs/split/shards.csv")]
-    rounds = sorted((root / "runs/iet/rounds").glob("round_*"))
-    assignments += [(f"after {r.name}", r / "shards.csv") for r in rounds]
+    rounds = Rounds(root / "runs/iet/rounds")
+    assignments += [(f"after round {r}", rounds.profile(r) / "shards.csv") for r in range(1, rounds.complete() + 1)]
     for name, path in assignments:
         per_group = defaultdict(Counter)
         for r in rows(path):
@@ -38,13 +39,14 @@ def main(root: Path) -> None:
         largest = [s[0] / sum(s) for s in spread]
         print(f"{name:16s} copies per shard, largest share of an image's copies in one shard: "
               f"mean {np.mean(largest):.2f} (max {max(largest):.2f}); e.g. {spread[0]}")
-    for r in rounds:
+    for rnd in range(1, rounds.complete() + 1):
+        r = rounds.profile(rnd)
         table = rows(r / "loss_table.csv")
         drawn = [t for t in table if t["drawn"] > 0]
         rate = lambda keep: np.mean([t["skip_rate"] for t in drawn if keep(t)])  # noqa: E731
         moves = rows(r / "moves.csv")
         moved_dup = sum(group_of(int(m["sample_id"])) in duplicated for m in moves)
-        print(f"{r.name}: skip rate duplicated {rate(lambda t: group_of(int(t['sample_id'])) in duplicated):.3f} "
+        print(f"round {rnd}: skip rate duplicated {rate(lambda t: group_of(int(t['sample_id'])) in duplicated):.3f} "
               f"unique {rate(lambda t: group_of(int(t['sample_id'])) not in duplicated):.3f}; "
               f"copied-by-baseline {rate(lambda t: group_of(int(t['sample_id'])) in copied):.3f} "
               f"others {rate(lambda t: group_of(int(t['sample_id'])) not in copied):.3f}; "

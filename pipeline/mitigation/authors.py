@@ -181,11 +181,14 @@ class QueueTAA(Mitigation):
             self.steps[k] = int(tensors["queue_steps"])
 
     def round_metrics(self):
+        if not self.totals:  # a profile stage's process: the train stage recorded it
+            return {}
         steps = sum(v[1] for v in self.totals.values())
         return {"taa_queue_steps": float(steps),
                 "taa_queue_strength": sum(v[2] for v in self.totals.values()) / steps if steps else 0.0}
 
     def summary(self):
         # every optimizer step is a queue step: the run's count of draws is not its count of steps
-        steps = sum(v[0] for v in self.totals.values())
+        # the finish stage's process holds every proxy, restored, and has not synced
+        steps = sum(v[0] for v in self.totals.values()) if self.totals else sum(self.steps.values())
         return {"taa_queue_steps_total": steps, "optimizer_steps": steps}
