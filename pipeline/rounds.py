@@ -14,13 +14,16 @@ the average loaded into every proxy (the authors' ring MSR: after even rounds an
 folders. What one round hands the next is a `Progress`; what stays fixed is a `Run`."""
 from __future__ import annotations
 
+import copy
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 from pipeline import checkpoint, ensemble, mitigation, seeds, stacked
 from pipeline.loss_table import LossTable
@@ -73,9 +76,12 @@ def iet_steps_per_round(p: Params) -> int:
 
 
 class Hooks:
-    """Where the loop reports to (MLflow in the stages); the defaults do nothing."""
+    """Where the loop reports to (MLflow in the stages); the defaults do nothing. `round_done` gets
+    the round's averaged model as a saved pipeline where `logs_models` asks for it."""
+    logs_models = False
+
     def proxy_round(self, rnd: int, proxy: int, curve: list[dict]) -> None: ...
-    def round_done(self, rnd: int, metrics: dict, folder: Path) -> None: ...
+    def round_done(self, rnd: int, metrics: dict, folder: Path, averaged: Path | None = None) -> None: ...
 
 
 def _cell(x: float) -> float | str:
@@ -253,7 +259,17 @@ def profile_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> 
     progress.seconds += metrics["round_seconds"]
     progress.next_round = rnd + 1
     if r.ranks.is_main:
-        r.hooks.round_done(rnd, metrics, folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            averaged = _save_average(r, rnd, Path(tmp)) if r.hooks.logs_models else None
+            r.hooks.round_done(rnd, metrics, folder, averaged)
+
+
+def _save_average(r: Run, rnd: int, folder: Path) -> Path:
+    """Round `rnd`'s averaged weights as a saved pipeline in `folder` (for MLflow)."""
+    model = copy.deepcopy(r.proxies[min(r.proxies)].model)
+    model.load_state_dict(load_file(str(r.rounds.aggregate(rnd + 1) / "aggregated.safetensors")))
+    save_pipeline(model, r.noise_schedule, folder)
+    return folder
 
 
 def train_proxies(r: Run, progress: Progress, rnd: int) -> RoundCounts:

@@ -167,6 +167,12 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
     assert {p.data.params["agc.tau"] for p in parents} == {"0.5", "0.8"}
     names = {r.info.run_name for r in runs}
     assert {"baseline", "iet", "evaluate baseline", "evaluate iet", "round 1 proxy 1"} <= names
+    # every round's averaged model is a logged model of its model's run, its round's metrics linked
+    logged = [m for m in client.search_logged_models([exp.experiment_id]) if m.name.startswith("round ")]
+    trained = {r.info.run_id for r in runs if r.info.run_name in ("baseline", "iet")}
+    assert sorted(m.name for m in logged if m.source_run_id in trained) == \
+        sorted(f"round {r}" for r in range(1, rounds + 1) for _ in range(len(trained))), [m.name for m in logged]
+    assert all(str(m.status).endswith("READY") and {"moved", "round_seconds"} <= {x.key for x in m.metrics} for m in logged)
 
     # Two queued experiments at once, each in its own copy under .dvc/tmp/exps, both logging into
     # the workspace's MLflow store.

@@ -72,6 +72,14 @@ def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store
     assert again[0].info.status == "SCHEDULED"  # no stage runs now; evaluate reopens it, the report finishes it
     trained = sorted(r.info.status for r in runs if r.info.run_name == "baseline")
     assert trained == ["FAILED", "FINISHED"]  # the failed attempt stays marked, the rerun is complete
+    # the round's averaged model: a logged model of the model's run, the round's metrics linked to it
+    (finished,) = [r for r in runs if r.info.run_name == "baseline" and r.info.status == "FINISHED"]
+    client = MlflowClient(store)
+    (logged,) = [m for m in client.search_logged_models([finished.info.experiment_id])
+                 if m.source_run_id == finished.info.run_id]
+    assert logged.name == "round 1" and str(logged.status) == "READY"
+    assert {"moved", "round_seconds"} <= {m.key for m in logged.metrics}
+    assert [o.model_id for o in client.get_run(finished.info.run_id).outputs.model_outputs] == [logged.model_id]
 
 
 def test_a_killed_attempts_run_is_marked_killed_when_the_stage_runs_again(store, tmp_path):

@@ -114,7 +114,7 @@ def stop_after_round(last: int):
     from pipeline import rounds
 
     class StopAfterRound(rounds.Hooks):
-        def round_done(self, rnd, metrics, folder):
+        def round_done(self, rnd, metrics, folder, averaged=None):
             if rnd == last:
                 raise Stop
 
