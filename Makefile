@@ -11,7 +11,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 LOCK ?= requirements.lock
 CONSTRAINTS := $(if $(LOCK),-c $(LOCK))
 
-.PHONY: install browser repro test clean-venv lock
+.PHONY: install browser repro test test-slow clean-venv lock
 
 install: $(VENV)/.installed browser
 
@@ -49,6 +49,11 @@ repro: install
 
 test: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q
+
+# The longer end-to-end runs CI adds (queued experiments, two processes, a killed `dvc repro`); the
+# soak loop (random kills, minutes) runs by hand: `python -m pytest -m soak -s tests/test_soak.py`.
+test-slow: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" python -m pytest -q -m "slow and not soak"
 
 # torch stays at the installed version (CPU or CUDA build); it is not in the lock.
 lock: install

@@ -341,9 +341,13 @@ from commands.audit import audit  # noqa: E402  (it imports its heavy libraries 
 def rounds(n, dvc_yaml, params_path):
     """Train N rounds: set iet.rounds in params.yaml and list N rounds' stages in dvc.yaml (DVC's
     templates cannot count), then `dvc repro` or `dvc exp run [--queue]` as usual."""
+    from pipeline.config import ConfigError
     from pipeline.dag import set_rounds
 
-    removed = set_rounds(n, dvc_yaml, params_path)
+    try:
+        removed = set_rounds(n, dvc_yaml, params_path)
+    except ConfigError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(f"{params_path}: iet.rounds {n}; {dvc_yaml}: the stages of {n} rounds"
                + (f"; removed {len(removed)} folders of later rounds" if removed else ""))
 

@@ -1,5 +1,6 @@
-"""A full `dvc repro`, a `dvc exp run -S agc.tau=0.8` and two queued experiments run at once
-(`dvc queue start -j 2`) on tiny params, in a temporary git copy."""
+"""A full `dvc repro`, a `dvc exp run -S agc.tau=0.8` and back to 0.5 from DVC's run cache on tiny
+params, in a temporary git copy; in the slow suite, two queued experiments run at once
+(`dvc queue start -j 2`)."""
 import csv
 import io
 import json
@@ -51,7 +52,7 @@ def _rounds(model: str, rounds: int) -> set[str]:
 # restores the evaluation unrun. The second is a new mitigation (the augmentation baseline): it must
 # show up in the report, the figure and the ablation with no edit outside its own files.
 # (The workspace's params are the tau-0.8 experiment's when they are queued: the augmentation one keeps it.)
-QUEUED = {"tau-07": (["agc.tau=0.7"], "0.7"), "augment": (["agc.enabled=false", "augment.enabled=true"], "0.8")}
+QUEUED = {"tau-07": (["agc.tau=0.7"], "0.7"), "augment": (["agc.enabled=false", "augment.enabled=true"], "0.5")}
 QUEUE_TIMEOUT_S = 900
 
 
@@ -99,7 +100,7 @@ def _stale_stages_follow_what_changed(repo, env):
     assert _stale(repo, env) == set()
 
 
-def test_repro_tau_experiment_and_two_queued_experiments(project):
+def test_repro_a_tau_experiment_and_back_from_the_run_cache(project):
     repo, env = project
     log = _run(["dvc", "repro"], repo, env)
     rounds = TINY["iet"]["rounds"]
@@ -174,8 +175,20 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
         sorted(f"round {r}" for r in range(1, rounds + 1) for _ in range(len(trained))), [m.name for m in logged]
     assert all(str(m.status).endswith("READY") and {"moved", "round_seconds"} <= {x.key for x in m.metrics} for m in logged)
 
-    # Two queued experiments at once, each in its own copy under .dvc/tmp/exps, both logging into
-    # the workspace's MLflow store.
+
+@pytest.mark.slow
+def test_two_queued_experiments_run_at_once_and_log_into_the_workspace_store(project):
+    """`dvc queue start -j 2`: two experiments at once, each in its own copy under .dvc/tmp/exps,
+    both logging into the workspace's MLflow store; then `iet-agc tradeoff` and `ablation` over them."""
+    repo, env = project
+    _run(["dvc", "repro"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "ran"], repo, env)
+    cli = [sys.executable, "-m", "commands.cli"]
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow import MlflowClient
+    client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("iet-agc")
     for name, (settings, _) in QUEUED.items():
         _run(["dvc", "exp", "run", "--queue", "-n", name, *(a for s in settings for a in ("-S", s))], repo, env)
     try:
@@ -196,7 +209,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
 
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 5, [p.info.run_name for p in parents]  # repro, two tau runs and the two queued
+    assert len(parents) == 3, [p.info.run_name for p in parents]  # the repro and the two queued
     children = {}
     for r in runs:
         children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
@@ -229,7 +242,7 @@ def test_repro_tau_experiment_and_two_queued_experiments(project):
 
     # the tau sweep and the new mitigation as one memorization-vs-quality figure from MLflow
     table = _run([*cli, "tradeoff", "--out", "sweep.png"], repo, env)
-    assert all(f"| {tau} |" in table for tau in ("0.5", "0.7", "0.8")) and "| IET-augment |" in table, table
+    assert all(f"| {tau} |" in table for tau in ("0.5", "0.7")) and "| IET-augment |" in table, table
     assert (repo / "sweep.png").stat().st_size > 0
     assert re.search(r"^\| IET-augment \|", _run([*cli, "ablation"], repo, env), re.M)
 

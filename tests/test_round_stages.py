@@ -137,3 +137,16 @@ def test_rounds_writes_params_and_dvc_yaml_together_and_keeps_every_comment(tmp_
             [line for line in after if "#" in line and "round" not in line]
     with pytest.raises(ConfigError, match="iet-agc rounds 4"):
         dag.check(tmp_path / "dvc.yaml", 4)
+
+
+def test_rounds_refuses_zero_and_a_dvc_yaml_without_its_round_stages(tmp_path):
+    from commands.cli import main
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text().replace("  iet_train:", "  iet_training:"))
+    args = ["--pipeline", str(tmp_path / "dvc.yaml"), "--params", str(tmp_path / "params.yaml")]
+    result = CliRunner().invoke(main, ["rounds", "0", *args])
+    assert result.exit_code == 2 and "0 is not in the range 1<=x<=1000" in result.output
+    with pytest.raises(ConfigError, match="no stage iet_train with a foreach of rounds"):
+        dag.set_rounds(5, tmp_path / "dvc.yaml", tmp_path / "params.yaml")
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()  # nothing written

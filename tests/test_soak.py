@@ -1,4 +1,4 @@
-"""Soak: a bounded fault loop on tiny params, not in the default suite (`pytest -m slow
+"""Soak: a bounded fault loop on tiny params, not in the default suite nor CI's (`pytest -m soak -s
 tests/test_soak.py`; SOAK_N=<iterations>, default 6). Each iteration changes agc.tau, starts
 `dvc repro iet_finish`, kills DVC and its stage (SIGKILL or SIGTERM) at a random moment of the IET
 model's round stages, sometimes truncates a random file of its round folders (runs/iet/rounds), and
@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from test_e2e import TINY, _run
 from tiny import project_copy
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.soak
 TAUS = ("0.6", "0.9")
 SOAK = {**TINY, "iet": {"shards": 2, "rounds": 4, "local_epochs": 24}}  # rounds of about a second: time to kill
 
