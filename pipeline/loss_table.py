@@ -16,12 +16,14 @@ class LossTable:
     (msr.profile: all, K times the cost). A forward without gradients costs about a third of a
     training step, so a pair costs about (1 + rows read x (K-1) / N) / 3 local epochs.
     Each rank scores under its own proxies; the columns are then shared, so every rank holds the
-    same table and makes the same (collective) calls."""
+    same table and makes the same (collective) calls. A loss is of the objective training uses
+    (`mitigations.noised`: ambient training's target above its timestep), on the clean image (no
+    augmentation: the table asks what a proxy has learnt of the image itself)."""
 
     def __init__(self, proxies: dict, images: torch.Tensor, noise_schedule: DDPMScheduler, ranks, shards: int,
-                 pairs: int, seed: int):
+                 pairs: int, seed: int, mitigations=None):
         self.proxies, self.images, self.noise_schedule, self.ranks = proxies, images, noise_schedule, ranks
-        self.pairs, self.seed = pairs, seed
+        self.pairs, self.seed, self.mitigations = pairs, seed, mitigations
         self.losses = np.full((len(images), shards), np.nan)
 
     def score(self, wanted: np.ndarray) -> None:
@@ -31,9 +33,15 @@ class LossTable:
             positions = np.flatnonzero(todo[:, k])
             if len(positions):
                 self.losses[positions, k] = profile_losses(
-                    proxy.model, self.images, positions, self.noise_schedule, self.pairs, self.seed).numpy()
+                    proxy.model, self.images, positions, self.noise_schedule, self.pairs, self.seed,
+                    objective=self._objective(k)).numpy()
         for k in range(self.losses.shape[1]):
             self.losses[:, k] = self.ranks.share_column(self.losses[:, k], self.ranks.owner(k))
+
+    def _objective(self, k: int):
+        if self.mitigations is None:
+            return None
+        return lambda x0, positions, t, noise: self.mitigations.noised(k, x0, positions, t, noise, self.noise_schedule)
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """redistribute's score function: the rows of `positions` under every proxy."""
@@ -54,10 +62,13 @@ def _draws(seed: int, chunk: int, pairs: int, shape: tuple[int, ...], timesteps:
 
 @torch.inference_mode()
 def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarray,
-                   noise_schedule: DDPMScheduler, pairs: int, seed: int, batch_size: int = 512) -> torch.Tensor:
+                   noise_schedule: DDPMScheduler, pairs: int, seed: int, batch_size: int = 512,
+                   objective=None) -> torch.Tensor:
     """Mean denoising loss of images[positions] at `pairs` (t, noise) draws. A sample's draws depend
     only on (seed, its position), so every proxy scores it at the same draws whichever subset of the
-    training set that proxy is asked to score: the losses are comparable across proxies."""
+    training set that proxy is asked to score: the losses are comparable across proxies.
+    `objective(x0, positions, t, noise) -> (x_t, target)`: training's, where a mitigation sets it;
+    None: the plain DDPM one (x_t from add_noise, the noise as target)."""
     model.eval()
     device = next(model.parameters()).device
     positions = np.asarray(positions, dtype=np.int64)
@@ -69,14 +80,18 @@ def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarr
                                   noise_schedule.config.num_train_timesteps)
         # every (pair, sample) in one flat batch: big no-grad batches are the cheap way on a CPU
         # the draws are made on the CPU (the same on every device), then everything goes to the model
-        x0 = images[torch.from_numpy(positions[where]).to(images.device)].to(device).repeat(pairs, 1, 1, 1)
+        flat = torch.from_numpy(positions[where]).to(images.device).repeat(pairs)
+        x0 = images[flat].to(device)
         t = t_all[:, rows].reshape(-1).to(device)
         noise = noise_all[:, rows].reshape(-1, *images.shape[1:]).to(device)
         losses = torch.empty(len(t), device=device)
         for s in range(0, len(t), batch_size):
             sl = slice(s, s + batch_size)
-            pred = model(noise_schedule.add_noise(x0[sl], noise[sl], t[sl]), t[sl]).sample
-            losses[sl] = (pred - noise[sl]).pow(2).mean(dim=(1, 2, 3))
+            if objective is None:
+                xt, target = noise_schedule.add_noise(x0[sl], noise[sl], t[sl]), noise[sl]
+            else:
+                xt, target = objective(x0[sl], flat[sl], t[sl], noise[sl])
+            losses[sl] = (model(xt, t[sl]).sample - target).pow(2).mean(dim=(1, 2, 3))
         losses = losses.cpu()
         out[torch.from_numpy(where)] = losses.view(pairs, -1).mean(0)
     model.train()

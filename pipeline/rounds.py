@@ -30,7 +30,7 @@ from pipeline.loss_table import LossTable
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
-from pipeline.io import read_json, write_csv, write_json
+from pipeline.io import read_json, staged_folder, write_csv, write_json
 from pipeline.layout import ROUND_INFO, TRAIN_INFO, Rounds
 from pipeline.models import build_scheduler, save_pipeline
 from pipeline.mitigation import Mitigations, RoundEnd
@@ -355,7 +355,7 @@ def end_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts, folder:
     if r.plan.shards > 1:
         t0 = time.perf_counter()
         profile = LossTable(r.proxies, r.images, r.noise_schedule, r.ranks, r.plan.shards, r.params.msr.profile_timesteps,
-                            derived_seed(r.params.seeds.train, seeds.PROFILE, rnd))
+                            derived_seed(r.params.seeds.train, seeds.PROFILE, rnd), r.mitigations)
         profile.score(np.ones((len(r.train), r.plan.shards), dtype=bool) if r.params.msr.profile == "all"
                       else progress.shard[:, None] == np.arange(r.plan.shards))
         end = RoundEnd(progress.shard, skip_rate, profile.losses, profile.rows, r.groups, round=rnd)
@@ -410,11 +410,12 @@ def finish(r: Run, progress: Progress, out_dir: Path) -> dict:
         return summary
     fields = ["round", "proxy", "step", "loss", "kept"] + sorted({k for row in progress.history for k in row}
                                                                   - {"round", "proxy", "step", "loss", "kept"})
-    write_csv(out_dir / "curves.csv", progress.history, fields)
     final = r.proxies[0]  # every proxy holds the average; proxy 0 lives on rank 0
-    save_pipeline(final.model, r.noise_schedule, out_dir / "model")
-    final.ema.copy_to(final.model.parameters())
-    save_pipeline(final.model, r.noise_schedule, out_dir / "model_ema")
-    write_json(out_dir / "train_info.json", summary)
+    with staged_folder(out_dir) as tmp:  # a kill or a full disk leaves the previous outputs or none, never half
+        write_csv(tmp / "curves.csv", progress.history, fields)
+        save_pipeline(final.model, r.noise_schedule, tmp / "model")
+        final.ema.copy_to(final.model.parameters())
+        save_pipeline(final.model, r.noise_schedule, tmp / "model_ema")
+        write_json(tmp / "train_info.json", summary)
     r.ranks.barrier()
     return summary

@@ -72,3 +72,36 @@ def test_a_tiny_ambient_run_trains_and_is_named_with_its_level(tmp_path):
     summary = rounds.run(p, rounds.Plan.iet(p), train, split_shards(train.labels, 1, 0), tmp_path / "out",
                          tmp_path / "rounds")
     assert summary["variant"] == "ambient (t_n=4.0)" and summary["ambient"] is True
+
+
+def test_the_loss_table_scores_the_objective_training_uses():
+    """Under ambient training the loss table's loss is the ambient one above t_n (what the proxies
+    were trained to lower), the plain one below; without a mitigation that sets the objective, the
+    plain DDPM loss as before."""
+    import numpy as np
+
+    from pipeline.config import parse_params
+    from pipeline.loss_table import profile_losses
+    from pipeline.mitigation import Mitigations
+    from pipeline.models import build_unet
+
+    p = parse_params({"model": {**arch().model_dump(), "num_train_timesteps": 10}, "data": {"resolution": 8},
+                      "ambient": {"enabled": True, "timestep": 3}})
+    model, schedule = build_unet(p.model, 8, 1, seed=0), build_scheduler(p.model)
+    images = torch.rand(6, 1, 8, 8) * 2 - 1
+    mitigations = Mitigations(("ambient",), p, 6, (0,))
+    positions = np.arange(6)
+    objective = lambda x0, pos, t, noise: mitigations.noised(0, x0, pos, t, noise, schedule)  # noqa: E731
+    plain = profile_losses(model, images, positions, schedule, 4, seed=1)
+    ambient = profile_losses(model, images, positions, schedule, 4, seed=1, objective=objective)
+    assert not torch.allclose(plain, ambient)  # some draws are above t_n
+    # the same draws, by hand: every (pair, sample) under the ambient pair
+    from pipeline.loss_table import PROFILE_CHUNK, _draws
+    t_all, noise_all = _draws(1, 0, 4, (1, 8, 8), 10)
+    t, noise = t_all[:, :6].reshape(-1), noise_all[:, :6].reshape(-1, 1, 8, 8)
+    flat = torch.arange(6).repeat(4)
+    xt, target = mitigations.noised(0, images[flat], flat, t, noise, schedule)
+    with torch.inference_mode():
+        by_hand = (model(xt, t).sample - target).pow(2).mean(dim=(1, 2, 3)).view(4, -1).mean(0)
+    torch.testing.assert_close(ambient, by_hand)
+    assert PROFILE_CHUNK >= 6
