@@ -86,7 +86,7 @@ def test_the_loss_table_scores_the_objective_training_uses():
     from pipeline.models import build_unet
 
     p = parse_params({"model": {**arch().model_dump(), "num_train_timesteps": 10}, "data": {"resolution": 8},
-                      "ambient": {"enabled": True, "timestep": 3}})
+                      "eval": {"ddim_steps": 10}, "ambient": {"enabled": True, "timestep": 3}})
     model, schedule = build_unet(p.model, 8, 1, seed=0), build_scheduler(p.model)
     images = torch.rand(6, 1, 8, 8) * 2 - 1
     mitigations = Mitigations(("ambient",), p, 6, (0,))
