@@ -100,8 +100,8 @@ def _stale_stages_follow_what_changed(repo, env):
     assert _stale(repo, env) == set()
 
 
-def test_repro_a_tau_experiment_and_back_from_the_run_cache(project):
-    repo, env = project
+def _repro_and_check(repo, env) -> None:
+    """`dvc repro` runs every stage once and makes every output; the registered model samples."""
     log = _run(["dvc", "repro"], repo, env)
     rounds = TINY["iet"]["rounds"]
     all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "pretrain_check",
@@ -143,29 +143,21 @@ def test_repro_a_tau_experiment_and_back_from_the_run_cache(project):
     assert (repo / "grid.png").stat().st_size > 0
     (repo / "grid.png").unlink()
 
-    _stale_stages_follow_what_changed(repo, env)
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-qm", "ran"], repo, env)
-    log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
-    assert _ran(log) == {"validate", *_rounds("iet", rounds), "evaluate@iet", "report", "register"}
-    # back to a value trained before: every round stage comes back from DVC's run cache, none trains
-    log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.5"], repo, env)
-    assert not _ran(log) & (_rounds("iet", rounds) | _rounds("baseline", rounds)), log
 
-    shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
-    assert "mem_ratio" in shown and "0.8" in shown
-
+def _logged(repo, expected_parents: int, taus: set[str]) -> None:
+    """The MLflow store: one parent run per pipeline execution, every model's and round's runs, and
+    every round's averaged model a logged model of its model's run, its round's metrics linked."""
+    rounds = TINY["iet"]["rounds"]
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
     exp = client.get_experiment_by_name("iet-agc")
     runs = client.search_runs([exp.experiment_id], max_results=500)
     parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 3  # the repro and the two experiments (the second's evaluation ran again)
+    assert len(parents) == expected_parents
     for parent in parents:
         assert {"baseline.mem_ratio", "iet.mem_ratio", "baseline.fd", "iet.fd"} <= parent.data.metrics.keys()
-        assert parent.data.params["agc.tau"] in ("0.5", "0.8")
-    assert {p.data.params["agc.tau"] for p in parents} == {"0.5", "0.8"}
+    assert {p.data.params["agc.tau"] for p in parents} == taus
     names = {r.info.run_name for r in runs}
     assert {"baseline", "iet", "evaluate baseline", "evaluate iet", "round 1 proxy 1"} <= names
     # every round's averaged model is a logged model of its model's run, its round's metrics linked
@@ -174,6 +166,30 @@ def test_repro_a_tau_experiment_and_back_from_the_run_cache(project):
     assert sorted(m.name for m in logged if m.source_run_id in trained) == \
         sorted(f"round {r}" for r in range(1, rounds + 1) for _ in range(len(trained))), [m.name for m in logged]
     assert all(str(m.status).endswith("READY") and {"moved", "round_seconds"} <= {x.key for x in m.metrics} for m in logged)
+
+
+def test_repro_on_tiny_params_makes_every_output_and_reruns_only_what_a_change_reaches(project):
+    repo, env = project
+    _repro_and_check(repo, env)
+    _stale_stages_follow_what_changed(repo, env)
+    _logged(repo, expected_parents=1, taus={"0.5"})
+
+
+@pytest.mark.slow
+def test_a_tau_experiment_and_back_from_the_run_cache(project):
+    repo, env = project
+    rounds = TINY["iet"]["rounds"]
+    _run(["dvc", "repro"], repo, env)
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-qm", "ran"], repo, env)
+    log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
+    assert _ran(log) == {"validate", *_rounds("iet", rounds), "evaluate@iet", "report", "register"}
+    # back to a value trained before: every round stage comes back from DVC's run cache, none trains
+    log = _run(["dvc", "exp", "run", "-S", "agc.tau=0.5"], repo, env)
+    assert not _ran(log) & (_rounds("iet", rounds) | _rounds("baseline", rounds)), log
+    shown = _run(["dvc", "exp", "show", "--csv"], repo, env)
+    assert "mem_ratio" in shown and "0.8" in shown
+    _logged(repo, expected_parents=3, taus={"0.5", "0.8"})  # the repro, the two experiments (the second's evaluation ran again)
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def _weights(folder):
     return found
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("variant", [pytest.param(v, marks=[pytest.mark.slow] if v != "iet" else []) for v in VARIANTS])
 def test_stages_in_separate_runs_train_the_weights_of_one_process(variant, tmp_path):
     p = _params(variant)
     train = random_train()

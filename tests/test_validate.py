@@ -29,6 +29,7 @@ def repo(tmp_path):
     return project_copy(tmp_path / "repo", {**TINY, "tracking": {"uri": f"sqlite:///{tmp_path / 'repo/mlflow.db'}"}})
 
 
+@pytest.mark.slow  # a dvc repro of the IET model's every round stage: CI runs it (make test-slow)
 def test_a_bad_value_under_dvc_repro_keeps_the_trained_model(repo):
     repo, env = repo
     _run(["dvc", "repro", "iet_finish"], repo, env)
