@@ -99,7 +99,8 @@ def test_dvc_repro_after_a_sigkill_resumes_at_the_first_unfinished_stage(project
     proc = subprocess.Popen(["dvc", "repro", "iet_finish"], cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
-        _wait_for(repo / "runs/iet/rounds/round_1/profile/round.json", proc, log, timeout=300)
+        # round 2 under way: DVC recorded round 1's stages in dvc.lock before it started the next one
+        _wait_for(repo / "runs/iet/rounds/round_2", proc, log, timeout=300)
         os.killpg(proc.pid, signal.SIGKILL)  # dvc and the stage process it started
         proc.wait(30)
     finally:
