@@ -100,10 +100,14 @@ def _stale_stages_follow_what_changed(repo, env):
     assert _stale(repo, env) == set()
 
 
+def _copy_rounds(repo) -> int:
+    return yaml.safe_load((repo / "params.yaml").read_text())["iet"]["rounds"]
+
+
 def _repro_and_check(repo, env) -> None:
     """`dvc repro` runs every stage once and makes every output; the registered model samples."""
     log = _run(["dvc", "repro"], repo, env)
-    rounds = TINY["iet"]["rounds"]
+    rounds = _copy_rounds(repo)
     all_stages = {"validate", "prepare", "split", "features", "fid_reference", "pretrain", "pretrain_check",
                   *_rounds("baseline", rounds), *_rounds("iet", rounds), "evaluate@baseline", "evaluate@iet", "report", "register"}
     assert _ran(log) == all_stages
@@ -116,7 +120,7 @@ def _repro_and_check(repo, env) -> None:
         curve = list(csv.DictReader(open(repo / f"runs/eval/{m}/rounds.csv")))
         per_round = Params().iet.checkpoints_per_round
         assert [float(r["round"]) for r in curve] == pytest.approx(
-            [i / per_round for i in range(1, TINY["iet"]["rounds"] * per_round + 1)]), curve
+            [i / per_round for i in range(1, rounds * per_round + 1)]), curve
         samples = Curve.load(repo / f"runs/eval/{m}/curve.npz")  # the same checkpoints, each sample's flags
         assert samples.memorized.shape == (len(curve), TINY["eval"]["curve_samples"])
         assert samples.memorized.mean(1) == pytest.approx([float(r["mem_ratio"]) for r in curve])
@@ -147,7 +151,7 @@ def _repro_and_check(repo, env) -> None:
 def _logged(repo, expected_parents: int, taus: set[str]) -> None:
     """The MLflow store: one parent run per pipeline execution, every model's and round's runs, and
     every round's averaged model a logged model of its model's run, its round's metrics linked."""
-    rounds = TINY["iet"]["rounds"]
+    rounds = _copy_rounds(repo)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow import MlflowClient
     client = MlflowClient(tracking_uri=f"sqlite:///{repo / 'mlflow.db'}")
@@ -168,8 +172,14 @@ def _logged(repo, expected_parents: int, taus: set[str]) -> None:
     assert all(str(m.status).endswith("READY") and {"moved", "round_seconds"} <= {x.key for x in m.metrics} for m in logged)
 
 
-def test_repro_on_tiny_params_makes_every_output_and_reruns_only_what_a_change_reaches(project):
-    repo, env = project
+@pytest.fixture
+def one_round(tmp_path):
+    """The tiny copy with one round: every kind of stage once (the slow suite's runs hand rounds on)."""
+    return project_copy(tmp_path / "repo", {**TINY, "iet": {**TINY["iet"], "rounds": 1}})
+
+
+def test_repro_on_tiny_params_makes_every_output_and_reruns_only_what_a_change_reaches(one_round):
+    repo, env = one_round
     _repro_and_check(repo, env)
     _stale_stages_follow_what_changed(repo, env)
     _logged(repo, expected_parents=1, taus={"0.5"})

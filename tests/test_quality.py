@@ -96,6 +96,7 @@ def test_fid_and_kid_share_one_pass_per_batch(net, images):
     assert not torch.allclose(net(x), first)
 
 
+@pytest.mark.slow  # 25 s of Inception on real digits: CI runs it (make test-slow)
 def test_fid_sanity_on_real_digits(cached, images):
     held = fid_kid(cached, images["train"], images["heldout"])
     noise = fid_kid(cached, images["train"], images["noise"])

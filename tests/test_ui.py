@@ -155,6 +155,7 @@ def _click_text(driver, text: str):
         pytest.fail(f"{driver.current_url}: could not click {text!r} within {WAIT_S} s")
 
 
+@pytest.mark.slow  # a server and a browser, 20 s: CI runs it (make test-slow)
 def test_experiment_runs_metrics_and_sample_grid_are_visible(server, browser):
     base, experiment_id, parent_id = server
     SHOTS.mkdir(exist_ok=True)
