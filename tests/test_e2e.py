@@ -163,7 +163,7 @@ def _logged(repo, expected_parents: int, taus: set[str]) -> None:
         assert {"baseline.mem_ratio", "iet.mem_ratio", "baseline.fd", "iet.fd"} <= parent.data.metrics.keys()
     assert {p.data.params["agc.tau"] for p in parents} == taus
     names = {r.info.run_name for r in runs}
-    assert {"baseline", "iet", "evaluate baseline", "evaluate iet", "round 1 proxy 1"} <= names
+    assert {"baseline", "iet", "evaluate baseline", "evaluate iet", "round 0 proxy 1"} <= names
     # every round's averaged model is a logged model of its model's run, its round's metrics linked
     logged = [m for m in client.search_logged_models([exp.experiment_id]) if m.name.startswith("round ")]
     trained = {r.info.run_id for r in runs if r.info.run_name in ("baseline", "iet")}
