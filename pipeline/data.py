@@ -17,17 +17,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from pipeline.config import DataConfig, Duplicates
-from pipeline.io import atomic_path
+from pipeline.io import DataError, atomic_path
 from pipeline.seeds import DUPLICATES
 
 POOL_CAP = 20000  # plenty for a small feature classifier; bounds memory on large sources
 GROUP_CHUNK = 4096  # source images converted at a time to find exact duplicates
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
-
-
-class DataError(ValueError):
-    """Bad or missing input data; the message names the file."""
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,10 @@ def atomic_path(path: str | Path):
             os.unlink(tmp)
 
 
+class DataError(ValueError):
+    """Bad or missing input data; the message names the file."""
+
+
 class DiskFull(OSError):
     """A write failed for want of space; the message names the output: `<path>: no space left on device`."""
 

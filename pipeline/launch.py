@@ -126,7 +126,7 @@ def round_stage(model: str, phase: str, rnd: int, p: Params, train: ImageSet, sh
     stage and reopened by every later one; finish closes it."""
     plan = rounds.Plan.baseline(p) if model == "baseline" else rounds.Plan.iet(p)
     ranks = Ranks.from_environment(p.train.device) if phase != "finish" else Ranks(device=resolve_device(p.train.device))
-    tracker = Tracker(p) if ranks.is_main else None
+    tracker = Tracker(p) if ranks.is_main and phase != "profile" else None  # rounds.report_round says why
     run_id = None
     if tracker is not None:
         run_id = (tracker.reopen(model) if (phase, rnd) != ("train", 0) else None) or \
@@ -134,13 +134,17 @@ def round_stage(model: str, phase: str, rnd: int, p: Params, train: ImageSet, sh
     r = rounds.start(p, plan, train, shard, rounds_dir, TrainingHooks(tracker, run_id) if tracker else None, ranks)
     if phase == "train":
         progress = rounds.Progress(shard) if rnd == 0 else rounds.restore_round_end(r, rnd - 1)
+        if rnd > 0:
+            rounds.report_round(r, rnd - 1)
         with tracker.system_metrics(run_id) if tracker else nullcontext():
             rounds.train_round(r, progress, rnd)
     elif phase == "profile":
         progress, counts = rounds.restore_trained(r, rnd)
         rounds.profile_round(r, progress, rnd, counts)
     else:
-        summary = rounds.finish(r, rounds.restore_round_end(r, plan.rounds - 1), out)
+        progress = rounds.restore_round_end(r, plan.rounds - 1)
+        rounds.report_round(r, plan.rounds - 1)
+        summary = rounds.finish(r, progress, out)
         tracker.log_metrics(run_id, summary)
         tracker.finish(run_id)
         click.echo(f"{model}: {summary}")

@@ -132,6 +132,7 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
             ensemble.average_round(r.rounds.train(rnd + 1), r.rounds.aggregate(rnd + 1))
         r.ranks.barrier()
         profile_round(r, progress, rnd, counts)
+        report_round(r, rnd)
         take_average(r, rnd)
     return finish(r, progress, Path(out_dir))
 
@@ -258,10 +259,18 @@ def profile_round(r: Run, progress: Progress, rnd: int, counts: RoundCounts) -> 
             write_json(tmp / ROUND_INFO, metrics)
     progress.seconds += metrics["round_seconds"]
     progress.next_round = rnd + 1
-    if r.ranks.is_main:
-        with tempfile.TemporaryDirectory() as tmp:
-            averaged = _save_average(r, rnd, Path(tmp)) if r.hooks.logs_models else None
-            r.hooks.round_done(rnd, metrics, folder, averaged)
+
+
+def report_round(r: Run, rnd: int) -> None:
+    """Hand round `rnd`'s metrics, profile folder and averaged model to the hooks, from its folders:
+    in the stages the stage after its profile does it (the next round's train, or finish), which
+    talks to MLflow anyway, so that the profile stage needs no MLflow."""
+    if not r.ranks.is_main:
+        return
+    folder = r.rounds.profile(rnd + 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        averaged = _save_average(r, rnd, Path(tmp)) if r.hooks.logs_models else None
+        r.hooks.round_done(rnd, read_json(folder / ROUND_INFO), folder, averaged)
 
 
 def _save_average(r: Run, rnd: int, folder: Path) -> Path:

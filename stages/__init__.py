@@ -14,7 +14,7 @@ from pipeline.config import ConfigError, load_params
 # Stages that log to MLflow: they check the tracking server before any work, so that a dead one
 # costs seconds, not a trained model (MLflow would retry it for minutes, at the end).
 # By file name: under `python -m stages.iet` the module is called __main__.
-TRACKED = {"pretrain", "train", "profile", "finish", "evaluate", "report", "register"}
+TRACKED = {"pretrain", "train", "finish", "evaluate", "report", "register"}
 
 
 class Terminated(KeyboardInterrupt):
@@ -39,10 +39,7 @@ def stage(fn):
     without a traceback; on any failure, mark the MLflow runs the stage opened as failed."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from mlflow.exceptions import MlflowException
-
-        from pipeline.data import DataError
-        from pipeline.io import DiskFull, no_space
+        from pipeline.io import DataError, DiskFull, no_space
         previous = _handle_sigterm()
         try:
             if Path(fn.__code__.co_filename).stem in TRACKED and "params_path" in kwargs:
@@ -63,7 +60,7 @@ def stage(fn):
                 # never an empty line: a bare MemoryError has no message
                 raise click.ClickException(str(err) or (
                     "out of memory (MemoryError)" if isinstance(err, MemoryError) else type(err).__name__)) from None
-            if isinstance(err, MlflowException):
+            if isinstance(err, _mlflow_error()):
                 raise click.ClickException(f"MLflow tracking failed ({err.message}); "
                                            "check tracking.uri / MLFLOW_TRACKING_URI") from None
             raise
@@ -73,6 +70,13 @@ def stage(fn):
         _pause_parents()
         return result
     return wrapper
+
+
+def _mlflow_error() -> tuple[type, ...]:
+    """MLflow's exception class if this stage loaded MLflow (else none of its errors can occur):
+    importing MLflow costs seconds, which a stage that does not log should not pay."""
+    exceptions = sys.modules.get("mlflow.exceptions")
+    return (exceptions.MlflowException,) if exceptions else ()
 
 
 def _pause_parents() -> None:

@@ -5,14 +5,9 @@ scratch, the default) it writes only info.json."""
 import math
 
 import click
-import numpy as np
 
 from pipeline.config import load_params, resolve_device
-from pipeline.data import ImageSet, unseen_images
 from pipeline.io import write_json
-from pipeline.launch import train_model
-from pipeline.rounds import Plan
-from pipeline.seeds import PRETRAIN, derived_seed
 from stages import params_option, path_option, stage
 
 
@@ -31,6 +26,14 @@ def main(params_path, pool_path, train_path, heldout_path, out, state):
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "info.json", {"pretrained": False})
         return
+    # here, not at the top: the default run (no pretraining) should not pay seconds of imports
+    import numpy as np
+
+    from pipeline.data import ImageSet, unseen_images
+    from pipeline.launch import train_model
+    from pipeline.rounds import Plan
+    from pipeline.seeds import PRETRAIN, derived_seed
+
     resolve_device(p.train.device)
     images = unseen_images(ImageSet.load(pool_path), [ImageSet.load(train_path), ImageSet.load(heldout_path)],
                            cfg.images, derived_seed(p.seeds.data, PRETRAIN))

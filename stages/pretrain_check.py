@@ -3,14 +3,9 @@ from it (evaluation.glance): it should copy no training image (it never saw them
 is where the fine-tuned models' curves start. Its own stage, so that an evaluation parameter never
 re-trains the pretrained model. With pretrain.enabled false it says only so."""
 import click
-import torch
 
 from pipeline.config import load_params
-from pipeline.data import ImageSet
-from pipeline.evaluation import EvalData, glance
-from pipeline.features import load_feature_net
 from pipeline.io import read_json, write_json
-from pipeline.models import load_pipeline
 from stages import params_option, path_option, stage
 
 
@@ -29,6 +24,14 @@ def main(params_path, pretrained, train_path, heldout_path, pool_path, features_
     if not info.get("pretrained"):
         write_json(out, {"pretrained": False})
         return
+    # here, not at the top: the default run (no pretraining) should not pay seconds of imports
+    import torch
+
+    from pipeline.data import ImageSet
+    from pipeline.evaluation import EvalData, glance
+    from pipeline.features import load_feature_net
+    from pipeline.models import load_pipeline
+
     torch.set_num_threads(p.train.threads)
     unet, scheduler = load_pipeline(pretrained / "model")
     train, heldout, pool = (ImageSet.load(path) for path in (train_path, heldout_path, pool_path))

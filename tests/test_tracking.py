@@ -56,7 +56,7 @@ def _rounds_of(model):
 
 def test_a_failed_stage_leaves_no_run_running_and_a_rerun_finishes_cleanly(store, tmp_path, monkeypatch):
     monkeypatch.chdir(_project(tmp_path, store, "fail"))
-    result = CliRunner().invoke(profile.main, dvc_args("baseline_profile", "1"))  # before its round trained
+    result = CliRunner().invoke(finish.main, dvc_args("baseline_finish"))  # before its round trained
     assert result.exit_code == 1 and "round_1/train" in result.output and "Traceback" not in result.output
     runs = _runs(store, "fail")
     parent = next(r for r in runs if PARENT_KEY in r.data.tags)
@@ -122,10 +122,10 @@ def test_runs_on_different_data_have_different_dataset_digests(store, tmp_path):
 
 @pytest.mark.parametrize("command, args", [(train.main, dvc_args("baseline_train", "1")),
                                            (train.main, dvc_args("iet_train", "2")),
-                                           (profile.main, dvc_args("iet_profile", "1")), (finish.main, dvc_args("iet_finish")),
+                                           (finish.main, dvc_args("iet_finish")),
                                            (evaluate.main, dvc_args("evaluate", "iet")),
                                            (report.main, dvc_args("report")), (register.main, dvc_args("register"))],
-                         ids=["train", "train round 2", "profile", "finish", "evaluate", "report", "register"])
+                         ids=["train", "train round 2", "finish", "evaluate", "report", "register"])
 def test_every_tracked_stage_names_a_dead_server_before_any_work(tmp_path, monkeypatch, command, args):
     monkeypatch.chdir(_project(tmp_path, "http://127.0.0.1:9", "dead"))
     before = sorted(p for p in tmp_path.rglob("*"))
