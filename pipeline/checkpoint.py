@@ -48,8 +48,11 @@ def save_proxy(proxy, path: str | Path, extra: dict[str, torch.Tensor] | None = 
 
 
 def load_proxy(proxy, path: str | Path) -> dict[str, torch.Tensor]:
-    """Load what save_proxy wrote into `proxy`; returns its `extra` tensors."""
+    """Load what save_proxy wrote into `proxy`; returns its `extra` tensors (only them for a proxy
+    of None: a stage that needs no model, pipeline.rounds.start)."""
     tensors = load_file(str(path))
+    if proxy is None:
+        return {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["meta"])
     proxy.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})

@@ -18,7 +18,6 @@ from pipeline import rounds
 from pipeline.config import Params, resolve_device
 from pipeline.data import ImageSet
 from pipeline.distributed import Ranks
-from pipeline.tracking import Tracker, TrainingHooks
 
 
 def read_shards(path: str | Path, train: ImageSet, shards: int) -> np.ndarray:
@@ -85,6 +84,8 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     dataset context -> path; `tracked`: the params the pipeline's MLflow run is found by and
     records, when `p` is a stage's own variant of them (the pretrain stage trains from scratch
     whatever model.init_from says)."""
+    from pipeline.tracking import Tracker, TrainingHooks
+
     ranks = Ranks.from_environment(p.train.device)
     state = Path(state)
     if not ranks.is_main:
@@ -110,7 +111,7 @@ def train_model(name: str, p: Params, plan: rounds.Plan, train: ImageSet, shard:
     click.echo(f"{name}: {summary}")
 
 
-def _new_model_run(tracker: Tracker, name: str, plan: rounds.Plan, ranks: Ranks, data: dict | None) -> str:
+def _new_model_run(tracker, name: str, plan: rounds.Plan, ranks: Ranks, data: dict | None) -> str:
     run_id = tracker.child(name)
     tracker.log_params(run_id, {"shards": plan.shards, "rounds": plan.rounds, "steps_per_round": plan.steps_per_round,
                                 "variant": plan.variant, "mitigations": ",".join(plan.mitigations) or "none",
@@ -123,20 +124,24 @@ def round_stage(model: str, phase: str, rnd: int, p: Params, train: ImageSet, sh
                 rounds_dir: Path, out: Path | None = None, data: dict[str, str | Path] | None = None) -> None:
     """One stage of round `rnd` (from 0) of `model` (baseline | iet): `phase` train, profile or
     finish (into `out`, after the last round). The model's MLflow run is opened by its first train
-    stage and reopened by every later one; finish closes it."""
+    stage and reopened by every later one; finish closes it. The profile stage does not log
+    (rounds.report_round says why) and so never loads MLflow, nor, with one shard, diffusers."""
     plan = rounds.Plan.baseline(p) if model == "baseline" else rounds.Plan.iet(p)
     ranks = Ranks.from_environment(p.train.device) if phase != "finish" else Ranks(device=resolve_device(p.train.device))
-    tracker = Tracker(p) if ranks.is_main and phase != "profile" else None  # rounds.report_round says why
-    run_id = None
-    if tracker is not None:
+    hooks = None
+    if ranks.is_main and phase != "profile":
+        from pipeline.tracking import Tracker, TrainingHooks  # MLflow: seconds to import
+
+        tracker = Tracker(p)
         run_id = (tracker.reopen(model) if (phase, rnd) != ("train", 0) else None) or \
             _new_model_run(tracker, model, plan, ranks, data)
-    r = rounds.start(p, plan, train, shard, rounds_dir, TrainingHooks(tracker, run_id) if tracker else None, ranks)
+        hooks = TrainingHooks(tracker, run_id)
+    r = rounds.start(p, plan, train, shard, rounds_dir, hooks, ranks, models=phase != "profile" or plan.shards > 1)
     if phase == "train":
         progress = rounds.Progress(shard) if rnd == 0 else rounds.restore_round_end(r, rnd - 1)
         if rnd > 0:
             rounds.report_round(r, rnd - 1)
-        with tracker.system_metrics(run_id) if tracker else nullcontext():
+        with hooks.tracker.system_metrics(hooks.run_id) if hooks else nullcontext():
             rounds.train_round(r, progress, rnd)
     elif phase == "profile":
         progress, counts = rounds.restore_trained(r, rnd)
@@ -145,12 +150,12 @@ def round_stage(model: str, phase: str, rnd: int, p: Params, train: ImageSet, sh
         progress = rounds.restore_round_end(r, plan.rounds - 1)
         rounds.report_round(r, plan.rounds - 1)
         summary = rounds.finish(r, progress, out)
-        tracker.log_metrics(run_id, summary)
-        tracker.finish(run_id)
+        hooks.tracker.log_metrics(hooks.run_id, summary)
+        hooks.tracker.finish(hooks.run_id)
         click.echo(f"{model}: {summary}")
         return
-    if tracker is not None:
-        tracker.pause(run_id)
+    if hooks is not None:
+        hooks.tracker.pause(hooks.run_id)
 
 
 def run_round_stage(model: str, phase: str, rnd: int | None, params_path: Path, train_path: Path,

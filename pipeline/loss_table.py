@@ -3,10 +3,15 @@ weights, at fixed seeded (t, noise) draws, which memory-sample redistribution (M
 from __future__ import annotations
 
 import numpy as np
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.seeds import PROFILE_DRAWS, derived_seed
+from pipeline.training import prediction, sample_losses
+
+if TYPE_CHECKING:  # pipeline/models.py says why not at run time
+    from diffusers import DDPMScheduler, UNet2DModel
 
 
 class LossTable:
@@ -91,7 +96,7 @@ def profile_losses(model: UNet2DModel, images: torch.Tensor, positions: np.ndarr
                 xt, target = noise_schedule.add_noise(x0[sl], noise[sl], t[sl]), noise[sl]
             else:
                 xt, target = objective(x0[sl], flat[sl], t[sl], noise[sl])
-            losses[sl] = (model(xt, t[sl]).sample - target).pow(2).mean(dim=(1, 2, 3))
+            losses[sl] = sample_losses(prediction(model), xt, t[sl], target, "fp32")
         losses = losses.cpu()
         out[torch.from_numpy(where)] = losses.view(pairs, -1).mean(0)
     model.train()

@@ -6,14 +6,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from pipeline.config import ModelConfig
 from pipeline.io import apply_umask, unreadable
 
+# diffusers (seconds to import) only where a model is built: a stage that builds none, such as a
+# one-shard run's profile, starts without it
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, UNet2DModel
+
 
 def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> UNet2DModel:
+    from diffusers import UNet2DModel
+
     torch.manual_seed(seed)
     attn = cfg.attention_levels(resolution)  # the up blocks list the levels from the lowest resolution
     return UNet2DModel(
@@ -32,17 +40,23 @@ def build_unet(cfg: ModelConfig, resolution: int, channels: int, seed: int) -> U
 
 
 def build_scheduler(cfg: ModelConfig) -> DDPMScheduler:
+    from diffusers import DDPMScheduler
+
     return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear",
                          prediction_type="epsilon")
 
 
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> None:
     """diffusers layout: loads back with DDPMPipeline.from_pretrained(path)."""
+    from diffusers import DDPMPipeline
+
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path), safe_serialization=True)
     apply_umask(path)
 
 
 def load_pipeline(path: str | Path) -> tuple[UNet2DModel, DDPMScheduler]:
+    from diffusers import DDPMScheduler, UNet2DModel
+
     path = Path(path)
     if not (path / "unet").is_dir():
         raise FileNotFoundError(f"{path}: not a saved diffusion model (no unet/ inside)")

@@ -7,12 +7,16 @@ import json
 import warnings
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
 
 from pipeline.config import ConfigError, Params
 from pipeline.io import local_path
 from pipeline.models import build_scheduler, build_unet
+
+if TYPE_CHECKING:  # diffusers is imported where a model is loaded (pipeline/models.py says why)
+    from diffusers import DDPMScheduler, UNet2DModel
 
 
 def initial_unet(params: Params, seed: int) -> UNet2DModel:
@@ -73,6 +77,8 @@ def _load_unet(unet_dir: Path, scheduler_dir: Path | None, source: str,
         what = f"holds a {kind}" if kind else f"{config_file} names no model class (_class_name)"
         raise ConfigError(f"{key}: {source}: {what}, not the unconditional UNet2DModel "
                           "this project trains")
+    from diffusers import DDPMScheduler, UNet2DModel
+
     try:
         unet = UNet2DModel.from_pretrained(str(unet_dir), torch_dtype=torch.float32)
         scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir)) if scheduler_dir else None

@@ -96,7 +96,7 @@ class Run:
     train: ImageSet
     images: torch.Tensor
     noise_schedule: object
-    proxies: dict[int, Proxy]   # the proxies this process trains
+    proxies: dict[int, Proxy | None]  # the proxies this process trains (None: start(models=False))
     mitigations: Mitigations
     rounds: Rounds               # where the rounds' folders are (pipeline/layout.py)
     fingerprint: str
@@ -138,24 +138,28 @@ def run(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, out_dir:
 
 
 def start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, rounds_dir: str | Path,
-          hooks: Hooks | None = None, ranks: Ranks | None = None) -> Run:
+          hooks: Hooks | None = None, ranks: Ranks | None = None, models: bool = True) -> Run:
     """The run as it stands before its first round: the initial weights, this process's proxies and
-    the mitigations (every stage of a round builds it, then loads the round's state)."""
+    the mitigations (every stage of a round builds it, then loads the round's state). `models`
+    False: the proxies without weights (None), no noise schedule and no fingerprint, for a stage
+    that needs no model (a one-shard run's profile, which scores nothing): it never loads diffusers."""
     ranks = ranks or Ranks(device=resolve_device(params.train.device))
     torch.set_num_threads(params.train.threads)
     seed = params.seeds.train
-    init = initial_unet(params, seed)
     owned = ranks.owned(plan.shards)
     steps = plan.rounds * plan.steps_per_round  # of each proxy
-    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) for k in owned}
+    init = initial_unet(params, seed) if models else None
+    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) if models else None
+               for k in owned}
     mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device,
                               warmup_steps(params, steps), train.images)
     for k, proxy in proxies.items():
-        mitigations.attach(k, proxy)
+        if proxy is not None:
+            mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
-    run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
-    return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model), proxies,
-               mitigations, Rounds(rounds_dir), run_fingerprint, hooks or Hooks(), ranks,
+    run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device) if models else ""
+    return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model) if models else None,
+               proxies, mitigations, Rounds(rounds_dir), run_fingerprint, hooks or Hooks(), ranks,
                _groups(params, plan, train), _duplicated(train))
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from torch.func import functional_call, vmap
 
 from pipeline.config import Params
-from pipeline.training import Batch, Proxy, cpu_copy, advance, autocast, diverged, finite, kept_loss
+from pipeline.training import Batch, Proxy, advance, cpu_copy, diverged, finite, kept_loss, sample_losses
 
 
 def wanted(p: Params, device: torch.device, local_proxies: int) -> bool:
@@ -104,9 +104,10 @@ class Stacked:
         def one(weights, x, timesteps):
             return functional_call(self.module, weights, (x, timesteps)).sample
 
-        with autocast(xt.device, self.params.train.mixed_precision):
-            pred = vmap(one, randomness="different")(self.weights, xt, t)  # different: each proxy its own dropout
-        losses = (pred.float() - target).pow(2).mean(dim=(2, 3, 4))
+        def predict(x, timesteps):  # randomness="different": each proxy its own dropout
+            return vmap(one, randomness="different")(self.weights, x, timesteps)
+
+        losses = sample_losses(predict, xt, t, target, self.params.train.mixed_precision)
         results = {}
         for j, k in enumerate(self.proxies):
             keep, loss = kept_loss(losses[j], keep_fn(k, losses[j].detach(), t[j], batches[k].positions))

@@ -10,14 +10,17 @@ import copy
 import warnings
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from pipeline.config import Params
 from pipeline.mitigation import Mitigations, Step
+
+if TYPE_CHECKING:  # pipeline/models.py says why not at run time
+    from diffusers import DDPMScheduler, UNet2DModel
+    from diffusers.training_utils import EMAModel
 
 LOG_EVERY = 10  # steps between curve points: per-step logging would dominate small runs
 
@@ -58,6 +61,9 @@ def warmup_steps(params: Params, steps: int) -> int:
 def new_proxy(init: UNet2DModel, params: Params, seed: int, device: torch.device | str = "cpu",
               steps: int = 0) -> Proxy:
     """A proxy that will take `steps` optimizer steps in all (its warmup is a share of them)."""
+    from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import EMAModel
+
     model = copy.deepcopy(init).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
     device = torch.device(device)
@@ -253,7 +259,7 @@ class OneProxy:
         (k, proxy), = self.proxies.items()
         b = batches[k]
         with torch.no_grad():
-            losses = sample_losses(proxy.model, b.xt, b.t, b.target, self.params.train.mixed_precision)
+            losses = sample_losses(prediction(proxy.model), b.xt, b.t, b.target, self.params.train.mixed_precision)
         keep, loss = kept_loss(losses, keep_fn(k, losses, b.t, b.positions))
         if not finite(loss):
             raise diverged(desc, proxy.step + 1, loss.item())
@@ -295,12 +301,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=AUTOCAST.get(precision, torch.float32), enabled=precision != "fp32")
 
 
-def sample_losses(model: UNet2DModel, xt, t, target, precision: str) -> torch.Tensor:
-    """Per-sample denoising loss mean((pred - target)^2) of `model` on (xt, t), under autocast."""
-    device = next(model.parameters()).device
-    with autocast(device, precision):
-        pred = model(xt.to(device), t.to(device)).sample
-    return (pred.float() - target.to(device)).pow(2).mean(dim=(1, 2, 3))
+def sample_losses(predict, xt, t, target, precision: str) -> torch.Tensor:
+    """The denoising loss, per sample: mean((prediction - target)^2) over its channels and pixels,
+    the prediction `predict(xt, t)` made under autocast. The one place the loss is computed: for one
+    proxy (`predict` = `prediction(model)`), a stack of proxies (a vmapped forward, pipeline/stacked.py,
+    samples on the second axis) and the loss table (pipeline/loss_table.py)."""
+    with autocast(xt.device, precision):
+        pred = predict(xt, t)
+    return (pred.float() - target).pow(2).mean(dim=(-3, -2, -1))
+
+
+def prediction(model: UNet2DModel):
+    """A model's forward as sample_losses takes it."""
+    return lambda xt, t: model(xt, t).sample
 
 
 def backward(proxy: Proxy, xt, t, target, params: Params, keep_fn=lambda losses, sl: None):
@@ -311,7 +324,7 @@ def backward(proxy: Proxy, xt, t, target, params: Params, keep_fn=lambda losses,
     cfg, model = params.train, proxy.model
 
     def forward(sl):
-        return sample_losses(model, xt[sl], t[sl], target[sl], cfg.mixed_precision)
+        return sample_losses(prediction(model), xt[sl], t[sl], target[sl], cfg.mixed_precision)
 
     if cfg.grad_accum == 1:
         losses = forward(slice(None))

@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -178,9 +179,43 @@ def one_round(tmp_path):
     return project_copy(tmp_path / "repo", {**TINY, "iet": {**TINY["iet"], "rounds": 1}})
 
 
-def test_repro_on_tiny_params_makes_every_output_and_reruns_only_what_a_change_reaches(one_round):
+# Where results are logged is an input of no result: the stages that log read tracking.* undeclared,
+# so that a new store or experiment name re-runs no training (dvc.yaml's header).
+UNDECLARED = ("tracking.",)
+
+
+def _read_only_declared(repo, reads: Path) -> None:
+    """Every stage read only the params its dvc.yaml entry declares: DVC re-runs a stage when one of
+    those changes, and only then, so a key read but not declared is a change DVC would not see (a
+    stale result restored from its cache). tests/params_probe recorded what each stage read."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    declared = {}
+    with Repo(str(repo)) as dvc_repo:
+        for stage in dvc_repo.index.stages:
+            words = shlex.split(stage.cmd)
+            keys = [k for dep in stage.deps if isinstance(dep, ParamsDependency) for k in dep.params or [""]]
+            declared[tuple(words[words.index("-m") + 1:])] = (stage.addressing, keys)  # [""]: the whole file
+    recorded = [json.loads(f.read_text()) for f in reads.glob("*.json")]
+    assert {declared[tuple(r["command"])][0] for r in recorded} == {name for name, _ in declared.values()}
+    undeclared = {}
+    for r in recorded:
+        name, keys = declared[tuple(r["command"])]
+        found = [key for key in r["read"] if not key.startswith(UNDECLARED)
+                 and not any(d in ("", key) or key.startswith(d + ".") for d in keys)]
+        if found:
+            undeclared[name] = found
+    assert not undeclared, f"stages read params their entries in dvc.yaml do not list: {undeclared}"
+
+
+def test_repro_on_tiny_params_makes_every_output_and_reruns_only_what_a_change_reaches(one_round, tmp_path):
     repo, env = one_round
-    _repro_and_check(repo, env)
+    reads = tmp_path / "params_read"
+    reads.mkdir()
+    probed = {**env, "PYTHONPATH": str(ROOT / "tests/params_probe"), "IET_AGC_PARAMS_READ": str(reads)}
+    _repro_and_check(repo, probed)
+    _read_only_declared(repo, reads)
     _stale_stages_follow_what_changed(repo, env)
     _logged(repo, expected_parents=1, taus={"0.5"})
 

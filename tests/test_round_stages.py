@@ -32,7 +32,7 @@ def _staged(p, plan, train, shard, rounds_dir, out):
         r = rounds.start(p, plan, train, shard, rounds_dir)
         rounds.train_round(r, rounds.Progress(shard) if rnd == 0 else rounds.restore_round_end(r, rnd - 1), rnd)
         ensemble.average_round(r.rounds.train(rnd + 1), r.rounds.aggregate(rnd + 1))
-        r = rounds.start(p, plan, train, shard, rounds_dir)
+        r = rounds.start(p, plan, train, shard, rounds_dir, models=plan.shards > 1)  # as pipeline.launch
         progress, counts = rounds.restore_trained(r, rnd)
         rounds.profile_round(r, progress, rnd, counts)
     r = rounds.start(p, plan, train, shard, rounds_dir)
@@ -64,6 +64,39 @@ def test_stages_in_separate_runs_train_the_weights_of_one_process(variant, tmp_p
                  for r in (1, 2, 3)]
         assert sum(moved) > 0
     assert (tmp_path / "one/curves.csv").read_text() == (tmp_path / "staged/curves.csv").read_text()
+
+
+def test_the_profile_stage_of_a_one_shard_run_loads_no_diffusers(tmp_path):
+    """A stage process costs mostly its imports, diffusers' seconds the most: the baseline's profile,
+    which scores nothing, runs without it (pipeline.rounds.start(models=False)) and writes what the
+    one-process loop writes."""
+    import os
+    import subprocess
+    import sys
+
+    p, train = _params("baseline"), random_train()
+    plan, shard = rounds.Plan.baseline(p), np.zeros(12, dtype=np.int64)
+    rounds.run(p, plan, train, shard, tmp_path / "one", tmp_path / "one_rounds")
+    r = rounds.start(p, plan, train, shard, tmp_path / "rounds")
+    rounds.train_round(r, rounds.Progress(shard), 0)
+    (tmp_path / "params.yaml").write_text(json.dumps(p.model_dump()))
+    train.save(tmp_path / "train.npz")
+    script = ("import runpy, sys\nsys.argv = ['profile', 'baseline', '--round', '1', '--params', 'params.yaml', "
+              "'--train', 'train.npz', '--pretrained', 'none', '--rounds', 'rounds']\ntry:\n"
+              "    runpy.run_module('stages.profile', run_name='__main__')\nexcept SystemExit as e:\n    assert not e.code, e\n"
+              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'mlflow')))")
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "[]"
+    for name in ("round.json", "shards.csv"):
+        ours, theirs = (folder / "round_1/profile" / name for folder in (tmp_path / "rounds", tmp_path / "one_rounds"))
+        drop = ("round_seconds", "round_train_seconds")
+        if name == "round.json":
+            assert {k: v for k, v in json.loads(ours.read_text()).items() if k not in drop} == \
+                {k: v for k, v in json.loads(theirs.read_text()).items() if k not in drop}
+        else:
+            assert ours.read_text() == theirs.read_text()
 
 
 def test_a_killed_loop_resumes_after_its_last_complete_round(tmp_path):
