@@ -2,9 +2,9 @@
 weights, at fixed seeded (t, noise) draws, which memory-sample redistribution (MSR) reads."""
 from __future__ import annotations
 
-import numpy as np
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from pipeline.seeds import PROFILE_DRAWS, derived_seed

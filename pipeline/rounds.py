@@ -148,19 +148,21 @@ def start(params: Params, plan: Plan, train: ImageSet, shard: np.ndarray, rounds
     seed = params.seeds.train
     owned = ranks.owned(plan.shards)
     steps = plan.rounds * plan.steps_per_round  # of each proxy
-    init = initial_unet(params, seed) if models else None
-    proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) if models else None
-               for k in owned}
+    proxies, noise_schedule, run_fingerprint = dict.fromkeys(owned), None, ""
+    if models:
+        init = initial_unet(params, seed)
+        proxies = {k: new_proxy(init, params, derived_seed(seed, seeds.PROXY, k), ranks.device, steps) for k in owned}
+        noise_schedule = build_scheduler(params.model)
+        run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device)
     mitigations = Mitigations(plan.mitigations, params, len(train), tuple(owned), ranks.device,
                               warmup_steps(params, steps), train.images)
     for k, proxy in proxies.items():
         if proxy is not None:
             mitigations.attach(k, proxy)
     # the training set lives on the device: a step gathers its batch there, nothing crosses the bus
-    run_fingerprint = checkpoint.fingerprint(params, plan, train.images, shard, init, ranks.device) if models else ""
-    return Run(params, plan, train, train.to_tensor().to(ranks.device), build_scheduler(params.model) if models else None,
-               proxies, mitigations, Rounds(rounds_dir), run_fingerprint, hooks or Hooks(), ranks,
-               _groups(params, plan, train), _duplicated(train))
+    return Run(params, plan, train, train.to_tensor().to(ranks.device), noise_schedule, proxies, mitigations,
+               Rounds(rounds_dir), run_fingerprint, hooks or Hooks(), ranks, _groups(params, plan, train),
+               _duplicated(train))
 
 
 def _duplicated(train: ImageSet) -> np.ndarray:
