@@ -50,15 +50,23 @@ def _saved_round(state: Path) -> int:
     return Rounds(state).complete() - 1
 
 
+def _round_seconds(state: Path) -> float:
+    """How long the last saved round took, from its files' times (its first proxy's training not
+    counted: a round's length, not more)."""
+    written = [f.stat().st_mtime for f in Rounds(state).round(_saved_round(state) + 1).rglob("*") if f.is_file()]
+    return max(written) - min(written)
+
+
 def chaos(out: str, state: str, kills: int, seed: int) -> None:
-    """SIGKILL the run `kills` times at arbitrary moments, then let it finish. Odd attempts die at a
-    random moment of their first half second (loading the state, building the proxies, training);
-    even ones once they have saved one more round, at a random point of the next round (training,
-    profiling, writing the round's folders), so the run moves on
-    whatever the machine's speed. Forking spares the seconds of importing torch each time."""
+    """SIGKILL the run `kills` times at arbitrary moments, then let it finish. Odd attempts die
+    within a round's time of starting (loading the state, building the proxies, training); even ones
+    once they have saved one more round, within a round's time after it (training, profiling,
+    writing the round's folders), so the run moves on but cannot finish before the kills are spent,
+    whatever the machine's speed: the time scale is how long the last saved round took, not a
+    constant. Forking spares the seconds of importing torch each time."""
     rng = random.Random(seed)
     for attempt in range(kills + 1):
-        before, t0 = _saved_round(Path(state)), time.monotonic()
+        before = _saved_round(Path(state))
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -70,15 +78,14 @@ def chaos(out: str, state: str, kills: int, seed: int) -> None:
                 os._exit(code)
         done, status = 0, 0
         if attempt < kills:
-            if attempt % 2:
-                time.sleep(rng.uniform(0.0, 0.5))
-            else:
+            if attempt % 2 == 0:
                 while _saved_round(Path(state)) == before:
                     done, status = os.waitpid(pid, os.WNOHANG)
                     if done:
                         break
                     time.sleep(0.01)
-                time.sleep(0 if done else rng.uniform(0.0, 0.5) * (time.monotonic() - t0))
+            if not done:
+                time.sleep(rng.uniform(0.0, 1.0) * _round_seconds(Path(state)))
             if not done:
                 os.kill(pid, signal.SIGKILL)  # a no-op on a child that has just finished: reaped below
         if not done:
