@@ -1,6 +1,10 @@
 """One thin click command per DVC stage; each runs on its own as `python -m stages.<name>`."""
 from __future__ import annotations
 
+from pipeline.preload import hand_over
+
+hand_over()  # first: a warm process that has imported torch, diffusers and MLflow runs the stage
+
 import functools
 import signal
 import sys

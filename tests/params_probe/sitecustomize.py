@@ -41,6 +41,8 @@ def _install(out: str) -> None:
     config.load_params = load_params
 
     def dump() -> None:
+        if _stage_command() is None:  # the warm process (pipeline/preload.py) itself: no stage
+            return
         with open(os.path.join(out, f"{uuid.uuid4().hex}.json"), "w") as f:
             json.dump({"command": _stage_command(), "read": sorted(read)}, f)
 
@@ -65,5 +67,11 @@ def _stage_command() -> list[str] | None:
     return None
 
 
-if _OUT and _stage_command():  # not DVC, git or a test's own process
+def _warm_process() -> bool:
+    """The process that forks the stages' processes (pipeline/preload.py): each child runs one stage
+    and takes that stage's command line before it runs it, so the probe installed here records it."""
+    return sys.orig_argv[1:3] == ["-m", "pipeline.preload"]
+
+
+if _OUT and (_stage_command() or _warm_process()):  # not DVC, git or a test's own process
     _install(_OUT)
