@@ -14,17 +14,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import privacy
-from pipeline.comparison import RESAMPLES, frontier_numbers
-from pipeline.config import load_params
-from pipeline.data import ImageSet
-from pipeline.dedup import dedup_memorization_scores, duplicate_groups
-from pipeline.evaluation import LOSS_PAIRS, EvalData, copy_table, curve_over_training, reuses_final_samples
-from pipeline.metrics import MEMORIZED_RATIO
-from pipeline.features import load_feature_net
-from pipeline.layout import Rounds
-from pipeline.models import load_pipeline
-from pipeline.sampling import sample
+from pipeline.evaluate import privacy
+from pipeline.compare.comparison import RESAMPLES, frontier_numbers
+from pipeline.core.config import load_params
+from pipeline.core.data import ImageSet
+from pipeline.core.dedup import dedup_memorization_scores, duplicate_groups
+from pipeline.evaluate.evaluation import LOSS_PAIRS, EvalData, copy_table, curve_over_training, reuses_final_samples
+from pipeline.core.metrics import MEMORIZED_RATIO
+from pipeline.evaluate.features import load_feature_net
+from pipeline.core.layout import Rounds
+from pipeline.core.models import load_pipeline
+from pipeline.evaluate.sampling import sample
 
 
 def timed(fn):

@@ -4,8 +4,8 @@
   profile, averaging, checkpoints) vs IET-AGC+ with stacked proxies (when this checkout has
   train.stack_proxies), for the default small model (K=4) and the IET-AGC paper's official CIFAR-10 model
   (presets/p1-cifar10.yaml, K=10, bf16 autocast);
-- DDIM sampling images/s: pipeline.sampling.sample vs diffusers' DDIMPipeline on the same UNet;
-- the NN search (pipeline.metrics.nearest_neighbors) against the device's matrix-multiply throughput.
+- DDIM sampling images/s: pipeline.evaluate.sampling.sample vs diffusers' DDIMPipeline on the same UNet;
+- the NN search (pipeline.core.metrics.nearest_neighbors) against the device's matrix-multiply throughput.
 
 It needs torch, diffusers, pydantic, Pillow, PyYAML, numpy, safetensors, tqdm (no MLflow, DVC, scipy
 or click). A machine with torch and accelerate alone gets the rest as wheels, made on a machine with
@@ -38,12 +38,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import rounds  # noqa: E402
-from pipeline.config import Params, parse_params  # noqa: E402
-from pipeline.data import ImageSet  # noqa: E402
-from pipeline.ensemble import split_shards  # noqa: E402
-from pipeline.models import build_scheduler, build_unet  # noqa: E402
-from pipeline.training import AUTOCAST  # noqa: E402
+from pipeline.train import rounds  # noqa: E402
+from pipeline.core.config import Params, parse_params  # noqa: E402
+from pipeline.core.data import ImageSet  # noqa: E402
+from pipeline.train.ensemble import split_shards  # noqa: E402
+from pipeline.core.models import build_scheduler, build_unet  # noqa: E402
+from pipeline.train.training import AUTOCAST  # noqa: E402
 
 # (model name, K, batch, steps per proxy, precision); smoke sizes shrink every number
 FULL = {"small": ({}, 4, 64, 100, "fp32"), "official": ("preset", 10, 128, 12, "bf16")}
@@ -149,7 +149,7 @@ def sampling(name: str, spec: tuple, device: torch.device, smoke: bool) -> dict:
     moved to the host as numpy, as ours returns host tensors); images/s."""
     from diffusers import DDIMPipeline, DDIMScheduler
 
-    from pipeline.sampling import sample
+    from pipeline.evaluate.sampling import sample
 
     model, _, _, _, precision = spec
     p = _params(model, 2, 1, 1, precision, str(device), smoke)
@@ -179,7 +179,7 @@ def nn_search(device: torch.device, smoke: bool) -> dict:
     """NN search (k=50, the official score's) of M samples in N training images of D values, against
     the same-size matrix product alone (fp32, as the search computes): the share of the device's
     matmul throughput the search reaches."""
-    from pipeline.metrics import nearest_neighbors
+    from pipeline.core.metrics import nearest_neighbors
 
     m, n, d = (64, 256, 64) if smoke else (10_000, 50_000, 3072)
     g = torch.Generator(device).manual_seed(0)

@@ -1,5 +1,5 @@
-"""The extra sampling time of anti-memorization guidance (pipeline/guidance.py) against plain DDIM
-(pipeline/sampling.py), both in this process on the same model, noise and machine, taking turns.
+"""The extra sampling time of anti-memorization guidance (pipeline/evaluate/guidance.py) against plain DDIM
+(pipeline/evaluate/sampling.py), both in this process on the same model, noise and machine, taking turns.
 
 Two guided cases bound the cost: `inactive` (every step runs the UNet with autograd on and queries
 the nearest training images, but no estimate is near enough to be guided: the cost a sample that
@@ -19,9 +19,9 @@ import statistics
 import torch
 
 from nn_search import all_times
-from pipeline import guidance, sampling
-from pipeline.config import AMGConfig, load_params
-from pipeline.models import build_scheduler, build_unet
+from pipeline.evaluate import guidance, sampling
+from pipeline.core.config import AMGConfig, load_params
+from pipeline.core.models import build_scheduler, build_unet
 
 CASES = {"inactive": AMGConfig(enabled=True, threshold_start=1e-6, threshold_end=1e-6),
          "active": AMGConfig(enabled=True, threshold_start=10.0, threshold_end=10.0)}

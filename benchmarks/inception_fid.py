@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data import ImageSet
-from pipeline.inception import InceptionFeatures, InceptionQuality
+from pipeline.core.data import ImageSet
+from pipeline.evaluate.inception import InceptionFeatures, InceptionQuality
 
 
 def main() -> None:

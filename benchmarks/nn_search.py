@@ -1,4 +1,4 @@
-"""Exact nearest-neighbour search (pipeline.metrics.nearest_neighbors) against the machine's own
+"""Exact nearest-neighbour search (pipeline.core.metrics.nearest_neighbors) against the machine's own
 float32 matrix-multiply throughput, both measured in this process.
 
 The search is a chunked |r|^2 - 2 q r^T with a running top-k; its useful work is the 2*M*N*D
@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from pipeline.metrics import nearest_neighbors
+from pipeline.core.metrics import nearest_neighbors
 
 
 def all_times(fns, repeats: int) -> list[list[float]]:

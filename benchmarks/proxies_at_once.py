@@ -8,7 +8,7 @@ This process times the sequential loop (train.threads threads), then launches it
 accelerate with --processes ranks of threads // processes threads each (the same cores, never
 oversubscribed) and reads rank 0's timing of the same loop; it also reports the launch's whole
 wall time, start-up and imports included, and checks that both runs end with the same weights.
-With --stacked the other run is the same process training its proxies stacked (pipeline/stacked.py,
+With --stacked the other run is the same process training its proxies stacked (pipeline/train/stacked.py,
 one vmapped step for all K) instead, and the weights are compared within float rounding.
 """
 import json
@@ -25,11 +25,11 @@ import click
 import torch
 from safetensors.torch import load_file
 
-from pipeline import rounds
-from pipeline.config import load_params
-from pipeline.data import prepare_splits
-from pipeline.distributed import Ranks
-from pipeline.ensemble import split_shards
+from pipeline.train import rounds
+from pipeline.core.config import load_params
+from pipeline.core.data import prepare_splits
+from pipeline.core.distributed import Ranks
+from pipeline.train.ensemble import split_shards
 
 
 def _params(params_path: str, n_rounds: int, threads: int | None):

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from diffusers.training_utils import EMAModel
 
-from pipeline import rounds
-from pipeline.config import load_params
-from pipeline.data import prepare_splits
-from pipeline.ensemble import split_shards
-from pipeline.models import build_scheduler, build_unet
+from pipeline.train import rounds
+from pipeline.core.config import load_params
+from pipeline.core.data import prepare_splits
+from pipeline.train.ensemble import split_shards
+from pipeline.core.models import build_scheduler, build_unet
 
 
 def plain_loop(params, images, steps):

@@ -1,4 +1,4 @@
-"""The verdict protocol (pipeline/verdict.py) on synthetic runs of known truth: how often it calls a
+"""The verdict protocol (pipeline/compare/verdict.py) on synthetic runs of known truth: how often it calls a
 true null better or worse (goal: at most 6%, with its Clopper-Pearson interval) and how often it
 finds a real difference of 1 and 2 seed-to-seed standard deviations, at several seed designs.
 
@@ -19,8 +19,8 @@ import numpy as np
 import scipy.special
 import scipy.stats
 
-from pipeline import verdict
-from pipeline.frontier import fit_run
+from pipeline.compare import verdict
+from pipeline.evaluate.frontier import fit_run
 
 PROGRESS = np.linspace(0.125, 1.0, 8)
 DESIGNS = ((3, 6), (6, 6), (3, 3), (8, 10))

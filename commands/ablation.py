@@ -11,7 +11,7 @@ columns.
 A variant may be trained without its own baseline (`dvc exp run ... evaluate@iet`, as the
 single-model variants are: their `iet.shards=1` would otherwise re-train the baseline). Its
 memorization at matched quality is compared here with the baseline's of the same setting, seed by
-seed (each evaluation's curve.npz artifact; pipeline/verdict.py): the difference of the per-seed
+seed (each evaluation's curve.npz artifact; pipeline/compare/verdict.py): the difference of the per-seed
 means with its Welch interval, an exact permutation p over seed labels and a verdict in words. One
 comparison per setting (a regime) is primary, named before any run: IET-AGC+ as published against
 the baseline; the primaries' p are Holm-adjusted over the settings, every other comparison's are
@@ -32,10 +32,10 @@ from mlflow import MlflowClient
 
 from commands.mlflow_results import ModelResult, frontier_curve, read_results, training_metrics
 from pipeline import mitigation
-from pipeline import figures
-from pipeline import verdict
-from pipeline.comparison import NOT_COMPUTED, frontier_lines, frontier_numbers, frontier_verdict, read_comparison
-from pipeline.metric_names import ABLATION, BY_KEY, shown_in
+from pipeline.core import figures
+from pipeline.compare import verdict
+from pipeline.compare.comparison import NOT_COMPUTED, frontier_lines, frontier_numbers, frontier_verdict, read_comparison
+from pipeline.evaluate.metric_names import ABLATION, BY_KEY, shown_in
 from pipeline.mitigation.dp import EPSILON
 
 METRICS = shown_in(ABLATION)
@@ -282,5 +282,5 @@ def markdown(rows: list[dict]) -> str:
               f"(exact permutation p over seeds; Holm over the settings for the primary comparison, {PRIMARY_VARIANT} "
               "against the baseline; Benjamini-Hochberg q for the exploratory others). 'too few seeds': fewer than "
               f"{verdict.seeds_for_power(verdict.POWER_EFFECT_SD)} a side (80% power at {verdict.POWER_EFFECT_SD:g} "
-              "seed-sd) or a least reachable p above 0.05 (pipeline/verdict.py)"]
+              "seed-sd) or a least reachable p above 0.05 (pipeline/compare/verdict.py)"]
     return "\n".join(lines)

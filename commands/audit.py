@@ -26,7 +26,7 @@ FILES = ("report.md", "metrics.json", "copied.csv", "samples.png", "copies.png",
 class Images:
     """One --train or --heldout input, as the model sees it."""
     source: Path
-    images: object       # pipeline.data.ImageSet: uint8 [N, C, H, W], labels (-1: none), ids 0..N-1
+    images: object       # pipeline.core.data.ImageSet: uint8 [N, C, H, W], labels (-1: none), ids 0..N-1
     names: list[str]     # per image: its file (a folder) or its index (an .npz)
 
 
@@ -66,9 +66,9 @@ def audit(model_uri, train_path, heldout_path, out, num, steps, seed, batch_size
     """
     from mlflow.exceptions import MlflowException
 
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.store import StoreError
+    from pipeline.core.config import ConfigError
+    from pipeline.core.data import DataError
+    from pipeline.core.store import StoreError
 
     try:
         device = _device(device)
@@ -98,7 +98,7 @@ def audit(model_uri, train_path, heldout_path, out, num, steps, seed, batch_size
 
 
 def _device(name: str | None):
-    from pipeline.config import resolve_device
+    from pipeline.core.config import resolve_device
 
     return resolve_device(name, key="--device")
 
@@ -118,12 +118,12 @@ def load_model(source: str, tracking_uri: str | None):
     linear steps), a sibling scheduler/ folder when there is one."""
     from diffusers import DDPMScheduler
 
-    from pipeline.io import local_path
-    from pipeline.pretrained import load_model_dir
+    from pipeline.core.io import local_path
+    from pipeline.core.pretrained import load_model_dir
 
     path = local_path(source)
     if path is None:
-        from pipeline.fetch import fetched
+        from pipeline.core.fetch import fetched
 
         with fetched(source, _tracking_uri(tracking_uri)) as (found, label):
             unet, scheduler = load_model_dir(found, source, key="--model")
@@ -141,7 +141,7 @@ def load_model(source: str, tracking_uri: str | None):
 
 
 def _check_model(unet, scheduler, source: str) -> None:
-    from pipeline.config import ConfigError
+    from pipeline.core.config import ConfigError
 
     cfg = unet.config
     if cfg.in_channels not in (1, 3) or cfg.out_channels != cfg.in_channels:
@@ -162,8 +162,8 @@ def _tracking_uri(given: str | None) -> str:
     """--tracking-uri, else tracking.uri of ./params.yaml when there is one, else the pipeline's default."""
     if given:
         return given
-    from pipeline.config import TrackingConfig, load_params
-    from pipeline.store import tracking_uri
+    from pipeline.core.config import TrackingConfig, load_params
+    from pipeline.core.store import tracking_uri
 
     return tracking_uri(load_params("params.yaml").tracking if Path("params.yaml").is_file() else TrackingConfig())
 
@@ -180,8 +180,8 @@ def read_images(path: Path, unet, option: str) -> Images:
     have them), as the pipeline's data sources read them; one-line errors naming `option`."""
     import numpy as np
 
-    from pipeline.config import DataConfig
-    from pipeline.data import DataError, ImageSet, image_files, load_source
+    from pipeline.core.config import DataConfig
+    from pipeline.core.data import DataError, ImageSet, image_files, load_source
 
     channels, size, _ = model_shape(unet)
     if not path.exists():
@@ -208,10 +208,10 @@ def run_audit(unet, scheduler, train: Images, heldout: Images | None, settings: 
     feature pool."""
     import torch
 
-    from pipeline.dedup import duplicate_groups
-    from pipeline.evaluation import EvalData, score_samples
-    from pipeline.features import train_feature_net
-    from pipeline.sampling import sample
+    from pipeline.core.dedup import duplicate_groups
+    from pipeline.evaluate.evaluation import EvalData, score_samples
+    from pipeline.evaluate.features import train_feature_net
+    from pipeline.evaluate.sampling import sample
 
     device = next(unet.parameters()).device
     samples = (sampler or sample)(unet, scheduler, settings["num_samples"], settings["ddim_steps"], settings["seed"],
@@ -231,9 +231,9 @@ def amg_sampler(train: Images):
 
     import torch
 
-    from pipeline import guidance
-    from pipeline.config import AMGConfig, load_params
-    from pipeline.dedup import duplicate_groups
+    from pipeline.evaluate import guidance
+    from pipeline.core.config import AMGConfig, load_params
+    from pipeline.core.dedup import duplicate_groups
 
     amg = load_params("params.yaml").amg if Path("params.yaml").is_file() else AMGConfig()
     reference = train.images.to_tensor()[torch.from_numpy(duplicate_groups(train.images.images).representatives)]
@@ -266,8 +266,8 @@ def _feature_words(info: dict) -> str:
 
 def write_outputs(out: Path, samples, scored, train: Images, settings: dict) -> None:
     """report.md, metrics.json, copied.csv (one row per unique training image) and the figures."""
-    from pipeline import figures
-    from pipeline.io import write_csv, write_json
+    from pipeline.core import figures
+    from pipeline.core.io import write_csv, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     x = train.images.to_tensor()
@@ -284,7 +284,7 @@ def write_outputs(out: Path, samples, scored, train: Images, settings: dict) -> 
 
 
 def write_text(path: Path, text: str) -> None:
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     with atomic_path(path) as tmp:
         Path(tmp).write_text(text)

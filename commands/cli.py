@@ -21,7 +21,7 @@ def _tracking_uri(given: str | None) -> str:
     there is one, else MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the repository root."""
     if given:
         return given
-    from pipeline.store import tracking_uri
+    from pipeline.core.store import tracking_uri
 
     return tracking_uri(_tracking_config())
 
@@ -29,7 +29,7 @@ def _tracking_uri(given: str | None) -> str:
 def _existing_store(given: str | None) -> str:
     """The tracking URI of a command that only reads: a SQLite file that does not exist is a typo
     (MLflow would create it empty), a server that does not answer is said within seconds."""
-    from pipeline.store import StoreError, check_store, fail_fast_http
+    from pipeline.core.store import StoreError, check_store, fail_fast_http
 
     uri = _tracking_uri(given)
     fail_fast_http()
@@ -42,7 +42,7 @@ def _existing_store(given: str | None) -> str:
 
 def _device(name: str | None):
     """--device as a torch device, refused as a usage error when it does not exist here."""
-    from pipeline.config import ConfigError, resolve_device
+    from pipeline.core.config import ConfigError, resolve_device
 
     try:
         return resolve_device(name, key="--device")
@@ -52,7 +52,7 @@ def _device(name: str | None):
 
 def _tracking_config():
     """tracking of ./params.yaml when there is one, else the defaults."""
-    from pipeline.config import TrackingConfig, load_params
+    from pipeline.core.config import TrackingConfig, load_params
 
     return load_params("params.yaml").tracking if Path("params.yaml").is_file() else TrackingConfig()
 
@@ -61,8 +61,8 @@ def _write_pngs(images, folder: Path) -> None:
     """One PNG per image at the model's resolution: 0000.png, 0001.png, ..."""
     from PIL import Image
 
-    from pipeline.data import to_uint8
-    from pipeline.io import atomic_path
+    from pipeline.core.data import to_uint8
+    from pipeline.core.io import atomic_path
 
     folder.mkdir(parents=True, exist_ok=True)
     arr = to_uint8(images).permute(0, 2, 3, 1).numpy()
@@ -108,22 +108,22 @@ def sample(model_uri, num, seed, steps, out, grid, batch_size, device, tracking_
             _check_destination(path, option, folder=option == "--out")
     from mlflow.exceptions import MlflowException
 
-    from pipeline.config import ConfigError
-    from pipeline.data import DataError
-    from pipeline.io import local_path
-    from pipeline.fetch import fetched
-    from pipeline.store import StoreError
+    from pipeline.core.config import ConfigError
+    from pipeline.core.data import DataError
+    from pipeline.core.io import local_path
+    from pipeline.core.fetch import fetched
+    from pipeline.core.store import StoreError
 
     try:
         remote = local_path(model_uri) is None
         with fetched(model_uri, _tracking_uri(tracking_uri) if remote else None) as (path, label):
             # imported only now: diffusers takes seconds, and a wrong model or store is said at once
             device = _device(device)
-            from pipeline.models import load_pipeline
-            from pipeline.sampling import sample as ddim_sample
+            from pipeline.core.models import load_pipeline
+            from pipeline.evaluate.sampling import sample as ddim_sample
 
             unet, scheduler = load_pipeline(path)
-            from pipeline.preflight import check_saved_model
+            from pipeline.train.preflight import check_saved_model
 
             check_saved_model(unet.config, scheduler.config, min(batch_size, num), label)
         steps = _ddim_steps(steps, scheduler.config.num_train_timesteps)
@@ -161,7 +161,7 @@ def _write_samples(images, out: Path | None, grid: Path | None) -> list[str]:
         _write_pngs(images, out)
         written.append(f"{len(images)} PNG files in {out}")
     if grid is not None:
-        from pipeline.figures import save_grid
+        from pipeline.core.figures import save_grid
 
         save_grid(images, grid, nrow=math.ceil(math.sqrt(len(images))))
         written.append(f"grid {grid}")
@@ -242,7 +242,7 @@ def ablation(experiment, tracking_uri, figure, null_seeds):
 def _merged_preset(preset: Path, base: Path) -> tuple[dict, dict]:
     """The preset's values as 'group.key' -> value, and `base`'s mapping with them set; a file
     that is not a parameter mapping, or a value where the preset sets a group's key, in one line."""
-    from pipeline.config import ConfigError, flatten, read_yaml
+    from pipeline.core.config import ConfigError, flatten, read_yaml
 
     try:
         overrides, merged = flatten(read_yaml(preset) or {}), read_yaml(base) or {}
@@ -307,7 +307,7 @@ def preset(preset, base, write_to):
 
     import yaml
 
-    from pipeline.config import ConfigError, load_params
+    from pipeline.core.config import ConfigError, load_params
 
     if write_to is not None:
         _check_destination(write_to, "--write", parents=False)
@@ -320,7 +320,7 @@ def preset(preset, base, write_to):
         except ConfigError as err:
             raise click.ClickException(str(err).replace(str(staged), f"{base} + {preset}")) from None
         if write_to is not None:
-            from pipeline.io import publish
+            from pipeline.core.io import publish
 
             try:
                 publish(staged, write_to)
@@ -341,8 +341,8 @@ from commands.audit import audit  # noqa: E402  (it imports its heavy libraries 
 def rounds(n, dvc_yaml, params_path):
     """Train N rounds: set iet.rounds in params.yaml and list N rounds' stages in dvc.yaml (DVC's
     templates cannot count), then `dvc repro` or `dvc exp run [--queue]` as usual."""
-    from pipeline.config import ConfigError
-    from pipeline.dag import set_rounds
+    from pipeline.core.config import ConfigError
+    from pipeline.train.dag import set_rounds
 
     try:
         removed = set_rounds(n, dvc_yaml, params_path)

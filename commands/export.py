@@ -54,7 +54,9 @@ def checkpoint_rows(curve, steps_per_round: float | None, logged: dict[str, dict
     per round (all proxies together; None: unknown); `logged`: column -> {checkpoint index from 1: value}."""
     from threadpoolctl import threadpool_limits
 
-    from pipeline import comparison, frontier
+    from pipeline.compare import comparison
+
+    from pipeline.evaluate import frontier
 
     samples = curve.memorized.shape[1]
     kid = frontier.KID(curve.reference)
@@ -120,7 +122,7 @@ def _steps_per_round(client, result) -> float | None:
 
 
 def _logged(client, result) -> dict[str, dict[int, float]]:
-    from pipeline.metric_names import curve_metric
+    from pipeline.evaluate.metric_names import curve_metric
 
     return {k: {m.step: m.value for m in client.get_metric_history(result.evaluation_id, curve_metric(k))}
             for k in LOGGED_PER_CHECKPOINT}
@@ -160,7 +162,7 @@ def export(client, experiment: str, regime: str, out: Path, match: str = "*") ->
 
 
 def _write_if_changed(path: Path, text: str) -> str:
-    from pipeline.io import atomic_path
+    from pipeline.core.io import atomic_path
 
     if path.is_file() and path.read_text() == text:
         return "unchanged"
@@ -184,7 +186,7 @@ def export_command(tracking_uri, experiment, regime, match, out):
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from pipeline.store import StoreError, check_store, fail_fast_http
+    from pipeline.core.store import StoreError, check_store, fail_fast_http
 
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", regime):
         raise click.BadParameter("letters, digits, '.', '_' and '-' only (a folder name)", param_hint="--regime")

@@ -26,8 +26,8 @@ from mlflow.entities import Run  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
 from pipeline import mitigation  # noqa: E402
-from pipeline.frontier import Curve  # noqa: E402
-from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run, of_model  # noqa: E402
+from pipeline.evaluate.frontier import Curve  # noqa: E402
+from pipeline.evaluate.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run, of_model  # noqa: E402
 
 MODELS = ("baseline", "iet")  # the models an execution trains, in the order results list them
 HEADLINE = "mem_ratio"        # every evaluation logs it: without it a model was not evaluated
@@ -95,7 +95,7 @@ def curve(client: MlflowClient, result: ModelResult, columns: tuple[str, ...]) -
 
 
 def frontier_curve(client: MlflowClient, result: ModelResult) -> Curve | None:
-    """The model's curve.npz (every checkpoint's memorized flags and features: pipeline/frontier.py),
+    """The model's curve.npz (every checkpoint's memorized flags and features: pipeline/evaluate/frontier.py),
     from its evaluation's artifacts; None when it has none (restored by DVC, evaluated before curves
     were kept, or with eval.curve_samples 0)."""
     if result.evaluation_id is None or CURVE_FILE not in {a.path for a in client.list_artifacts(result.evaluation_id)}:

@@ -22,8 +22,8 @@ from mlflow import MlflowClient  # noqa: E402
 
 from commands.mlflow_results import ModelResult, curve, read_results  # noqa: E402
 from pipeline import mitigation  # noqa: E402
-from pipeline.figures import _save_figure  # noqa: E402
-from pipeline.metric_names import BY_KEY, TRADEOFF, shown_in  # noqa: E402
+from pipeline.core.figures import _save_figure  # noqa: E402
+from pipeline.evaluate.metric_names import BY_KEY, TRADEOFF, shown_in  # noqa: E402
 
 MARKERS = "osD^vP*Xph<>"  # cycled: any number of variants
 

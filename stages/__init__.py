@@ -1,7 +1,7 @@
 """One thin click command per DVC stage; each runs on its own as `python -m stages.<name>`."""
 from __future__ import annotations
 
-from pipeline.preload import hand_over
+from pipeline.core.preload import hand_over
 
 hand_over()  # first: a warm process that has imported torch, diffusers and MLflow runs the stage
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.config import ConfigError, load_params
+from pipeline.core.config import ConfigError, load_params
 
 # Stages that log to MLflow: they check the tracking server before any work, so that a dead one
 # costs seconds, not a trained model (MLflow would retry it for minutes, at the end).
@@ -43,11 +43,11 @@ def stage(fn):
     without a traceback; on any failure, mark the MLflow runs the stage opened as failed."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from pipeline.io import DataError, DiskFull, no_space
+        from pipeline.core.io import DataError, DiskFull, no_space
         previous = _handle_sigterm()
         try:
             if Path(fn.__code__.co_filename).stem in TRACKED and "params_path" in kwargs:
-                from pipeline.store import check_tracking
+                from pipeline.core.store import check_tracking
 
                 check_tracking(load_params(kwargs["params_path"]).tracking)
             result = fn(*args, **kwargs)
@@ -84,13 +84,13 @@ def _mlflow_error() -> tuple[type, ...]:
 
 
 def _pause_parents() -> None:
-    tracking = sys.modules.get("pipeline.tracking")
+    tracking = sys.modules.get("pipeline.track.tracking")
     if tracking is not None:
         tracking.pause_parents()
 
 
 def _close_runs(status: str) -> None:
-    tracking = sys.modules.get("pipeline.tracking")  # not imported: no run was opened
+    tracking = sys.modules.get("pipeline.track.tracking")  # not imported: no run was opened
     if tracking is not None:
         tracking.fail_open_runs(status)
 
@@ -120,7 +120,7 @@ def pair_option(*decls: str, help: str):
 
 def round_stage_options(fn):
     """What every stage of a model's rounds (train, profile, finish) takes: the model, and the files
-    it is rebuilt from (pipeline.launch.run_round_stage). Train and profile also take `--round`."""
+    it is rebuilt from (pipeline.train.launch.run_round_stage). Train and profile also take `--round`."""
     options = [
         click.argument("model", type=click.Choice(MODELS)),
         params_option,
@@ -128,7 +128,7 @@ def round_stage_options(fn):
         click.option("--shards", "shards_path", type=click.Path(path_type=Path), default=None,
                      help="the IET model's initial shard of every training sample (split stage)"),
         path_option("--pretrained", help="the pretrain stage's folder, which model.init_from may name (fine-tuning)"),
-        path_option("--rounds", "rounds_dir", help="the model's rounds folder (pipeline/layout.py)"),
+        path_option("--rounds", "rounds_dir", help="the model's rounds folder (pipeline/core/layout.py)"),
     ]
     for option in reversed(options):
         fn = option(fn)

@@ -2,7 +2,7 @@
 weighted by shard size, from its train stage's folder. Needs neither diffusers nor the params."""
 import click
 
-from pipeline.ensemble import average_round
+from pipeline.train.ensemble import average_round
 from stages import path_option, stage
 
 

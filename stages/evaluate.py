@@ -1,21 +1,21 @@
 """evaluate: sample a trained model and measure how much it copies and how good its samples are
-(pipeline/evaluation.py); write the metrics, figures and the memorization-over-rounds curve."""
+(pipeline/evaluate/evaluation.py); write the metrics, figures and the memorization-over-rounds curve."""
 from pathlib import Path
 
 import click
 import numpy as np
 import torch
 
-from pipeline import figures
-from pipeline.config import load_params, resolve_device
-from pipeline.data import ImageSet, to_uint8
-from pipeline.evaluation import EvalData, evaluate
-from pipeline.features import load_feature_net
-from pipeline.frontier import Curve
-from pipeline.io import chosen_weights, staged_folder, write_csv, write_json
-from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
-from pipeline.models import load_pipeline
-from pipeline.tracking import Tracker
+from pipeline.core import figures
+from pipeline.core.config import load_params, resolve_device
+from pipeline.core.data import ImageSet, to_uint8
+from pipeline.evaluate.evaluation import EvalData, evaluate
+from pipeline.evaluate.features import load_feature_net
+from pipeline.evaluate.frontier import Curve
+from pipeline.core.io import chosen_weights, staged_folder, write_csv, write_json
+from pipeline.evaluate.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run
+from pipeline.core.models import load_pipeline
+from pipeline.track.tracking import Tracker
 from stages import params_option, path_option, stage
 
 FILES = ("samples.png", "copies.png", "most_copied.png", "ratio_hist.png", "metrics.json", "rounds.csv", "copied.csv",

@@ -3,10 +3,10 @@ Frechet distance on a CPU (Inception FID is ~0.5 s an image here)."""
 import click
 import torch
 
-from pipeline.config import load_params, resolve_device
-from pipeline.data import ImageSet
-from pipeline.features import save_feature_net, train_feature_net
-from pipeline.io import write_json
+from pipeline.core.config import load_params, resolve_device
+from pipeline.core.data import ImageSet
+from pipeline.evaluate.features import save_feature_net, train_feature_net
+from pipeline.core.io import write_json
 from stages import params_option, path_option, stage
 
 

@@ -9,10 +9,10 @@ machine without CUDA) only `info.json` is written, saying so, and the evaluation
 import click
 import torch
 
-from pipeline import inception
-from pipeline.config import load_params, resolve_device
-from pipeline.data import ImageSet
-from pipeline.io import write_json
+from pipeline.evaluate import inception
+from pipeline.core.config import load_params, resolve_device
+from pipeline.core.data import ImageSet
+from pipeline.core.io import write_json
 from stages import params_option, path_option, stage
 
 STATS = "reference.safetensors"

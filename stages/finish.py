@@ -10,7 +10,7 @@ from stages import path_option, round_stage_options, stage
 @path_option("--out", help="folder of model/, model_ema/, curves.csv and train_info.json")
 @stage
 def main(model, out, **paths):
-    from pipeline.launch import run_round_stage
+    from pipeline.train.launch import run_round_stage
 
     run_round_stage(model, "finish", None, out=out, **paths)
 

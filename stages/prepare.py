@@ -3,10 +3,10 @@
 import click
 import numpy as np
 
-from pipeline.config import load_params
-from pipeline.data import prepare_splits
-from pipeline.dedup import duplicate_groups, near_copy_report
-from pipeline.io import staged_folder, write_csv, write_json
+from pipeline.core.config import load_params
+from pipeline.core.data import prepare_splits
+from pipeline.core.dedup import duplicate_groups, near_copy_report
+from pipeline.core.io import staged_folder, write_csv, write_json
 from stages import params_option, path_option, stage
 
 

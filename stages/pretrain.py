@@ -6,8 +6,8 @@ import math
 
 import click
 
-from pipeline.config import load_params, resolve_device
-from pipeline.io import write_json
+from pipeline.core.config import load_params, resolve_device
+from pipeline.core.io import write_json
 from stages import params_option, path_option, stage
 
 
@@ -29,10 +29,10 @@ def main(params_path, pool_path, train_path, heldout_path, out, state):
     # here, not at the top: the default run (no pretraining) should not pay seconds of imports
     import numpy as np
 
-    from pipeline.data import ImageSet, unseen_images
-    from pipeline.launch import train_model
-    from pipeline.rounds import Plan
-    from pipeline.seeds import PRETRAIN, derived_seed
+    from pipeline.core.data import ImageSet, unseen_images
+    from pipeline.train.launch import train_model
+    from pipeline.train.rounds import Plan
+    from pipeline.core.seeds import PRETRAIN, derived_seed
 
     resolve_device(p.train.device)
     images = unseen_images(ImageSet.load(pool_path), [ImageSet.load(train_path), ImageSet.load(heldout_path)],

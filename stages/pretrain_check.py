@@ -4,8 +4,8 @@ is where the fine-tuned models' curves start. Its own stage, so that an evaluati
 re-trains the pretrained model. With pretrain.enabled false it says only so."""
 import click
 
-from pipeline.config import load_params
-from pipeline.io import read_json, write_json
+from pipeline.core.config import load_params
+from pipeline.core.io import read_json, write_json
 from stages import params_option, path_option, stage
 
 
@@ -27,10 +27,10 @@ def main(params_path, pretrained, train_path, heldout_path, pool_path, features_
     # here, not at the top: the default run (no pretraining) should not pay seconds of imports
     import torch
 
-    from pipeline.data import ImageSet
-    from pipeline.evaluation import EvalData, glance
-    from pipeline.features import load_feature_net
-    from pipeline.models import load_pipeline
+    from pipeline.core.data import ImageSet
+    from pipeline.evaluate.evaluation import EvalData, glance
+    from pipeline.evaluate.features import load_feature_net
+    from pipeline.core.models import load_pipeline
 
     torch.set_num_threads(p.train.threads)
     unet, scheduler = load_pipeline(pretrained / "model")

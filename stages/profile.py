@@ -10,7 +10,7 @@ from stages import round_option, round_stage_options, stage
 @round_option
 @stage
 def main(model, rnd, **paths):
-    from pipeline.launch import run_round_stage
+    from pipeline.train.launch import run_round_stage
 
     run_round_stage(model, "profile", rnd, **paths)
 

@@ -5,12 +5,14 @@ import os
 
 import click
 
-from pipeline import model_registry, store
-from pipeline.config import load_params
-from pipeline.io import chosen_weights, read_json, write_json
-from pipeline.metric_names import MODEL_TAGS, shown_in
-from pipeline.store import tracking_uri
-from pipeline.tracking import Tracker
+from pipeline.compare import model_registry
+
+from pipeline.core import store
+from pipeline.core.config import load_params
+from pipeline.core.io import chosen_weights, read_json, write_json
+from pipeline.evaluate.metric_names import MODEL_TAGS, shown_in
+from pipeline.core.store import tracking_uri
+from pipeline.track.tracking import Tracker
 from stages import pair_option, params_option, path_option, stage
 
 MODELS = {"iet": "", "baseline": "-baseline"}  # model -> suffix of its registered name

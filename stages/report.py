@@ -14,16 +14,20 @@ from pathlib import Path
 import click
 import numpy as np
 
-from pipeline import figures, mitigation, verdict
-from pipeline.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
+from pipeline.core import figures
+
+from pipeline import mitigation
+
+from pipeline.compare import verdict
+from pipeline.compare.comparison import (RISK_FIELDS, at_matched_quality, frontier_lines, frontier_numbers, frontier_verdict,
                                  read_comparison, read_rows, risk_table, skip_rates)
-from pipeline.config import load_params
-from pipeline.data import ImageSet
-from pipeline.dedup import duplicate_groups
-from pipeline.frontier import NO_COMPARABLE_QUALITY, Curve
-from pipeline.io import publish, read_json, unreadable, write_csv, write_json
-from pipeline.metric_names import BY_KEY, REPORT, shown_in
-from pipeline.tracking import Tracker
+from pipeline.core.config import load_params
+from pipeline.core.data import ImageSet
+from pipeline.core.dedup import duplicate_groups
+from pipeline.evaluate.frontier import NO_COMPARABLE_QUALITY, Curve
+from pipeline.core.io import publish, read_json, unreadable, write_csv, write_json
+from pipeline.evaluate.metric_names import BY_KEY, REPORT, shown_in
+from pipeline.track.tracking import Tracker
 from stages import MODELS, pair_option, params_option, path_option, stage
 
 

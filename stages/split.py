@@ -3,11 +3,11 @@
 import click
 import numpy as np
 
-from pipeline.config import load_params
-from pipeline.data import ImageSet
-from pipeline.dedup import duplicate_groups, near_duplicate_groups
-from pipeline.ensemble import split_shards
-from pipeline.io import write_csv, write_json
+from pipeline.core.config import load_params
+from pipeline.core.data import ImageSet
+from pipeline.core.dedup import duplicate_groups, near_duplicate_groups
+from pipeline.train.ensemble import split_shards
+from pipeline.core.io import write_csv, write_json
 from stages import params_option, path_option, stage
 
 

@@ -1,5 +1,5 @@
 """train: one round's training stage of a model (baseline | iet): every proxy trains on its shard,
-from the state the previous round's stages left (pipeline/rounds.py)."""
+from the state the previous round's stages left (pipeline/train/rounds.py)."""
 import click
 
 from stages import round_option, round_stage_options, stage
@@ -10,7 +10,7 @@ from stages import round_option, round_stage_options, stage
 @round_option
 @stage
 def main(model, rnd, **paths):
-    from pipeline.launch import run_round_stage
+    from pipeline.train.launch import run_round_stage
 
     run_round_stage(model, "train", rnd, **paths)
 

@@ -4,11 +4,11 @@ model; every stage depends on this one, which runs first. Its output is a fixed 
 for all valid params, so that a valid change re-runs only the stages that read the changed key."""
 import click
 
-from pipeline.config import load_params
-from pipeline.dag import check as check_rounds
-from pipeline.io import atomic_path
-from pipeline.preflight import check_machine
-from pipeline.store import check_tracking
+from pipeline.core.config import load_params
+from pipeline.train.dag import check as check_rounds
+from pipeline.core.io import atomic_path
+from pipeline.train.preflight import check_machine
+from pipeline.core.store import check_tracking
 from stages import params_option, path_option, stage
 
 MARKER = "params.yaml is valid\n"

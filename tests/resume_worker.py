@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import rounds
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
-from pipeline.layout import Rounds
+from pipeline.train import rounds
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
+from pipeline.core.layout import Rounds
 from tiny import tiny
 
 # tau 0.9: AGC skips, TAA strengths rise and MSR moves samples, so all of that state is resumed

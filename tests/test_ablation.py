@@ -165,7 +165,7 @@ def test_differs_is_welchs_t_test_over_seeds():
 
 
 def test_a_mean_count_keeps_a_decimal_and_a_count_none():
-    from pipeline.metric_names import BY_KEY
+    from pipeline.evaluate.metric_names import BY_KEY
 
     count = BY_KEY["distinct_copied"]
     assert (count.format(14 / 3), count.format(5.0), count.format(float("nan"))) == ("4.7", "5", "-")

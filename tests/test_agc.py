@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from pipeline.mitigation import agc
-from pipeline.training import masked_loss
+from pipeline.train.training import masked_loss
 
 
 def official(losses, t, bank, tau, decay):
@@ -118,10 +118,10 @@ def test_pooled_image_score_agc_trains_inside_iet_and_resumes_bit_for_bit(tmp_pa
     import numpy as np
     from safetensors.torch import load_file
 
-    from pipeline import rounds
-    from pipeline.config import parse_params
-    from pipeline.ensemble import split_shards
-    from pipeline.layout import Rounds
+    from pipeline.train import rounds
+    from pipeline.core.config import parse_params
+    from pipeline.train.ensemble import split_shards
+    from pipeline.core.layout import Rounds
     from test_pinned import TINY
     from tiny import Stop, random_train, stop_after_round
 
@@ -154,9 +154,9 @@ def test_each_round_logs_the_skip_rate_of_duplicated_and_of_unique_samples(tmp_p
 
     import numpy as np
 
-    from pipeline import rounds
-    from pipeline.config import parse_params
-    from pipeline.ensemble import split_shards
+    from pipeline.train import rounds
+    from pipeline.core.config import parse_params
+    from pipeline.train.ensemble import split_shards
     from test_pinned import TINY
     from tiny import random_train
 

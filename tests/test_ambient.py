@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline.mitigation.ambient import ambient_objective
-from pipeline.models import build_scheduler
+from pipeline.core.models import build_scheduler
 from tiny import arch
 
 ABAR = build_scheduler(arch(num_train_timesteps=1000)).alphas_cumprod
@@ -59,9 +59,9 @@ def test_at_and_below_t_n_it_is_the_plain_ddpm_objective():
 
 
 def test_a_tiny_ambient_run_trains_and_is_named_with_its_level(tmp_path):
-    from pipeline import rounds
-    from pipeline.config import parse_params
-    from pipeline.ensemble import split_shards
+    from pipeline.train import rounds
+    from pipeline.core.config import parse_params
+    from pipeline.train.ensemble import split_shards
     from test_pinned import TINY
     from tiny import random_train
 
@@ -80,10 +80,10 @@ def test_the_loss_table_scores_the_objective_training_uses():
     plain DDPM loss as before."""
     import numpy as np
 
-    from pipeline.config import parse_params
-    from pipeline.loss_table import profile_losses
+    from pipeline.core.config import parse_params
+    from pipeline.train.loss_table import profile_losses
     from pipeline.mitigation import Mitigations
-    from pipeline.models import build_unet
+    from pipeline.core.models import build_unet
 
     p = parse_params({"model": {**arch().model_dump(), "num_train_timesteps": 10}, "data": {"resolution": 8},
                       "eval": {"ddim_steps": 10}, "ambient": {"enabled": True, "timestep": 3}})
@@ -96,7 +96,7 @@ def test_the_loss_table_scores_the_objective_training_uses():
     ambient = profile_losses(model, images, positions, schedule, 4, seed=1, objective=objective)
     assert not torch.allclose(plain, ambient)  # some draws are above t_n
     # the same draws, by hand: every (pair, sample) under the ambient pair
-    from pipeline.loss_table import PROFILE_CHUNK, _draws
+    from pipeline.train.loss_table import PROFILE_CHUNK, _draws
     t_all, noise_all = _draws(1, 0, 4, (1, 8, 8), 10)
     t, noise = t_all[:, :6].reshape(-1), noise_all[:, :6].reshape(-1, 1, 8, 8)
     flat = torch.arange(6).repeat(4)

@@ -15,10 +15,11 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 
 from commands.cli import main  # noqa: E402
-from pipeline import model_registry, rounds  # noqa: E402
-from pipeline.config import parse_params  # noqa: E402
-from pipeline.data import ImageSet  # noqa: E402
-from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from pipeline.compare import model_registry  # noqa: E402
+from pipeline.train import rounds
+from pipeline.core.config import parse_params  # noqa: E402
+from pipeline.core.data import ImageSet  # noqa: E402
+from pipeline.core.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch, random_train, tiny  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")

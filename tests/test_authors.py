@@ -8,10 +8,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import mitigation, rounds
-from pipeline.config import ConfigError, parse_params
-from pipeline.ensemble import split_shards
-from pipeline.layout import Rounds
+from pipeline import mitigation
+
+from pipeline.train import rounds
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.train.ensemble import split_shards
+from pipeline.core.layout import Rounds
 from pipeline.mitigation import Mitigations, RoundEnd, Step
 from pipeline.mitigation.authors import (QUEUE_TAKE, averaging_round, exchange_candidates, queue_magnitude,
                                          queue_strength, ring_exchange)
@@ -139,9 +141,9 @@ def test_the_queue_holds_kept_samples_and_hands_out_its_first_8_once_it_holds_a_
 
 
 def _train_one_proxy(p, images, steps):
-    from pipeline.models import build_scheduler
-    from pipeline.pretrained import initial_unet
-    from pipeline.training import OneProxy, RoundCounts, new_proxy, train_steps
+    from pipeline.core.models import build_scheduler
+    from pipeline.core.pretrained import initial_unet
+    from pipeline.train.training import OneProxy, RoundCounts, new_proxy, train_steps
 
     proxy = new_proxy(initial_unet(p, 0), p, 1, "cpu", steps)
     before = [w.detach().clone() for w in proxy.model.parameters()]

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from commands.cli import main as cli
-from pipeline.config import ConfigError, TrackingConfig
-from pipeline.store import StoreError, check_store, check_tracking
+from pipeline.core.config import ConfigError, TrackingConfig
+from pipeline.core.store import StoreError, check_store, check_tracking
 from stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]

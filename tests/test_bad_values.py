@@ -8,8 +8,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline import preflight
-from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.train import preflight
+from pipeline.core.config import ConfigError, load_params, parse_params
 from stages import validate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -143,7 +143,7 @@ def test_the_memory_bound_grows_with_the_widths_and_the_data():
 
 
 def _built_parameters() -> int:
-    from pipeline.models import build_unet
+    from pipeline.core.models import build_unet
 
     p = parse_params({})
     return sum(t.numel() for t in build_unet(p.model, p.data.resolution, p.data.channels, seed=0).parameters())

@@ -1,4 +1,4 @@
-"""The round folders (pipeline/checkpoint.py, pipeline/layout.py): a folder is written whole or not
+"""The round folders (pipeline/core/checkpoint.py, pipeline/core/layout.py): a folder is written whole or not
 at all, so a kill while a round's state is written leaves the rounds before it, and the run resumes
 after them, ending with the weights of an uninterrupted run."""
 import copy
@@ -7,10 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import checkpoint, rounds
-from pipeline.config import parse_params
-from pipeline.ensemble import split_shards
-from pipeline.layout import Rounds
+from pipeline.core import checkpoint
+
+from pipeline.train import rounds
+from pipeline.core.config import parse_params
+from pipeline.train.ensemble import split_shards
+from pipeline.core.layout import Rounds
 from test_pinned import TINY
 from tiny import Stop, random_train
 

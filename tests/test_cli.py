@@ -16,8 +16,8 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 
 from commands.cli import main  # noqa: E402
-from pipeline import model_registry  # noqa: E402
-from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from pipeline.compare import model_registry  # noqa: E402
+from pipeline.core.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
 from tiny import arch  # noqa: E402
 
 TINY = arch()

@@ -66,7 +66,7 @@ def test_write_into_a_missing_folder_is_a_usage_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> Path:
-    from pipeline.models import build_scheduler, build_unet, save_pipeline
+    from pipeline.core.models import build_scheduler, build_unet, save_pipeline
 
     path = tmp_path_factory.mktemp("model") / "model"
     cfg = arch()

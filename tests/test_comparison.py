@@ -8,12 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import rounds
-from pipeline.comparison import at_matched_quality, risk_table, skip_rates
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
-from pipeline.dedup import duplicate_groups
-from pipeline.layout import Rounds
+from pipeline.train import rounds
+from pipeline.compare.comparison import at_matched_quality, risk_table, skip_rates
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
+from pipeline.core.dedup import duplicate_groups
+from pipeline.core.layout import Rounds
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,8 +58,8 @@ def test_an_iet_mid_round_checkpoint_is_the_shard_weighted_average_and_changes_n
     hand and averaged by shard size; the final weights are bit for bit those of a run without it."""
     from safetensors.torch import load_file
 
-    from pipeline.ensemble import aggregate
-    from pipeline.training import OneProxy, RoundCounts, train_steps
+    from pipeline.train.ensemble import aggregate
+    from pipeline.train.training import OneProxy, RoundCounts, train_steps
 
     train, shard = _random_train(), np.array([0] * 6 + [1] * 4 + [2] * 2)
     p = _iet_params(2)
@@ -85,7 +85,7 @@ def test_an_iet_mid_round_checkpoint_is_the_shard_weighted_average_and_changes_n
 
 
 def _complete_round(rounds_dir, r: int) -> None:
-    """Round r's three folders, each holding the file that marks it done (pipeline/layout.py)."""
+    """Round r's three folders, each holding the file that marks it done (pipeline/core/layout.py)."""
     folders = Rounds(rounds_dir)
     for folder in (folders.train(r), folders.aggregate(r), folders.profile(r)):
         folder.mkdir(parents=True, exist_ok=True)

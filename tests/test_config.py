@@ -3,7 +3,7 @@ import re
 import pytest
 import yaml
 
-from pipeline.config import ConfigError, load_params, parse_params
+from pipeline.core.config import ConfigError, load_params, parse_params
 
 
 def test_the_committed_params_file_is_valid():
@@ -147,7 +147,7 @@ def test_a_value_set_by_dvc_exp_run_is_named_with_what_it_got(tmp_path):
 
 def test_one_curve_sample_the_frechet_distance_cannot_take_is_refused():
     import numpy as np
-    from pipeline import metrics
+    from pipeline.core import metrics
 
     with pytest.raises(ConfigError, match=re.escape("eval.curve_samples: must be 0 (no curve) or at least 2")) as err:
         parse_params({"eval": {"curve_samples": 1}})
@@ -174,7 +174,7 @@ def test_a_shift_that_moves_the_whole_image_out_of_the_frame_is_refused(group):
 
 def test_the_largest_accepted_shift_never_blanks_a_sample_and_the_refused_one_does():
     import torch
-    from pipeline.config import TAAConfig
+    from pipeline.core.config import TAAConfig
     from pipeline.mitigation.taa import augment
 
     x = torch.ones(2000, 1, 8, 8)  # every pixel foreground: a blank output is all background (-1)
@@ -191,8 +191,8 @@ def test_the_largest_accepted_shift_never_blanks_a_sample_and_the_refused_one_do
 def _builds(model: dict, resolution: int) -> bool:
     """Whether diffusers builds this UNet and runs a forward and backward pass through it."""
     import torch
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_unet
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.models import build_unet
 
     fields = {**ModelConfig().model_dump(), "num_train_timesteps": 10, **model}
     try:

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data
-from pipeline.config import SOURCE_SIZES, DataConfig
-from pipeline.data import DataError, ImageSet, load_source, prepare_splits
-from pipeline.dedup import duplicate_groups
+from pipeline.core import data
+from pipeline.core.config import SOURCE_SIZES, DataConfig
+from pipeline.core.data import DataError, ImageSet, load_source, prepare_splits
+from pipeline.core.dedup import duplicate_groups
 
 
 def splits_of(seed=0, **cfg):

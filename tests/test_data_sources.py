@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import DataConfig
-from pipeline.data import DataError, load_source
+from pipeline.core.config import DataConfig
+from pipeline.core.data import DataError, load_source
 
 
 def _image(path, value):

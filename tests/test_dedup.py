@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import dedup, metrics
+from pipeline.core import dedup, metrics
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

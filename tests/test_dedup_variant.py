@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import mitigation, rounds
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
+from pipeline import mitigation
+
+from pipeline.train import rounds
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
 from pipeline.mitigation import Mitigations
 
 pytestmark = pytest.mark.usefixtures("one_thread")

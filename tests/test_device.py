@@ -9,10 +9,10 @@ import torch
 import yaml
 from click.testing import CliRunner
 
-from pipeline import rounds
-from pipeline.config import ConfigError, parse_params, resolve_device
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
+from pipeline.train import rounds
+from pipeline.core.config import ConfigError, parse_params, resolve_device
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
 from stages import evaluate, features, fid_reference, finish, profile, train
 from tiny import dvc_args, tiny
 
@@ -86,8 +86,8 @@ def test_the_training_state_lives_on_the_chosen_device(device, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_non_finite_loss_on_a_gpu_is_caught_at_the_next_curve_point():
     from pipeline.mitigation import Mitigations
-    from pipeline.models import build_scheduler, build_unet
-    from pipeline.training import OneProxy, RoundCounts, new_proxy, train_steps
+    from pipeline.core.models import build_scheduler, build_unet
+    from pipeline.train.training import OneProxy, RoundCounts, new_proxy, train_steps
 
     p = parse_params({**TINY, "train": {**TINY["train"], "device": "cuda"}})
     proxy = new_proxy(build_unet(p.model, 8, 1, 0), p, 1, "cuda")

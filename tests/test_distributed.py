@@ -18,8 +18,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
 from tiny import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +78,7 @@ def test_two_processes_give_the_same_run_as_one(tmp_path, raw):
     one, two = _workdir(tmp_path / "one", raw), _workdir(tmp_path / "two", raw)
     _stages(one, [sys.executable], raw["iet"]["rounds"])
     # accelerate's multi-CPU mode wants MPI; its multi-GPU launcher with Accelerator(cpu=True) semantics
-    # (PartialState(cpu=True) in pipeline/distributed.py) runs torch.distributed over gloo instead.
+    # (PartialState(cpu=True) in pipeline/core/distributed.py) runs torch.distributed over gloo instead.
     _stages(two, [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_ip", "127.0.0.1",
                   "--main_process_port", str(_free_port())], raw["iet"]["rounds"])

@@ -8,13 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import mitigation, rounds
-from pipeline.config import ConfigError, parse_params
-from pipeline.data import ImageSet
+from pipeline import mitigation
+
+from pipeline.train import rounds
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.core.data import ImageSet
 from pipeline.mitigation.dp import epsilon, make_private
-from pipeline.models import build_scheduler, build_unet
-from pipeline.checkpoint import load_proxy, save_proxy
-from pipeline.training import backward, new_proxy, update
+from pipeline.core.models import build_scheduler, build_unet
+from pipeline.core.checkpoint import load_proxy, save_proxy
+from pipeline.train.training import backward, new_proxy, update
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -17,8 +17,8 @@ from urllib.request import url2pathname
 import pytest
 import yaml
 
-from pipeline.config import Params
-from pipeline.frontier import Curve
+from pipeline.core.config import Params
+from pipeline.evaluate.frontier import Curve
 from tiny import project_copy, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,11 +93,11 @@ def _stale_stages_follow_what_changed(repo, env):
     stale = _stale(repo, env)  # the loss profile's key: round 1's training is not affected
     assert "iet_profile@1" in stale and not {"iet_train@1", "baseline_train@1", "baseline_profile@1"} & stale, stale
     (repo / "params.yaml").write_text(params)
-    sampler = (repo / "pipeline/sampling.py").read_text()
-    (repo / "pipeline/sampling.py").write_text(sampler + "\n# touched\n")
+    sampler = (repo / "pipeline/evaluate/sampling.py").read_text()
+    (repo / "pipeline/evaluate/sampling.py").write_text(sampler + "\n# touched\n")
     # register: its pyfunc samples; pretrain_check: it samples the pretrained model (a marker without one)
     assert _stale(repo, env) == {"evaluate@baseline", "evaluate@iet", "pretrain_check", "register"}
-    (repo / "pipeline/sampling.py").write_text(sampler)
+    (repo / "pipeline/evaluate/sampling.py").write_text(sampler)
     assert _stale(repo, env) == set()
 
 

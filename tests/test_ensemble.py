@@ -3,9 +3,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from pipeline import ensemble, loss_table
+from pipeline.train import ensemble, loss_table
 from pipeline.mitigation import msr
-from pipeline.config import MSRConfig
+from pipeline.core.config import MSRConfig
 
 
 def test_aggregate_is_the_shard_size_weighted_mean():
@@ -118,8 +118,8 @@ def test_scoring_on_demand_reads_exactly_the_rows_redistribution_needs(n, k, see
 
 
 def test_profile_draws_depend_only_on_the_sample_so_any_subset_scores_the_same():
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_scheduler, build_unet
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.models import build_scheduler, build_unet
     cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=100)
     sched = build_scheduler(cfg)
     n = loss_table.PROFILE_CHUNK + 20  # two generator chunks

@@ -17,7 +17,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from commands import export  # noqa: E402
 from commands.cli import main  # noqa: E402
-from pipeline.comparison import frontier_numbers  # noqa: E402
+from pipeline.compare.comparison import frontier_numbers  # noqa: E402
 from test_ablation import BASE, _experiment  # noqa: E402
 from tiny import synthetic_curve  # noqa: E402
 

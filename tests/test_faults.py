@@ -13,10 +13,10 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline.config import parse_params
-from pipeline.io import DiskFull, staged_folder
-from pipeline.launch import read_shards
-from pipeline.tracking import Tracker
+from pipeline.core.config import parse_params
+from pipeline.core.io import DiskFull, staged_folder
+from pipeline.train.launch import read_shards
+from pipeline.track.tracking import Tracker
 from stages import prepare, stage
 from tiny import random_train, tiny
 

@@ -8,12 +8,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pipeline import rounds
-from pipeline.config import ConfigError, parse_params
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
-from pipeline.models import build_scheduler, build_unet, save_pipeline
-from pipeline.pretrained import initial_unet
+from pipeline.train import rounds
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
+from pipeline.core.models import build_scheduler, build_unet, save_pipeline
+from pipeline.core.pretrained import initial_unet
 from tiny import ARCH as ARCH_KEYS, ROOT, arch, dvc_args, dvc_stage, tiny
 
 ARCH = arch()
@@ -120,7 +120,7 @@ def test_missing_or_foreign_directories_name_the_path(tmp_path):
 def test_an_mlflow_model_of_this_project_is_fetched_and_loaded(pretrained, tmp_path):
     from mlflow import MlflowClient
 
-    from pipeline import model_registry
+    from pipeline.compare import model_registry
 
     root, weights = pretrained
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -172,7 +172,7 @@ def test_the_pretrain_stage_trains_on_unseen_pool_images_and_a_run_fine_tunes_fr
     import yaml
     from click.testing import CliRunner
 
-    from pipeline.data import unseen_images
+    from pipeline.core.data import unseen_images
     from stages import pretrain
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")

@@ -1,14 +1,14 @@
-"""The memorization-quality frontier protocol (pipeline/frontier.py, docs/method.md#matched-quality) on synthetic runs with a known
+"""The memorization-quality frontier protocol (pipeline/evaluate/frontier.py, docs/method.md#matched-quality) on synthetic runs with a known
 answer: frontiers by hand, the isotonic fits, KID and extrapolated FD against their definitions,
-and the seed-level verdicts (pipeline/verdict.py) for a model that copies less at equal quality,
+and the seed-level verdicts (pipeline/compare/verdict.py) for a model that copies less at equal quality,
 one that only trains less, one compared with a degrading baseline, and one whose curve crosses
 the baseline's."""
 import numpy as np
 import pytest
 
-from pipeline import frontier as F
-from pipeline import verdict as V
-from pipeline.metrics import frechet_distance, kernel_inception_distance
+from pipeline.evaluate import frontier as F
+from pipeline.compare import verdict as V
+from pipeline.core.metrics import frechet_distance, kernel_inception_distance
 
 DIM = 8
 PROGRESS = np.linspace(0.1, 1.0, 10)  # ten checkpoints, a fraction of the run each
@@ -214,7 +214,7 @@ def test_fd_measures_read_a_resample():
     assert twice[0] == twice[1]  # seeded
 
 
-# --- the protocol (verdicts: pipeline/verdict.py, per seed) ----------------------------------------
+# --- the protocol (verdicts: pipeline/compare/verdict.py, per seed) ----------------------------------------
 
 def fits(runs, measure=None):
     return F.point_fits(runs, measure)
@@ -307,8 +307,8 @@ def test_checkpoints_need_one_quality_source_and_runs_distinct_progress():
 
 
 def test_a_curve_file_round_trips_and_a_truncated_one_is_named(tmp_path):
-    from pipeline.frontier import Curve
-    from pipeline.io import UnreadableFile
+    from pipeline.evaluate.frontier import Curve
+    from pipeline.core.io import UnreadableFile
     from tiny import synthetic_curve
 
     curve = synthetic_curve([0.0, 0.5], [1.0, 0.0])

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from PIL import Image
 
-from pipeline.config import DataConfig, MSRConfig
-from pipeline.data import _mnist5k, load_source
-from pipeline.dedup import near_duplicate_groups
-from pipeline.ensemble import split_shards
+from pipeline.core.config import DataConfig, MSRConfig
+from pipeline.core.data import _mnist5k, load_source
+from pipeline.core.dedup import near_duplicate_groups
+from pipeline.train.ensemble import split_shards
 from pipeline.mitigation.msr import redistribute
 
 

@@ -1,4 +1,4 @@
-"""Anti-memorization guidance (pipeline/guidance.py) on tiny tensors: plain DDIM where it is
+"""Anti-memorization guidance (pipeline/evaluate/guidance.py) on tiny tensors: plain DDIM where it is
 inactive, away from the nearest training image where active, seeded, and a planted copy that plain
 sampling makes and guided sampling does not."""
 import types
@@ -7,9 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import guidance, metrics, sampling
-from pipeline.config import AMGConfig
-from pipeline.models import build_scheduler, build_unet
+from pipeline.evaluate import guidance, sampling
+
+from pipeline.core import metrics
+from pipeline.core.config import AMGConfig
+from pipeline.core.models import build_scheduler, build_unet
 from tiny import arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -133,7 +135,7 @@ def test_the_sample_command_samples_with_amg_away_from_a_folder_of_images(tmp_pa
     from PIL import Image
 
     from commands.cli import main
-    from pipeline.models import save_pipeline
+    from pipeline.core.models import save_pipeline
 
     save_pipeline(build_unet(arch(), 8, 1, 0), build_scheduler(arch()), tmp_path / "model")
     (tmp_path / "train").mkdir()
@@ -155,9 +157,9 @@ def test_the_sample_command_samples_with_amg_away_from_a_folder_of_images(tmp_pa
 
 
 def test_the_evaluation_samples_with_amg_only_when_enabled_against_unique_training_images(tiny_model):
-    from pipeline import evaluation
-    from pipeline.config import parse_params
-    from pipeline.dedup import duplicate_groups
+    from pipeline.evaluate import evaluation
+    from pipeline.core.config import parse_params
+    from pipeline.core.dedup import duplicate_groups
     from tiny import tiny
 
     unet, scheduler, images = tiny_model

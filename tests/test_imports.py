@@ -1,5 +1,6 @@
-"""The project's import graph: no cycles, the UNet factory free of MLflow, and every DVC stage
-depending on all the code it runs (else changing that code would not re-run the stage)."""
+"""The project's import graph: no cycles, the library's packages in layers, the UNet factory free
+of MLflow, and every DVC stage depending on all the code it runs (else changing that code would not
+re-run the stage)."""
 import ast
 import re
 import subprocess
@@ -11,6 +12,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "commands")
+LAYERS = ("core", "mitigation", "track", "train", "evaluate", "compare")  # pipeline's, each above the ones before
 
 
 def module_file(name: str) -> Path | None:
@@ -29,7 +31,7 @@ def imports_of(name: str) -> set[str]:
         if isinstance(node, ast.Import):
             targets = [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from pipeline import figures` imports the module pipeline.figures
+            # `from pipeline import figures` imports the module pipeline.core.figures
             targets = [f"{node.module}.{a.name}" if module_file(f"{node.module}.{a.name}") else node.module
                        for a in node.names]
         else:
@@ -82,7 +84,7 @@ def test_the_library_imports_no_command():
 
 
 def test_importing_the_unet_factory_loads_no_mlflow():
-    code = "import sys, pipeline.models; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
+    code = "import sys, pipeline.core.models; print(sorted(m for m in sys.modules if m.split('.')[0] == 'mlflow'))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -93,11 +95,23 @@ def _stages() -> dict[str, dict]:
     return {name: spec.get("do", spec) for name, spec in stages.items()}
 
 
+def test_each_package_of_the_library_imports_only_the_packages_below_it():
+    """The layers dvc.yaml's dependencies are listed by: a stage that runs a package runs the ones
+    below it, so a change to one re-runs exactly the stages above it."""
+    modules = [m for m in all_modules() if m.startswith("pipeline.")]
+    assert not [m for m in modules if m.split(".")[1] not in LAYERS], "a module of pipeline/ outside its layers"
+    layer = {m: LAYERS.index(m.split(".")[1]) for m in modules}
+    upward = {m: sorted(n for n in imports_of(m) if layer.get(n, -1) > layer[m]) for m in modules}
+    assert not {m: found for m, found in upward.items() if found}
+
+
 def test_every_stage_depends_on_all_the_code_it_runs():
+    """By package (a folder) or file; pipeline/__init__.py, a docstring, is code no stage runs."""
+    assert ast.get_docstring(tree := ast.parse((ROOT / "pipeline/__init__.py").read_text())) and len(tree.body) == 1
     for name, spec in _stages().items():
         module = re.search(r"-m (stages\.\w+)", spec["cmd"]).group(1)
         deps = [d for d in spec.get("deps", []) if isinstance(d, str)]
-        missing = [str(module_file(m).relative_to(ROOT)) for m in sorted(closure(module))
+        missing = [str(module_file(m).relative_to(ROOT)) for m in sorted(closure(module) - {"pipeline"})
                    if not any(str(module_file(m).relative_to(ROOT)) == d
                               or module_file(m).is_relative_to(ROOT / d) and (ROOT / d).is_dir() for d in deps)]
         assert not missing, f"dvc.yaml: stage {name} runs {missing} without listing them in deps"

@@ -5,10 +5,10 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline import features
-from pipeline.data import ImageSet
-from pipeline.figures import save_grid
-from pipeline.io import write_json
+from pipeline.evaluate import features
+from pipeline.core.data import ImageSet
+from pipeline.core.figures import save_grid
+from pipeline.core.io import write_json
 
 
 @pytest.fixture(params=[0o022, 0o077, 0o002])
@@ -35,8 +35,8 @@ def test_written_files_and_folders_respect_the_umask(umask, tmp_path):
 
 
 def test_saved_models_respect_the_umask(umask, tmp_path):
-    from pipeline.config import ModelConfig
-    from pipeline.models import build_scheduler, build_unet, save_pipeline
+    from pipeline.core.config import ModelConfig
+    from pipeline.core.models import build_scheduler, build_unet, save_pipeline
 
     cfg = ModelConfig(block_out_channels=(8, 16), attention=False, num_train_timesteps=10)
     save_pipeline(build_unet(cfg, 8, 1, seed=0), build_scheduler(cfg), tmp_path / "model")
@@ -50,9 +50,9 @@ def test_the_round_folders_and_the_training_outputs_respect_the_umask(umask, tmp
     """The resume state (runs/.resume/<stage>/samples.safetensors, now each round's folders) was
     written 0600 (safetensors' own mode, not through atomic_path) while its neighbours followed the
     umask."""
-    from pipeline import rounds
-    from pipeline.config import parse_params
-    from pipeline.ensemble import split_shards
+    from pipeline.train import rounds
+    from pipeline.core.config import parse_params
+    from pipeline.train.ensemble import split_shards
     from tiny import tiny
 
     p = parse_params(tiny(iet={"rounds": 2, "local_epochs": 1, "checkpoints_per_round": 2}))
@@ -86,7 +86,7 @@ def test_a_truncated_file_the_project_reads_back_is_named_in_one_line(tmp_path, 
     import torch
     from safetensors.torch import save_file
 
-    from pipeline.io import UnreadableFile, load_tensors, read_json
+    from pipeline.core.io import UnreadableFile, load_tensors, read_json
 
     path = tmp_path / name
     if name.endswith(".json"):
@@ -103,7 +103,7 @@ def test_a_stage_says_a_truncated_feature_net_in_one_line(tmp_path):
     import click
     from click.testing import CliRunner
 
-    from pipeline.features import FeatureNet, save_feature_net
+    from pipeline.evaluate.features import FeatureNet, save_feature_net
     from stages import stage
 
     save_feature_net(FeatureNet(channels=1, num_classes=3), tmp_path / "net")
@@ -113,7 +113,7 @@ def test_a_stage_says_a_truncated_feature_net_in_one_line(tmp_path):
     @click.command()
     @stage
     def fake():
-        from pipeline.features import load_feature_net
+        from pipeline.evaluate.features import load_feature_net
 
         load_feature_net(tmp_path / "net")
 

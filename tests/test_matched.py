@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from pipeline import matched
+from pipeline.compare import matched
 
 
 def test_monotone_curve_interpolates_linearly_and_hits_checkpoints():

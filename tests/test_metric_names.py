@@ -1,4 +1,4 @@
-"""pipeline/metric_names.py is the one list of metric keys: every key a real evaluation reports, every
+"""pipeline/evaluate/metric_names.py is the one list of metric keys: every key a real evaluation reports, every
 column of its curve over training and every number the report derives from two evaluations is in
 it, so no table, tag or MLflow name can miss one. (Inception's and SSCD's keys are checked where
 tests/test_quality.py computes them with the real networks.)"""
@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from pipeline import evaluation, metric_names
-from pipeline.comparison import at_matched_quality
-from pipeline.config import parse_params
-from pipeline.dedup import duplicate_groups
-from pipeline.features import FeatureNet
-from pipeline.layout import Rounds
-from pipeline.models import build_scheduler, build_unet
-from pipeline.risk import risk_summary
+from pipeline.evaluate import evaluation, metric_names
+from pipeline.compare.comparison import at_matched_quality
+from pipeline.core.config import parse_params
+from pipeline.core.dedup import duplicate_groups
+from pipeline.evaluate.features import FeatureNet
+from pipeline.core.layout import Rounds
+from pipeline.core.models import build_scheduler, build_unet
+from pipeline.compare.risk import risk_summary
 from tiny import arch, tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -50,7 +50,7 @@ def evaluated(tmp_path_factory):
 
 def test_every_key_an_evaluation_reports_is_listed(evaluated):
     assert evaluated.metrics["duplicate_groups"] == 2  # the duplicates were seen: their keys are real
-    assert set(evaluated.metrics) - LISTED == set(), "add these to pipeline/metric_names.py's METRICS"
+    assert set(evaluated.metrics) - LISTED == set(), "add these to pipeline/evaluate/metric_names.py's METRICS"
 
 
 def test_the_curve_has_exactly_the_listed_columns(evaluated):

@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from pipeline import features, figures, metrics
+from pipeline.evaluate import features
+
+from pipeline.core import figures, metrics
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,7 +10,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 
 from commands.mlflow_results import curve, read_results, training_metrics  # noqa: E402
-from pipeline.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run, parent_metric  # noqa: E402
+from pipeline.evaluate.metric_names import CURVE_COLUMNS, curve_metric, evaluation_run, parent_metric  # noqa: E402
 
 BASELINE = {"mem_ratio": 0.5, "fd": 2.0}
 

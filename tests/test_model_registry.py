@@ -17,9 +17,9 @@ import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import LoggedModelStatus  # noqa: E402
 
-from pipeline import model_registry  # noqa: E402
-from pipeline.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
-from pipeline.store import StoreError  # noqa: E402
+from pipeline.compare import model_registry  # noqa: E402
+from pipeline.core.models import build_scheduler, build_unet, save_pipeline  # noqa: E402
+from pipeline.core.store import StoreError  # noqa: E402
 from stages import register as register_stage  # noqa: E402
 from tiny import arch, dvc_args  # noqa: E402
 

@@ -2,8 +2,8 @@
 said in one line naming the file, never as diffusers' tracebacks."""
 import pytest
 
-from pipeline.io import UnreadableFile
-from pipeline.models import build_scheduler, build_unet, load_pipeline, save_pipeline
+from pipeline.core.io import UnreadableFile
+from pipeline.core.models import build_scheduler, build_unet, load_pipeline, save_pipeline
 from tiny import arch
 
 

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline import data
-from pipeline.config import DataConfig
-from pipeline.data import prepare_splits
-from pipeline.dedup import near_copy_report, near_duplicate_groups
+from pipeline.core import data
+from pipeline.core.config import DataConfig
+from pipeline.core.data import prepare_splits
+from pipeline.core.dedup import near_copy_report, near_duplicate_groups
 from stages import prepare
 from test_stages import _params
 

@@ -41,10 +41,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipeline import rounds
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
+from pipeline.train import rounds
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

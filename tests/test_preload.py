@@ -1,4 +1,4 @@
-"""The warm process (pipeline/preload.py) that runs stage commands after importing torch once: a
+"""The warm process (pipeline/core/preload.py) that runs stage commands after importing torch once: a
 stage handed to it sees its own arguments, folder, environment and files, and its command ends as
 the stage does (status, signal); Ctrl-C/SIGTERM reach the stage, and a killed command leaves no
 stage running. Driven with stand-in `stages.*` modules in a folder of their own, so that each case
@@ -16,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 STAGES = {
-    "__init__.py": "from pipeline.preload import hand_over\nhand_over()\n",
+    "__init__.py": "from pipeline.core.preload import hand_over\nhand_over()\n",
     # what the stage process is: whether torch was imported before it ran, and what it was handed
     "echo.py": """
 import json, os, sys
@@ -42,8 +42,11 @@ time.sleep(120)
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    return _served(tmp_path_factory.mktemp("warm"))
+
+
+def _served(root):
     """A folder with stand-in stages and a warm process serving it (started by the first command)."""
-    root = tmp_path_factory.mktemp("warm")
     (root / "stages").mkdir()
     for name, code in STAGES.items():
         (root / "stages" / name).write_text(code)
@@ -83,7 +86,7 @@ def test_a_stage_that_raises_ends_its_command_with_its_traceback_and_status_1(fo
 
 def _started(root, env):
     proc = subprocess.Popen([sys.executable, "-m", "stages.wait"], cwd=root, env=env, stdout=subprocess.PIPE,
-                            text=True)
+                            stderr=subprocess.PIPE, text=True)
     return proc, int(proc.stdout.readline())
 
 
@@ -109,3 +112,15 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_a_killed_warm_process_ends_its_commands_with_a_message_and_their_stages(tmp_path):
+    root, env = _served(tmp_path)  # a warm process of its own: this one is killed
+    proc, stage_pid = _started(root, env)
+    warm_pid = int(Path(f"/proc/{stage_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    os.kill(warm_pid, signal.SIGKILL)
+    assert proc.wait(30) == 1 and "ended before the stage did" in proc.stderr.read()
+    deadline = time.monotonic() + 30
+    while _alive(stage_pid):
+        assert time.monotonic() < deadline, "the stage outlived the warm process"
+        time.sleep(0.1)

@@ -12,12 +12,12 @@ from click.testing import CliRunner
 from PIL import Image
 from safetensors.torch import load_file
 
-from pipeline import rounds
+from pipeline.train import rounds
 from commands.cli import main as cli
-from pipeline.config import load_params
-from pipeline.data import prepare_splits
-from pipeline.ensemble import split_shards
-from pipeline.models import build_unet
+from pipeline.core.config import load_params
+from pipeline.core.data import prepare_splits
+from pipeline.train.ensemble import split_shards
+from pipeline.core.models import build_unet
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

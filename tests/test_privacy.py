@@ -8,9 +8,9 @@ import scipy.stats
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from pipeline import privacy
-from pipeline.config import ModelConfig
-from pipeline.models import build_scheduler, build_unet
+from pipeline.evaluate import privacy
+from pipeline.core.config import ModelConfig
+from pipeline.core.models import build_scheduler, build_unet
 from tiny import arch
 
 pytestmark = pytest.mark.usefixtures("one_thread")

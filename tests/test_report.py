@@ -14,9 +14,9 @@ from mlflow.exceptions import MlflowException
 from PIL import Image
 from safetensors.torch import save_file
 
-from pipeline.config import Params, TrackingConfig
-from pipeline.data import ImageSet
-from pipeline.tracking import PARENT_KEY, Tracker
+from pipeline.core.config import Params, TrackingConfig
+from pipeline.core.data import ImageSet
+from pipeline.track.tracking import PARENT_KEY, Tracker
 from stages import report
 from tiny import dvc_args, dvc_paths, dvc_stage, synthetic_curve
 

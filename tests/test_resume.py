@@ -16,7 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import resume_worker
-from pipeline.layout import Rounds
+from pipeline.core.layout import Rounds
 from test_e2e import _run, project  # noqa: F401  (a pytest fixture: a temporary git copy on tiny params)
 
 WORKER = Path(__file__).with_name("resume_worker.py")

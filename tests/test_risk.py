@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import risk
+from pipeline.compare import risk
 
 COPIES = [0, 2, 0, 1, 0, 0, 3, 0]                 # copied: images 1, 3, 6
 SKIP = [0.1, 0.5, 0.2, 0.3, 0.4, 0.0, 0.9, 0.25]

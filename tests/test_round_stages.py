@@ -9,9 +9,9 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from pipeline import dag, ensemble, rounds
-from pipeline.config import ConfigError, parse_params
-from pipeline.layout import Rounds
+from pipeline.train import dag, ensemble, rounds
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.core.layout import Rounds
 from test_pinned import TINY  # AGC skips, TAA strengthens, MSR moves samples: every part of a round acts
 from tiny import ROOT, random_train
 
@@ -32,7 +32,7 @@ def _staged(p, plan, train, shard, rounds_dir, out):
         r = rounds.start(p, plan, train, shard, rounds_dir)
         rounds.train_round(r, rounds.Progress(shard) if rnd == 0 else rounds.restore_round_end(r, rnd - 1), rnd)
         ensemble.average_round(r.rounds.train(rnd + 1), r.rounds.aggregate(rnd + 1))
-        r = rounds.start(p, plan, train, shard, rounds_dir, models=plan.shards > 1)  # as pipeline.launch
+        r = rounds.start(p, plan, train, shard, rounds_dir, models=plan.shards > 1)  # as pipeline.train.launch
         progress, counts = rounds.restore_trained(r, rnd)
         rounds.profile_round(r, progress, rnd, counts)
     r = rounds.start(p, plan, train, shard, rounds_dir)
@@ -68,7 +68,7 @@ def test_stages_in_separate_runs_train_the_weights_of_one_process(variant, tmp_p
 
 def test_the_profile_stage_of_a_one_shard_run_loads_no_diffusers(tmp_path):
     """A stage process costs mostly its imports, diffusers' seconds the most: the baseline's profile,
-    which scores nothing, runs without it (pipeline.rounds.start(models=False)) and writes what the
+    which scores nothing, runs without it (pipeline.train.rounds.start(models=False)) and writes what the
     one-process loop writes."""
     import os
     import subprocess

@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import rounds
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
-from pipeline.layout import Rounds
+from pipeline.train import rounds
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
+from pipeline.core.layout import Rounds
 from tiny import tiny
 
 TINY = tiny(model={'num_train_timesteps': 50}, iet={'local_epochs': 4}, msr={'skip_rate': 0.2, 'max_imbalance': 0.5, 'profile_timesteps': 2})

@@ -9,8 +9,8 @@ import yaml
 from click.testing import CliRunner
 from PIL import Image
 
-from pipeline.config import DataConfig, load_params
-from pipeline.data import DataError, load_source, prepare_splits, source_groups
+from pipeline.core.config import DataConfig, load_params
+from pipeline.core.data import DataError, load_source, prepare_splits, source_groups
 from stages import prepare
 
 DISTINCT, SAVED_AGAIN = 40, {3: 4, 11: 2, 17: 5, 25: 1, 31: 3, 38: 2}  # image index: extra copies under other names

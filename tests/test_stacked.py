@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipeline import rounds, stacked
-from pipeline.config import ConfigError, parse_params
-from pipeline.data import ImageSet
-from pipeline.ensemble import split_shards
-from pipeline.layout import Rounds
+from pipeline.train import rounds, stacked
+from pipeline.core.config import ConfigError, parse_params
+from pipeline.core.data import ImageSet
+from pipeline.train.ensemble import split_shards
+from pipeline.core.layout import Rounds
 from test_pinned import TINY
 from tiny import Stop, stop_after_round
 

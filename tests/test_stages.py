@@ -89,7 +89,7 @@ VALIDATED = "runs/validate/params_ok"  # a dependency of every stage that none r
 
 def test_every_file_of_a_stage_is_on_its_command_line_in_dvc_yaml():
     """Each input exactly or the folder it is in (a round stage is given its model's rounds folder
-    and its round, pipeline/layout.py finds the round's folders there), each output or the folder
+    and its round, pipeline/core/layout.py finds the round's folders there), each output or the folder
     it is in; and no path there that dvc.yaml does not declare (but the pretrain stage's resume
     folder, which is no output: DVC would delete it)."""
     for name, spec in _stages().items():

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pipeline.store import StoreError, check_store
+from pipeline.core.store import StoreError, check_store
 
 
 @pytest.mark.parametrize("uri", ["file:///{missing}/mlruns", "{missing}/mlruns"])

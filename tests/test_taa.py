@@ -2,7 +2,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from pipeline.mitigation import taa
-from pipeline.config import TAAConfig
+from pipeline.core.config import TAAConfig
 
 CFG = TAAConfig(margin=0.1, rise=0.5, decay=0.9, max_shift=2, flip=True, jitter=0.2)
 

@@ -8,9 +8,9 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from pipeline.config import parse_params
-from pipeline.data import ImageSet
-from pipeline.tracking import PARENT_KEY, Tracker
+from pipeline.core.config import parse_params
+from pipeline.core.data import ImageSet
+from pipeline.track.tracking import PARENT_KEY, Tracker
 from stages import aggregate, evaluate, finish, profile, register, report, train
 from tiny import dvc_args, tiny
 
@@ -157,7 +157,7 @@ def test_two_processes_opening_a_new_store_at_once_both_succeed(tmp_path):
     import subprocess
     import sys
 
-    script = ("import sys; from pipeline.config import parse_params; from pipeline.tracking import Tracker; "
+    script = ("import sys; from pipeline.core.config import parse_params; from pipeline.track.tracking import Tracker; "
               "Tracker(parse_params({'tracking': {'uri': sys.argv[1], 'experiment': 'race'}})); print('ok')")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     procs = [subprocess.Popen([sys.executable, "-c", script, uri], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -3,12 +3,12 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.config import parse_params
-from pipeline.models import build_scheduler, build_unet
+from pipeline.core.config import parse_params
+from pipeline.core.models import build_scheduler, build_unet
 from pipeline.mitigation import Mitigations
 from pipeline.mitigation.agc import keep_mask
-from pipeline.checkpoint import load_proxy, save_proxy
-from pipeline.training import OneProxy, RoundCounts, backward, new_proxy, train_steps
+from pipeline.core.checkpoint import load_proxy, save_proxy
+from pipeline.train.training import OneProxy, RoundCounts, backward, new_proxy, train_steps
 from tiny import tiny
 
 TINY = tiny(data={'train_size': 16}, agc={'tau': 0.9})
@@ -103,7 +103,7 @@ def test_the_stage_reports_a_diverged_run_in_one_line_and_exits_1():
 
 
 def test_an_epoch_is_a_permutation_in_full_batches_of_distinct_samples():
-    from pipeline.training import _batches
+    from pipeline.train.training import _batches
 
     shard = torch.arange(10, 20)
     stream = _batches(shard, 4, torch.Generator().manual_seed(0))
@@ -119,7 +119,7 @@ def test_an_epoch_is_a_permutation_in_full_batches_of_distinct_samples():
 
 
 def test_the_round_steps_follow_the_shard_sizes_and_add_up_to_the_baselines():
-    from pipeline.rounds import proxy_steps
+    from pipeline.train.rounds import proxy_steps
 
     assert proxy_steps(288, [98, 98, 98, 98]) == [72] * 4
     steps = proxy_steps(288, [72, 120, 98, 102])  # shards as MSR left them

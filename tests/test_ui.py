@@ -1,5 +1,5 @@
 """The MLflow UI checked the way a person would: a real `mlflow server` on 127.0.0.1 against a store
-written by pipeline.tracking.Tracker, opened in headless Chromium. Screenshots go to screenshots/."""
+written by pipeline.track.tracking.Tracker, opened in headless Chromium. Screenshots go to screenshots/."""
 import os
 import shutil
 import signal
@@ -41,9 +41,9 @@ EXP_NAME, PARENT_NAME, MEM_RATIO = "ui-check", "tau-0.5-ui", 0.125
 def store(tmp_path, monkeypatch):
     """An experiment as the pipeline writes it: parent run named after the DVC experiment, nested
     model runs with a round/proxy run below, headline metrics and a sample grid on the parent."""
-    from pipeline.config import parse_params
-    from pipeline.figures import save_grid
-    from pipeline.tracking import Tracker
+    from pipeline.core.config import parse_params
+    from pipeline.core.figures import save_grid
+    from pipeline.track.tracking import Tracker
 
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root (./mlruns) lands in tmp_path
     monkeypatch.setenv("DVC_EXP_NAME", PARENT_NAME)

@@ -1,4 +1,4 @@
-"""The seed-level verdict protocol (pipeline/verdict.py): its numbers by hand, its floors, its
+"""The seed-level verdict protocol (pipeline/compare/verdict.py): its numbers by hand, its floors, its
 words, its families, and its false-verdict rate on a null of known truth."""
 import math
 
@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from pipeline import frontier, verdict
-from pipeline.frontier import fit_run
+from pipeline.evaluate import frontier
+
+from pipeline.compare import verdict
+from pipeline.evaluate.frontier import fit_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -33,7 +33,7 @@ def tiny(**groups: dict) -> dict:
 
 def arch(**changes):
     """The tiny architecture as a ModelConfig."""
-    from pipeline.config import ModelConfig
+    from pipeline.core.config import ModelConfig
 
     return ModelConfig(**{**ARCH, **changes})
 
@@ -82,7 +82,7 @@ def project_copy(dest: Path, groups: dict) -> tuple[Path, dict]:
     for group, values in groups.items():
         params[group].update(values)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    from pipeline.dag import set_rounds
+    from pipeline.train.dag import set_rounds
 
     set_rounds(params["iet"]["rounds"], dest / "dvc.yaml", dest / "params.yaml")  # `iet-agc rounds N`
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "GIT_AUTHOR_NAME": "t",
@@ -97,7 +97,7 @@ def random_train(n: int = 12):
     """The tiny runs' training set: n random 8x8 grey images of 3 classes, ids from 100."""
     import numpy as np
 
-    from pipeline.data import ImageSet
+    from pipeline.core.data import ImageSet
 
     g = np.random.default_rng(0)
     return ImageSet(images=g.integers(0, 256, (n, 1, 8, 8), dtype=np.uint8), labels=np.arange(n) % 3,
@@ -111,7 +111,7 @@ class Stop(Exception):
 def stop_after_round(last: int):
     """round-loop hooks that stop the run once round `last` (0-based) has ended, its folders
     written: a resumed run starts at round last + 1."""
-    from pipeline import rounds
+    from pipeline.train import rounds
 
     class StopAfterRound(rounds.Hooks):
         def round_done(self, rnd, metrics, folder, averaged=None):
@@ -127,7 +127,7 @@ def synthetic_curve(memorization, shifts, samples: int = 64, seed: int = 0):
     real images); 2 held-out images, none memorized."""
     import numpy as np
 
-    from pipeline.frontier import Curve
+    from pipeline.evaluate.frontier import Curve
 
     g = np.random.default_rng(seed)
     reference = g.normal(size=(256, 4))

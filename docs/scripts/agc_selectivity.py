@@ -12,8 +12,8 @@ import click
 from mlflow import MlflowClient
 
 from commands.mlflow_results import read_results
-from pipeline.store import tracking_uri
-from pipeline.config import load_params
+from pipeline.core.store import tracking_uri
+from pipeline.core.config import load_params
 
 
 def _by_round(client: MlflowClient, run_id: str, key: str) -> list[float]:

@@ -1,5 +1,5 @@
 """AMG [sampling] on a model that copies: a small UNet overfitted on a handful of MNIST digits (the
-project's own data preparation, `pipeline.data.prepare_splits`), sampled plain and with
+project's own data preparation, `pipeline.core.data.prepare_splits`), sampled plain and with
 anti-memorization guidance at a few strengths, same noise. Prints, per sampler, the project's
 NN1/NN2 copy share, the paper's normalized-L2 share below 1.4 with its tail, the same for held-out
 digits (the floor), the feature FD and KID against the real image pool as the evaluate stage
@@ -15,11 +15,13 @@ import time
 
 import torch
 
-from pipeline import guidance, metrics, sampling
-from pipeline.config import AMGConfig, DataConfig, Duplicates, ModelConfig
-from pipeline.data import prepare_splits
-from pipeline.features import extract_features, train_feature_net
-from pipeline.models import build_scheduler, build_unet
+from pipeline.evaluate import guidance, sampling
+
+from pipeline.core import metrics
+from pipeline.core.config import AMGConfig, DataConfig, Duplicates, ModelConfig
+from pipeline.core.data import prepare_splits
+from pipeline.evaluate.features import extract_features, train_feature_net
+from pipeline.core.models import build_scheduler, build_unet
 
 
 def overfit(train: torch.Tensor, steps: int, timesteps: int):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.comparison import read_rows as rows  # numbers as floats
-from pipeline.layout import Rounds
+from pipeline.compare.comparison import read_rows as rows  # numbers as floats
+from pipeline.core.layout import Rounds
 
 
 def main(root: Path) -> None:

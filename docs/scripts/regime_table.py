@@ -20,7 +20,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from commands import ablation  # noqa: E402
 from commands.mlflow_results import curve, read_results  # noqa: E402
-from pipeline.comparison import frontier_verdict  # noqa: E402
+from pipeline.compare.comparison import frontier_verdict  # noqa: E402
 
 HEAD = ["variant", "seeds", "verdict (KID; FD-infinity)", "p (adjusted)", "memorization at matched KID [95%]",
         "relative to the baseline's there [95%]", "area between frontiers, KID",

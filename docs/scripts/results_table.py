@@ -1,6 +1,6 @@
 """The benchmark's tables and figures from the exported results files alone (no MLflow: `iet-agc
 export` wrote them, docs/benchmark_data.md describes them): per regime, each variant's seeds, its
-verdict against the baseline at matched KID (pipeline/verdict.py: per-seed scores, Welch 95% interval,
+verdict against the baseline at matched KID (pipeline/compare/verdict.py: per-seed scores, Welch 95% interval,
 exact permutation p, equivalence test; the primary comparison, IET-AGC+ against the baseline, Holm
 over the regimes given, every other one Benjamini-Hochberg q, as `iet-agc ablation` adjusts them),
 memorization at matched KID and relative to the baseline's there, the best KID its checkpoints
@@ -19,8 +19,11 @@ import click
 import numpy as np
 
 from commands import ablation, export
-from pipeline import comparison, figures, frontier, mitigation, verdict
-from pipeline.metric_names import BY_KEY
+from pipeline.compare import comparison, verdict
+from pipeline.core import figures
+from pipeline.evaluate import frontier
+from pipeline import mitigation
+from pipeline.evaluate.metric_names import BY_KEY
 from regime_table import head, interval
 
 # the quality columns the verdicts read: the headline (KID) and the check (FD-infinity, keys _fd)
@@ -143,7 +146,7 @@ def markdown(rows: list[dict]) -> str:
             "p: exact permutation p over seeds (adjusted: Holm over the regimes for the primary comparison, "
             f"{ablation.PRIMARY_VARIANT} against the baseline, Benjamini-Hochberg q for the exploratory others); "
             f"equivalence p: two one-sided tests against +-{verdict.EQUIVALENCE_MARGIN:g}; relative: where the "
-            "baseline copies above the held-out floor; other columns mean ± sd over seeds (pipeline/verdict.py)"]
+            "baseline copies above the held-out floor; other columns mean ± sd over seeds (pipeline/compare/verdict.py)"]
     return "\n".join(out)
 
 

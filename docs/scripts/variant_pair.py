@@ -18,7 +18,7 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 
 from commands import ablation  # noqa: E402
-from pipeline.comparison import frontier_numbers, frontier_verdict  # noqa: E402
+from pipeline.compare.comparison import frontier_numbers, frontier_verdict  # noqa: E402
 from regime_table import head, interval  # noqa: E402  (docs/scripts, this script's folder)
 
 HEAD = ["variant", "seeds", "against", "seeds", "verdict (KID; FD-infinity)", "p", "equivalence p",

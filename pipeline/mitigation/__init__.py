@@ -16,14 +16,14 @@ from typing import Mapping
 
 import torch
 
-from pipeline.config import Params
+from pipeline.core.config import Params
 from pipeline.mitigation.base import Context, Mitigation, RoundEnd, Step
-from pipeline.seeds import AMBIENT, derived_seed
+from pipeline.core.seeds import AMBIENT, derived_seed
 
 
 @dataclass(frozen=True)
 class Entry:
-    name: str                      # its params.yaml group (and pipeline/config.py class)
+    name: str                      # its params.yaml group (and pipeline/core/config.py class)
     label: str                     # how variant names show it
     hooks: str                     # "module:Class", a pipeline.mitigation.base.Mitigation subclass
     requires: tuple[str, ...] = ()  # mitigations it reads; off without them

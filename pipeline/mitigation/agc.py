@@ -4,7 +4,7 @@ because such samples are already fitted and further gradient on them is what dri
 from __future__ import annotations
 
 import torch
-from pipeline.config import AGCConfig
+from pipeline.core.config import AGCConfig
 from pipeline.mitigation.base import Context, Mitigation, Step
 
 

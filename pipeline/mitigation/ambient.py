@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from pipeline.config import AmbientConfig
+from pipeline.core.config import AmbientConfig
 from pipeline.mitigation.base import Context, Mitigation
 
 

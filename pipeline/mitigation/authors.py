@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pipeline.config import MSRConfig, TAAConfig
+from pipeline.core.config import MSRConfig, TAAConfig
 from pipeline.mitigation.base import Context, Mitigation, RoundEnd, Step
 from pipeline.mitigation.randaugment import rand_augment
 

@@ -1,4 +1,4 @@
-"""What every mitigation is: a params group (pipeline/config.py) and hooks the training loop calls,
+"""What every mitigation is: a params group (pipeline/core/config.py) and hooks the training loop calls,
 each doing nothing by default (in the spirit of improved-diffusion's loss-aware samplers: the
 trainer never branches on which mitigation is on). A new mitigation is a subclass in its own
 module, its config group, its params.yaml block and one registry line in
@@ -63,7 +63,7 @@ class Mitigation:
         self.cfg, self.ctx = cfg, ctx
 
     def attach(self, k: int, proxy) -> None:
-        """Once, when proxy k (a pipeline.training.Proxy) is built, before it trains or resumes. A
+        """Once, when proxy k (a pipeline.train.training.Proxy) is built, before it trains or resumes. A
         mitigation that changes how a step turns the backward pass into an update (DP-SGD) wraps
         the proxy's optimizer here and may hook its model; the loop then steps as always."""
 

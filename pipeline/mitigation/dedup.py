@@ -2,14 +2,14 @@
 Diffusion Models"; Somepalli et al. 2023, "Understanding and Mitigating Copying in Diffusion
 Models"): each group of duplicated training images is trained on once, through its first position;
 the optimizer steps stay those of the run (Plan), so the model sees the remaining images more
-often. Exact duplicates, and near duplicates below `dedup.near_duplicate` (pipeline/dedup.py's
+often. Exact duplicates, and near duplicates below `dedup.near_duplicate` (pipeline/core/dedup.py's
 groups) when it is above 0. The known remedy the frontier protocol must be able to find better
 (docs/method.md#references)."""
 from __future__ import annotations
 
 import torch
 
-from pipeline.dedup import near_duplicate_groups
+from pipeline.core.dedup import near_duplicate_groups
 from pipeline.mitigation.base import Mitigation
 
 

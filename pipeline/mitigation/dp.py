@@ -20,13 +20,13 @@ epsilon is computed at sampling rate q = batch_size / N as Opacus does for shuff
 common approximation rather than a proven bound for shuffling. params refuse a batch size that
 does not divide N, so no batch holds a sample twice. A duplicated image (data.duplicates) is
 several samples: the guarantee is per sample, an image with c copies gets group privacy of c.
-What else params refuse, and why, is in pipeline/config.py (Params._dp_fits)."""
+What else params refuse, and why, is in pipeline/core/config.py (Params._dp_fits)."""
 from __future__ import annotations
 
 import math
 import warnings
 
-from pipeline.config import ConfigError, DPConfig
+from pipeline.core.config import ConfigError, DPConfig
 from pipeline.mitigation.base import Context, Mitigation
 
 EPSILON = "dp_epsilon"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 
-from pipeline.config import MSRConfig
+from pipeline.core.config import MSRConfig
 from pipeline.mitigation.base import Mitigation, RoundEnd
 
 # Candidates scored per on-demand call, at least: a UNet forward has a fixed cost of about 15 ms on a

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pipeline.config import TAAConfig, Transforms
+from pipeline.core.config import TAAConfig, Transforms
 from pipeline.mitigation.base import Context, Mitigation, Step
 
 

@@ -2,7 +2,7 @@
 `sitecustomize`): with IET_AGC_PARAMS_READ set to a folder, a stage's process records which
 parameters it reads and writes them there as JSON when it exits, with its command line. A read is
 an attribute access to a field (not itself a group) of the params a stage loaded from its file
-(pipeline.config.load_params), outside the tracking module (what goes to MLflow is no DVC output);
+(pipeline.core.config.load_params), outside the tracking module (what goes to MLflow is no DVC output);
 params built otherwise (defaults to compare with) are not the stage's input.
 tests/test_e2e.py runs the pipeline under it."""
 import atexit
@@ -18,11 +18,11 @@ def _install(out: str) -> None:
     sys.path.insert(0, os.getcwd())  # the stages run from the repository root
     from pydantic import BaseModel
 
-    from pipeline import config
+    from pipeline.core import config
 
     loaded: dict[int, tuple[object, str]] = {}  # id -> (the group, kept alive so ids stay unique; its key prefix)
     read: set[str] = set()
-    tracking = os.path.join("pipeline", "tracking.py")
+    tracking = os.path.join("pipeline", "track", "tracking.py")
 
     def recording(self, name):
         value = object.__getattribute__(self, name)
@@ -41,7 +41,7 @@ def _install(out: str) -> None:
     config.load_params = load_params
 
     def dump() -> None:
-        if _stage_command() is None:  # the warm process (pipeline/preload.py) itself: no stage
+        if _stage_command() is None:  # the warm process (pipeline/core/preload.py) itself: no stage
             return
         with open(os.path.join(out, f"{uuid.uuid4().hex}.json"), "w") as f:
             json.dump({"command": _stage_command(), "read": sorted(read)}, f)
@@ -68,9 +68,9 @@ def _stage_command() -> list[str] | None:
 
 
 def _warm_process() -> bool:
-    """The process that forks the stages' processes (pipeline/preload.py): each child runs one stage
+    """The process that forks the stages' processes (pipeline/core/preload.py): each child runs one stage
     and takes that stage's command line before it runs it, so the probe installed here records it."""
-    return sys.orig_argv[1:3] == ["-m", "pipeline.preload"]
+    return sys.orig_argv[1:3] == ["-m", "pipeline.core.preload"]
 
 
 if _OUT and (_stage_command() or _warm_process()):  # not DVC, git or a test's own process

@@ -1,0 +1,1 @@
+"""Comparison of models: verdicts over seeds, matched quality, frontiers' tests, risk, and the model registry."""

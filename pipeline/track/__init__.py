@@ -1,0 +1,1 @@
+"""MLflow: where every stage logs its runs, metrics, figures and models."""
