@@ -92,7 +92,8 @@ def _started(root, env):
 
 def test_sigterm_to_the_command_reaches_the_stage(folder):
     proc, stage_pid = _started(*folder)
-    assert stage_pid != proc.pid  # the warm process's child, not the command
+    assert stage_pid != proc.pid  # the warm process's child, not the command, shown as the command
+    assert Path(f"/proc/{stage_pid}/cmdline").read_text().replace("\0", " ").split()[1:] == ["-m", "stages.wait"]
     proc.send_signal(signal.SIGTERM)
     assert proc.stdout.read() == "terminated\n" and proc.wait(30) == 143
 

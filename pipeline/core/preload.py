@@ -247,7 +247,10 @@ def _become(request: dict, fds: list[int]) -> None:
     import ctypes
     import random
 
+    import setproctitle
+
     ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the warm process
+    setproctitle.setproctitle(" ".join(request["orig_argv"]))  # ps and top show the stage, not this module
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
         os.close(fd)
