@@ -122,6 +122,8 @@ def test_no_stage_lists_code_it_does_not_run():
     for name, spec in _stages().items():
         module = re.search(r"-m (stages\.\w+)", spec["cmd"]).group(1)
         files = {module_file(m) for m in closure(module)}
+        listed = [d for d in spec.get("deps", []) if isinstance(d, str)]
+        assert len(listed) == len(set(listed)), f"dvc.yaml: stage {name} lists a dependency twice"
         for d in (d for d in spec.get("deps", []) if isinstance(d, str) and d.split("/")[0] in PACKAGES):
             assert any(f == ROOT / d or f.is_relative_to(ROOT / d) for f in files), \
                 f"dvc.yaml: stage {name} lists {d}, which it does not run"
