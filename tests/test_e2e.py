@@ -238,6 +238,15 @@ def test_a_tau_experiment_and_back_from_the_run_cache(project):
     assert "mem_ratio" in shown and "0.8" in shown
     _logged(repo, expected_parents=3, taus={"0.5", "0.8"})  # the repro, the two experiments (the second's evaluation ran again)
 
+    # a user back from an experiment in the workspace: the default run's files return, nothing trains
+    first = {m: (repo / f"runs/eval/{m}/metrics.json").read_text() for m in ("baseline", "iet")}
+    _run(["dvc", "exp", "run", "-S", "agc.tau=0.8"], repo, env)
+    _run(["git", "checkout", "params.yaml"], repo, env)
+    log = _run(["dvc", "repro"], repo, env)
+    assert _ran(log) <= {"report", "register"}, log  # both cheap: the report renders, register logs
+    assert first == {m: (repo / f"runs/eval/{m}/metrics.json").read_text() for m in first}
+    assert "Data and pipelines are up to date" in _run(["dvc", "status"], repo, env)
+
 
 @pytest.mark.slow
 def test_two_queued_experiments_run_at_once_and_log_into_the_workspace_store(project):
