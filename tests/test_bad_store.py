@@ -44,13 +44,40 @@ def _bad(tmp_path, real_store, kind) -> Path:
         db.execute("CREATE TABLE notes (text)")
         db.commit()
         db.close()
+    elif kind in ("older schema", "newer schema"):  # a store of another MLflow version
+        shutil.copy(real_store, path)
+        db = sqlite3.connect(path)
+        scripts = _alembic()
+        older = scripts.get_revision(scripts.get_current_head()).down_revision
+        db.execute("UPDATE alembic_version SET version_num = ?", (older if kind == "older schema" else "ffffffffffff",))
+        db.commit()
+        db.close()
     return path
+
+
+def _alembic():
+    """Alembic's reading of the installed MLflow's migration scripts."""
+    import importlib.util
+
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(Path(importlib.util.find_spec("mlflow").origin).parent / "store/db_migrations"))
+
+
+def test_the_schema_revisions_read_from_mlflows_scripts_are_alembics():
+    from pipeline.core.store import mlflow_schema_revisions
+
+    heads, known = mlflow_schema_revisions()
+    scripts = _alembic()
+    assert heads == set(scripts.get_heads()) and known == {r.revision for r in scripts.walk_revisions()}
 
 
 CASES = {"truncated": "not a readable SQLite database (database disk image is malformed)",
          "not sqlite": "not a readable SQLite database (file is not a database)",
          "folder": "is a folder, not an MLflow SQLite file",
-         "foreign": "a SQLite database without MLflow's tables"}
+         "foreign": "a SQLite database without MLflow's tables",
+         "older schema": "an MLflow store of an older schema",
+         "newer schema": "an MLflow store of schema ffffffffffff, which MLflow"}
 
 
 @pytest.mark.parametrize("kind", CASES)
@@ -125,3 +152,13 @@ def test_reading_commands_name_a_damaged_store_in_one_line(tmp_path, real_store,
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 1, result.output
     assert result.output.startswith(f"Error: {path}: {CASES[kind]}") and len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("kind", ["older schema", "newer schema"])
+def test_mlflow_itself_refuses_a_store_of_another_schema(tmp_path, real_store, kind):
+    """What validate's refusal spares: MLflow opens such a store only to refuse it, in a stage."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException, match="out-of-date database schema"):
+        MlflowClient(f"sqlite:///{_bad(tmp_path, real_store, kind)}").search_experiments()

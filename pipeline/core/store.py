@@ -3,7 +3,9 @@ importing MLflow: an HTTP server that does not answer, or a SQLite file that sho
 does not."""
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import socket
 import sqlite3
 import urllib.error
@@ -87,6 +89,8 @@ def _check_sqlite(path: Path, uri: str, writing: bool) -> None:
         try:
             tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
             check = db.execute("PRAGMA quick_check").fetchone()[0]
+            versions = [row[0] for row in db.execute("SELECT version_num FROM alembic_version")] \
+                if "alembic_version" in tables else []
         finally:
             db.close()
     except sqlite3.Error as err:
@@ -97,6 +101,42 @@ def _check_sqlite(path: Path, uri: str, writing: bool) -> None:
     if tables and not MLFLOW_TABLES <= tables:
         raise StoreError(f"{path}: a SQLite database without MLflow's tables ({', '.join(sorted(MLFLOW_TABLES - tables))} "
                          "missing), not an MLflow store; give another tracking URI")
+    _check_schema(path, uri, versions)
+
+
+def _check_schema(path: Path, uri: str, versions: list[str]) -> None:
+    """MLflow opens only a store at its own schema revision, and says so at the first stage that
+    logs, after DVC deleted that stage's outputs: an older store needs `mlflow db upgrade`, a newer
+    one (another MLflow wrote it) that MLflow."""
+    heads, known = mlflow_schema_revisions()
+    if len(heads) != 1 or versions == list(heads):
+        return  # no single head to compare with: left to MLflow
+    head = next(iter(heads))
+    if versions and versions[0] in known:
+        raise StoreError(f"{path}: an MLflow store of an older schema ({versions[0]}; this MLflow's is {head}): "
+                         f"back it up, then run `mlflow db upgrade {uri}`")
+    from importlib.metadata import version
+
+    raise StoreError(f"{path}: an MLflow store of schema {versions[0] if versions else 'none'}, which MLflow "
+                     f"{version('mlflow')} does not know (a newer MLflow wrote it?); use that MLflow or give "
+                     "another tracking URI")
+
+
+def mlflow_schema_revisions() -> tuple[set[str], set[str]]:
+    """The installed MLflow's schema head(s) and all its revisions, read from the `revision` and
+    `down_revision` lines of its alembic migration scripts: alembic's own answer without importing
+    MLflow, which costs seconds (tests/test_bad_store.py checks the two agree)."""
+    spec = importlib.util.find_spec("mlflow")
+    folder = Path(spec.origin).parent / "store" / "db_migrations" / "versions"
+    revisions, parents = set(), set()
+    for script in folder.glob("*.py"):
+        text = script.read_text()
+        if (revision := re.search(r"^revision\s*=\s*[\"'](\w+)[\"']", text, re.M)) is None:
+            continue
+        revisions.add(revision.group(1))
+        if (down := re.search(r"^down_revision\s*=\s*(.+)$", text, re.M)) is not None:
+            parents |= set(re.findall(r"[\"'](\w+)[\"']", down.group(1)))
+    return revisions - parents, revisions
 
 
 def _check_driver(uri: str) -> None:
