@@ -154,3 +154,17 @@ def test_checkpoints_that_fit_the_steps_but_not_the_memory_are_refused_naming_th
                       "iet": {"checkpoints_per_round": 1800}})
     with pytest.raises(ConfigError, match=re.escape("iet.checkpoints_per_round: the run needs at least ")):
         preflight.check_memory(p, total=16 * 2**30)
+
+
+def test_on_a_gpu_the_models_part_is_checked_against_the_gpus_memory_and_the_rest_against_the_machines():
+    import torch
+
+    p = parse_params({"model": {"block_out_channels": [64, 128, 128]}})
+    needs, gpu = preflight.memory_needs(p), torch.device("cuda:0")
+    with pytest.raises(ConfigError, match=re.escape("model.block_out_channels: the run needs at least ")) as err:
+        preflight.check_memory(p, device=gpu, device_total=int(needs["model.block_out_channels"] / 2))
+    assert "more than GPU cuda:0's" in str(err.value)
+    preflight.check_memory(p, device=gpu, device_total=int(needs["model.block_out_channels"] * 2),
+                           total=int(sum(needs.values()) - needs["model.block_out_channels"]) + 1)  # fits both
+    with pytest.raises(ConfigError, match="more than this machine's"):  # the host part alone is too much
+        preflight.check_memory(p, device=gpu, device_total=2**40, total=int(needs["data.train_size"] / 2))

@@ -59,18 +59,36 @@ def memory_needs(p: Params) -> dict[str, float]:
     }
 
 
-def check_memory(p: Params, total: int | None = None) -> None:
-    """Refuse a run whose rough lower bound (memory_needs) exceeds this machine's memory, naming
-    the key behind the largest part."""
+# The parts of memory_needs a GPU holds (train.device cuda): the proxies, their optimizer state and
+# EMA, and one batch's activations; the data, the mid-round checkpoints and the samples stay in RAM.
+ON_DEVICE = ("model.block_out_channels",)
+
+
+def check_memory(p: Params, total: int | None = None, device=None, device_total: int | None = None) -> None:
+    """Refuse a run whose rough lower bound (memory_needs) exceeds the memory that holds it, naming
+    the key behind the largest part: with a GPU, the parts it holds against its memory and the rest
+    against the machine's."""
     import psutil
 
-    total = total or psutil.virtual_memory().total
+    from pipeline.core.config import resolve_device
+
     needs = memory_needs(p)
+    device = device or resolve_device(p.train.device)
+    if device.type == "cuda":
+        import torch
+
+        device_total = device_total or torch.cuda.get_device_properties(device).total_memory
+        _refuse_beyond({k: v for k, v in needs.items() if k in ON_DEVICE}, device_total, f"GPU {device}'s")
+        needs = {k: v for k, v in needs.items() if k not in ON_DEVICE}
+    _refuse_beyond(needs, total or psutil.virtual_memory().total, "this machine's")
+
+
+def _refuse_beyond(needs: dict[str, float], total: int, whose: str) -> None:
     if sum(needs.values()) > total:
         key = max(needs, key=needs.get)
         parts = ", ".join(f"{k} {v / GIB:.3g} GiB" for k, v in needs.items())
         raise ConfigError(f"{key}: the run needs at least {sum(needs.values()) / GIB:.3g} GiB of memory ({parts}), "
-                          f"more than this machine's {total / GIB:.3g} GiB")
+                          f"more than {whose} {total / GIB:.3g} GiB")
 
 
 def check_machine(p: Params) -> None:
