@@ -1,10 +1,11 @@
 """Soak: a bounded fault loop on tiny params, not in the default suite nor CI's (`pytest -m soak -s
 tests/test_soak.py`; SOAK_N=<iterations>, default 6). Each iteration changes agc.tau, starts
 `dvc repro iet_finish`, kills DVC and its stage (SIGKILL or SIGTERM) at a random moment of the IET
-model's round stages, sometimes truncates a random file of its round folders (runs/iet/rounds), and
-runs `dvc repro iet_finish` again. Each time: the run completes with no manual step,
-its weights equal an uninterrupted run's bit for bit (same machine), and the MLflow store holds no
-RUNNING run. The seed of the faults is printed, so a failure can be replayed (SOAK_SEED)."""
+model's round stages or (one time in three) runs it out of disk space, sometimes truncates a
+random file of its round folders (runs/iet/rounds), and runs `dvc repro iet_finish` again. Each
+time: the run completes with no manual step, its weights equal an uninterrupted run's bit for bit
+(same machine), and the MLflow store holds no RUNNING run. The seed of the faults is printed, so a
+failure can be replayed (SOAK_SEED)."""
 import os
 import random
 import signal
@@ -58,6 +59,26 @@ def _kill_during_training(repo, env, rng) -> str:
     return f"killed ({sig.name})"
 
 
+def _full_disk_during_training(repo, env, rng) -> str:
+    """`dvc repro iet_finish` with the IET model's rounds folder on a tmpfs too small for its rounds:
+    a stage fails on it, saying so, with no run left RUNNING; then the disk is freed (the tmpfs goes
+    with what it held) for the rerun. Where no tmpfs can be mounted (not root), a kill instead."""
+    rounds = repo / "runs/iet/rounds"
+    rounds.mkdir(parents=True, exist_ok=True)
+    size = rng.choice([1, 2, 4])  # MiB: a round of SOAK's takes about 2.5
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}m", "tmpfs", str(rounds)],
+                      capture_output=True).returncode:
+        return _kill_during_training(repo, env, rng) + " (no tmpfs here for a full disk)"
+    try:
+        out = subprocess.run(["dvc", "repro", "iet_finish"], cwd=repo, env=env, capture_output=True, text=True)
+    finally:
+        subprocess.run(["umount", str(rounds)], check=True)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0 and "no space left on device" in said.lower(), said[-3000:]
+    assert _running_runs(repo) == [], "a run left RUNNING by a full disk"
+    return f"full disk ({size} MiB)"
+
+
 def _wait_for_group(pgid: int, timeout: float = 60) -> None:
     """Until every process of the group (the stage, after DVC) has exited."""
     deadline = time.monotonic() + timeout
@@ -101,7 +122,8 @@ def test_killed_and_corrupted_runs_recover_to_the_uninterrupted_weights(tmp_path
     for i in range(n):
         tau = TAUS[i % len(TAUS)]
         _set_tau(repo, tau)
-        what = [_kill_during_training(repo, env, rng), _truncate_one(repo, rng)]
+        fault = _full_disk_during_training if rng.random() < 1 / 3 else _kill_during_training
+        what = [fault(repo, env, rng), _truncate_one(repo, rng)]
         out = _run(["dvc", "repro", "iet_finish"], repo, env)
         weights = _weights(repo)
         print(f"  {i + 1}: tau {tau}, {', '.join(what)}; "
