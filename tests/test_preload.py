@@ -119,9 +119,12 @@ def test_a_killed_warm_process_ends_its_commands_with_a_message_and_their_stages
     root, env = _served(tmp_path)  # a warm process of its own: this one is killed
     proc, stage_pid = _started(root, env)
     warm_pid = int(Path(f"/proc/{stage_pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    sock = Path(Path(f"/proc/{warm_pid}/cmdline").read_text().split("\0")[3])
     os.kill(warm_pid, signal.SIGKILL)
     assert proc.wait(30) == 1 and "ended before the stage did" in proc.stderr.read()
     deadline = time.monotonic() + 30
     while _alive(stage_pid):
         assert time.monotonic() < deadline, "the stage outlived the warm process"
         time.sleep(0.1)
+    for left in (sock, sock.with_suffix(".log")):  # what a killed warm process cannot remove itself
+        left.unlink(missing_ok=True)
