@@ -43,10 +43,7 @@ IMPORT_ENV = ("PYTHON", "OMP_", "MKL_", "OPENBLAS_", "KMP_", "GOMP_", "TORCH", "
 def hand_over() -> None:
     """Run this stage command in the warm process and exit with its status. Return when no warm
     process can run it: this process then runs the stage itself (and starts one for the next)."""
-    module = _stage_module()
-    if module is None:
-        return
-    path = _socket_path()
+    path = _socket_path() if _may_hand_over() else None
     if path is None:
         return
     conn = socket.socket(socket.AF_UNIX)
@@ -57,19 +54,18 @@ def hand_over() -> None:
         _start(path)
         return
     with conn:
-        status = _run_there(conn, module)
+        status = _run_there(conn)
     if status is not None:
         _exit_with(status)
 
 
-def _stage_module() -> str | None:
-    """`stages.<name>` when this process is a plain `python -m stages.<name> ...` that may hand over."""
+def _may_hand_over() -> bool:
+    """Whether this process is a plain `python -m stages.<name> ...` that may hand over."""
     argv = sys.orig_argv
-    if (len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith("stages.") or "torch" in sys.modules
-            or os.environ.get("IET_AGC_PRELOAD") == "0" or not sys.platform.startswith("linux")
-            or "WORLD_SIZE" in os.environ or any(Path("/dev").glob("nvidia[0-9]*"))):
-        return None  # torch loaded: this is a warm process's child, or someone imported it first
-    return argv[2]
+    # torch loaded: this is a warm process's child, or someone imported it first
+    return not (len(argv) < 3 or argv[1] != "-m" or not argv[2].startswith("stages.") or "torch" in sys.modules
+                or os.environ.get("IET_AGC_PRELOAD") == "0" or not sys.platform.startswith("linux")
+                or "WORLD_SIZE" in os.environ or any(Path("/dev").glob("nvidia[0-9]*")))
 
 
 def _socket_path() -> Path | None:
@@ -91,10 +87,9 @@ def _start(path: Path) -> None:
                          stdout=log, stderr=log, start_new_session=True)
 
 
-def _run_there(conn: socket.socket, module: str) -> int | None:
+def _run_there(conn: socket.socket) -> int | None:
     """The child's wait status; None when the warm process closed before it started the stage."""
-    request = {"module": module, "args": sys.orig_argv[3:], "orig_argv": sys.orig_argv, "cwd": os.getcwd(),
-               "env": dict(os.environ), "path": sys.path}
+    request = {"orig_argv": sys.orig_argv, "cwd": os.getcwd(), "env": dict(os.environ), "path": sys.path}
     conn.settimeout(STARTUP_SECONDS)  # a warm process stuck loading: run the stage here instead
     try:
         socket.send_fds(conn, [json.dumps(request).encode() + b"\n"], [0, 1, 2])
@@ -133,7 +128,7 @@ def _exit_with(status: int) -> None:
 def serve_then_run(path: Path) -> None:
     """The warm process: serve until idle. In each forked child, run the stage it was handed."""
     request = _serve(path)
-    _run_then_exit(request["module"])
+    _run_then_exit(request["orig_argv"][2])  # python -m <module> ...
 
 
 def _run_then_exit(module: str) -> None:
@@ -149,7 +144,10 @@ def _run_then_exit(module: str) -> None:
     try:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     except SystemExit as stop:
-        code = stop.code if stop.code is None or isinstance(stop.code, int) else (print(stop.code, file=sys.stderr) or 1)
+        code = stop.code
+        if code is not None and not isinstance(code, int):  # sys.exit("message"): printed, status 1
+            print(code, file=sys.stderr)
+            code = 1
     except KeyboardInterrupt:
         traceback.print_exc()
         code = -signal.SIGINT  # Python ends by the signal itself
@@ -258,7 +256,7 @@ def _become(request: dict, fds: list[int]) -> None:
     os.environ.clear()
     os.environ.update(request["env"])
     sys.path[:] = request["path"]
-    sys.argv, sys.orig_argv = ["-m", *request["args"]], request["orig_argv"]
+    sys.argv, sys.orig_argv = ["-m", *request["orig_argv"][3:]], request["orig_argv"]
     # new text streams on the handed-over files, buffered as Python buffers them at start-up
     sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1 if os.isatty(1) else -1, closefd=False)
